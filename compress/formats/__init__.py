@@ -1,0 +1,1 @@
+"""Packed weight formats. Each module holds one family: pack, unpack, dequantize."""

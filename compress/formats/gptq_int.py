@@ -1,0 +1,98 @@
+"""The GPTQ integer layout ("gptq-int", format version 1).
+
+Byte-level description: docs/FORMATS.md. Packing is defined here; the dequantize twin used
+by the runtime lives in ``kernels.reference`` (kernels never import this package).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.reference import dequantize_gptq, unpack_bitstream
+
+FORMAT_ID = "gptq-int"
+FORMAT_VERSION = 1
+
+
+def packed_words(count: int, bits: int) -> int:
+    return -(-count * bits // 32)
+
+
+def pack_bitstream(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer values in ``[0, 2**bits)`` along dim 0 into int32 words.
+
+    ``values`` ``(count, *rest)`` -> int32 ``(ceil(count * bits / 32), *rest)``; value i
+    occupies bits ``[i * bits, (i + 1) * bits)`` of the little-endian stream.
+    """
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"unsupported bit width {bits}; expected 2, 3, 4 or 8")
+    v = values.to(torch.int64)
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
+        raise ValueError(f"values out of range for {bits}-bit packing")
+    count = v.shape[0]
+    nwords = packed_words(count, bits)
+    rest = v.shape[1:]
+    out = torch.zeros((nwords + 1,) + rest, dtype=torch.int64, device=v.device)
+    offset = torch.arange(count, device=v.device, dtype=torch.int64) * bits
+    word = offset // 32
+    shift = (offset % 32).view((count,) + (1,) * len(rest))
+    lo = (v << shift) & 0xFFFFFFFF
+    hi = v >> (32 - shift)          # the bits that spill into the next word (0 when none)
+    out.index_add_(0, word, lo)
+    out.index_add_(0, word + 1, hi)
+    out = out[:nwords]
+    out = torch.where(out >= (1 << 31), out - (1 << 32), out)
+    return out.to(torch.int32)
+
+
+@dataclass
+class PackedInt:
+    """A GPTQ-layout packed linear weight: plain named tensors plus the shape."""
+
+    qweight: torch.Tensor   # int32 (ceil(K*bits/32), N)
+    qzeros: torch.Tensor    # int32 (G, ceil(N*bits/32))
+    scales: torch.Tensor    # float16 (G, N)
+    g_idx: torch.Tensor     # int32 (K,)
+    bits: int
+    in_features: int
+    out_features: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx,
+                               self.bits, self.in_features, dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+         bits: int) -> PackedInt:
+    """Pack quantized values into the GPTQ layout.
+
+    q: integer ``(N, K)`` in ``[0, 2**bits)``; scales ``(G, N)``; zeros integer ``(G, N)`` in
+    ``[1, 2**bits)`` (a zero of 0 has no "minus one" encoding and is rejected); g_idx ``(K,)``.
+    """
+    n, k = q.shape
+    z = zeros.to(torch.int64)
+    if z.numel() and int(z.min()) < 1:
+        raise ValueError("zero-points must be >= 1 in the GPTQ v1 layout (stored as zero - 1)")
+    qweight = pack_bitstream(q.t().contiguous(), bits)
+    qzeros = pack_bitstream((z - 1).t().contiguous(), bits).t().contiguous()
+    return PackedInt(qweight=qweight, qzeros=qzeros, scales=scales.to(torch.float16).contiguous(),
+                     g_idx=g_idx.to(torch.int32).contiguous(), bits=bits, in_features=k, out_features=n)
+
+
+def unpack(p: PackedInt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack`: returns ``(q (N, K), zeros (G, N))`` as int32."""
+    q = unpack_bitstream(p.qweight, p.bits, p.in_features).t().contiguous()
+    z = unpack_bitstream(p.qzeros.t().contiguous(), p.bits, p.out_features).t() + 1
+    return q, z.contiguous()
+
+
+def from_tensors(t: dict[str, torch.Tensor], bits: int, in_features: int, out_features: int) -> PackedInt:
+    return PackedInt(qweight=t["qweight"], qzeros=t["qzeros"], scales=t["scales"], g_idx=t["g_idx"],
+                     bits=bits, in_features=in_features, out_features=out_features)
