@@ -1,0 +1,1 @@
+"""Calibration: text windows, the sequential block runner, statistics accumulators."""

@@ -1,0 +1,95 @@
+"""Architecture descriptions as data.
+
+Each family says where its decoder blocks live, which linears each block holds and which of
+them share an input (with the module that produces that input: a norm, or a preceding linear).
+Calibrated methods walk these descriptions; nothing else in the suite knows model classes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CompressError
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears inside a block that read the same input, in execution order.
+
+    ``prev`` is the block-relative name of the module whose output is that input (a norm or a
+    linear); a function-preserving rescale of the input channels divides ``prev``'s output
+    (its weight rows, and bias) and multiplies the group's weight columns.
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    blocks: str                       # dotted path to the ModuleList of decoder blocks
+    embeddings: tuple[str, ...]       # modules before the blocks
+    final_norm: str
+    lm_head: str
+    groups: tuple[LinearGroup, ...]   # in execution order inside a block
+
+    @property
+    def block_linears(self) -> tuple[str, ...]:
+        return tuple(name for g in self.groups for name in g.linears)
+
+    def get_blocks(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        return model.get_submodule(self.blocks)
+
+    def linear_names(self, model: torch.nn.Module) -> list[str]:
+        """Full names of every linear in every decoder block, block by block."""
+        n = len(self.get_blocks(model))
+        return [f"{self.blocks}.{i}.{name}" for i in range(n) for name in self.block_linears]
+
+
+LLAMA = ArchSpec(
+    family="llama",
+    model_types=("llama", "mistral", "qwen2"),
+    blocks="model.layers",
+    embeddings=("model.embed_tokens",),
+    final_norm="model.norm",
+    lm_head="lm_head",
+    groups=(
+        LinearGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        LinearGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+        LinearGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        LinearGroup("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+)
+
+OPT = ArchSpec(
+    family="opt",
+    model_types=("opt",),
+    blocks="model.decoder.layers",
+    embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+    final_norm="model.decoder.final_layer_norm",
+    lm_head="lm_head",
+    groups=(
+        LinearGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        LinearGroup("self_attn.v_proj", ("self_attn.out_proj",)),
+        LinearGroup("final_layer_norm", ("fc1",)),
+        LinearGroup("fc1", ("fc2",)),
+    ),
+)
+
+ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ARCHS for t in a.model_types)
+
+
+def arch_for(model_type: str | None, architectures=None) -> ArchSpec:
+    for a in ARCHS:
+        if model_type in a.model_types:
+            return a
+    got = model_type or (architectures[0] if architectures else "unknown")
+    raise CompressError(
+        f"unsupported architecture '{got}'; supported model types: {', '.join(supported_model_types())}")

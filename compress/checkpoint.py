@@ -1,0 +1,203 @@
+"""Packed checkpoints (format "gptq-int", version 1): atomic write and safetensors-only read.
+
+The folder is a Hugging Face-style checkpoint: ``config.json`` with a GPTQ
+``quantization_config`` (plus a ``compress`` section with this suite's metadata),
+``model.safetensors`` and the tokenizer files. See docs/FORMATS.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import CompressError
+from .formats import gptq_int
+from .qlinear import QuantLinear, set_submodule
+from .scheme import FORMAT_VERSION, IntScheme
+
+WEIGHTS_FILE = "model.safetensors"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class AtomicFolder:
+    """Write into a temporary sibling folder; rename onto ``dest`` only when complete."""
+
+    def __init__(self, dest: Path, overwrite: bool = True):
+        self.dest = Path(dest)
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        if self.dest.exists() and not self.overwrite:
+            raise CompressError(f"{self.dest} already exists")
+        if self.dest.exists() and not self.dest.is_dir():
+            raise CompressError(f"{self.dest} exists and is not a folder")
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.dest.parent, prefix=f".{self.dest.name}.tmp-"))
+        return self.tmp
+
+    def _publish_modes(self):
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)
+        for f in self.tmp.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        self._publish_modes()
+        if self.dest.exists():
+            old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
+            os.replace(self.dest, old)
+            os.replace(self.tmp, self.dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.dest)
+        return False
+
+
+def quantization_config(scheme: IntScheme, method: str, modules: list[str], extra: dict) -> dict:
+    """The GPTQ ``quantization_config`` runtimes read, with our metadata under ``compress``."""
+    return {
+        "quant_method": "gptq",
+        "bits": scheme.bits,
+        "group_size": scheme.group_size,
+        "desc_act": scheme.act_order,
+        "sym": scheme.sym,
+        "static_groups": bool(extra.get("static_groups", False)),
+        "true_sequential": True,
+        "damp_percent": extra.get("damp", 0.01),
+        "checkpoint_format": "gptq",
+        "compress": {
+            "format": gptq_int.FORMAT_ID,
+            "format_version": FORMAT_VERSION,
+            "method": method,
+            "scheme": scheme.to_dict(),
+            "label": f"{method} {scheme.describe()}",
+            "quantized_modules": modules,
+            "package_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **{k: v for k, v in extra.items() if k not in ("static_groups",)},
+        },
+    }
+
+
+def save_packed(loaded, out: Path, qconfig: dict, dtype: str = "float16") -> Path:
+    """Write the model held by ``loaded`` (its linears already replaced by QuantLinear) to ``out``."""
+    if dtype not in DTYPES:
+        raise CompressError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    model = loaded.model
+    tensors: dict[str, torch.Tensor] = {}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    head = loaded.arch.lm_head + ".weight"
+    for name, t in model.state_dict().items():
+        if tied and name == head:
+            continue
+        if t.is_floating_point() and not name.endswith((".scales",)):
+            t = t.to(DTYPES[dtype])
+        tensors[name] = t.detach().contiguous().cpu()
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = qconfig
+    cfg["torch_dtype"] = dtype
+    with AtomicFolder(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "compress_format": gptq_int.FORMAT_ID,
+                                                             "compress_format_version": str(FORMAT_VERSION)})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(str(tmp))
+    return out
+
+
+def read_quant_meta(config: dict, path: Path) -> tuple[IntScheme, dict]:
+    qc = config.get("quantization_config") or {}
+    meta = qc.get("compress")
+    if qc.get("quant_method") != "gptq" or not isinstance(meta, dict):
+        raise CompressError(f"{path}: quantization_config is not a checkpoint this suite wrote "
+                            f"(quant_method={qc.get('quant_method')!r})")
+    if meta.get("format") != gptq_int.FORMAT_ID:
+        raise CompressError(f"{path}: unsupported packed format {meta.get('format')!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CompressError(f"{path}: format version {meta.get('format_version')} is not supported "
+                            f"(this version reads {FORMAT_VERSION})")
+    return IntScheme.from_dict(meta["scheme"]), meta
+
+
+def load_packed(path: Path, source: str):
+    """Build the model from config.json, swap in QuantLinear modules, load the safetensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import Loaded, arch_for, load_tokenizer, read_config, safetensors_files
+
+    config_dict = read_config(path)
+    arch = arch_for(config_dict.get("model_type"), config_dict.get("architectures"))
+    scheme, meta = read_quant_meta(config_dict, path)
+    files = safetensors_files(path)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:
+            raise CompressError(f"corrupt safetensors file {f}: {str(e).splitlines()[0]}") from None
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.torch_dtype = torch.float32
+    from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    for name in meta["quantized_modules"]:
+        lin = model.get_submodule(name)
+        prefix = name + "."
+        try:
+            t = {k: state.pop(prefix + k) for k in ("qweight", "qzeros", "scales", "g_idx")}
+        except KeyError as e:
+            raise CompressError(f"{path}: tensor {e.args[0]} of {name} is missing") from None
+        bias = state.pop(prefix + "bias", None)
+        p = gptq_int.from_tensors(t, scheme.bits, lin.in_features, lin.out_features)
+        _check_packed_shapes(p, scheme, name, path)
+        set_submodule(model, name, QuantLinear.from_packed(p, bias))
+    state = {k: (v.to(torch.float32) if v.is_floating_point() else v) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    head = arch.lm_head + ".weight"
+    quantized = set(meta["quantized_modules"])
+    missing = [m for m in missing if m.rpartition(".")[0] not in quantized
+               and not (m == head and getattr(config, "tie_word_embeddings", False))]
+    if missing or unexpected:
+        raise CompressError(f"{path}: weights do not match the config "
+                            f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    tok = load_tokenizer(path)
+    quant = dict(meta)
+    quant["scheme_obj"] = scheme
+    return Loaded(model, tok, arch, source, path, "packed", quant)
+
+
+def _check_packed_shapes(p: gptq_int.PackedInt, scheme: IntScheme, name: str, path: Path) -> None:
+    k, n = p.in_features, p.out_features
+    want = {
+        "qweight": (gptq_int.packed_words(k, p.bits), n),
+        "qzeros": (scheme.groups(k), gptq_int.packed_words(n, p.bits)),
+        "scales": (scheme.groups(k), n),
+        "g_idx": (k,),
+    }
+    for key, shape in want.items():
+        got = tuple(getattr(p, key).shape)
+        if got != shape:
+            raise CompressError(f"{path}: {name}.{key} has shape {got}, expected {shape}")
+    if p.qweight.dtype != torch.int32 or p.qzeros.dtype != torch.int32 or p.g_idx.dtype != torch.int32:
+        raise CompressError(f"{path}: {name} packed tensors must be int32")
+    g = p.g_idx.to(torch.int64)
+    if int(g.min()) < 0 or int(g.max()) >= scheme.groups(k):
+        raise CompressError(f"{path}: {name}.g_idx refers to a group outside 0..{scheme.groups(k) - 1}")

@@ -1,0 +1,1 @@
+"""Compression methods: each observes statistics and solves per layer as pure functions."""

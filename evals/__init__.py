@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, KL divergence and reports. Knows models and token streams, not methods."""

@@ -1,0 +1,86 @@
+"""Perplexity over fixed windows, and KL divergence / top-1 agreement against a base model."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import DataError
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize the whole text once, without BOS or other special tokens."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    """Non-overlapping windows ``(n, seqlen)`` from the start of the stream."""
+    n = tokens.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise DataError(f"the text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    return tokens[: n * seqlen].view(n, seqlen)
+
+
+@dataclass
+class PplResult:
+    ppl: float
+    nll: float
+    tokens: int            # predicted tokens
+    windows: int
+    seqlen: int
+    seconds: float
+    kld: float | None = None
+    kld_max: float | None = None
+    top1: float | None = None
+    base_ppl: float | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@torch.no_grad()
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids[None], use_cache=False)
+    logits = out.logits if hasattr(out, "logits") else out
+    return logits[0].float()
+
+
+@torch.no_grad()
+def evaluate(model, wins: torch.Tensor, base=None, progress: bool = True, desc: str = "ppl") -> PplResult:
+    """Perplexity of ``model`` on ``wins``; with ``base``, the mean KL(base || model) of the
+    next-token distributions and the share of positions where both pick the same top-1 token."""
+    t0 = time.perf_counter()
+    nll = 0.0
+    base_nll = 0.0
+    count = 0
+    kl_sum = 0.0
+    kl_max = 0.0
+    agree = 0
+    for ids in tqdm(wins, desc=desc, unit="win", disable=not progress, leave=False):
+        logits = _logits(model, ids)[:-1]
+        target = ids[1:]
+        logp = F.log_softmax(logits, dim=-1)
+        nll += float(-logp.gather(1, target[:, None]).sum())
+        count += target.numel()
+        if base is not None:
+            blogp = F.log_softmax(_logits(base, ids)[:-1], dim=-1)
+            base_nll += float(-blogp.gather(1, target[:, None]).sum())
+            kl = (blogp.exp() * (blogp - logp)).sum(-1)
+            kl_sum += float(kl.sum())
+            kl_max = max(kl_max, float(kl.max()))
+            agree += int((blogp.argmax(-1) == logp.argmax(-1)).sum())
+    res = PplResult(ppl=math.exp(nll / count), nll=nll / count, tokens=count, windows=wins.shape[0],
+                    seqlen=wins.shape[1], seconds=time.perf_counter() - t0)
+    if base is not None:
+        res.kld = kl_sum / count
+        res.kld_max = kl_max
+        res.top1 = agree / count
+        res.base_ppl = math.exp(base_nll / count)
+    return res

