@@ -18,7 +18,8 @@ from .scheme import IntScheme
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
+CALIBRATED = ("gptq",)
 
 
 def check_weights(loaded: models.Loaded, scheme: IntScheme) -> list[str]:
@@ -34,30 +35,64 @@ def check_weights(loaded: models.Loaded, scheme: IntScheme) -> list[str]:
     return names
 
 
-def quantize(loaded: models.Loaded, scheme: IntScheme, method: str = "rtn", progress: bool = True) -> dict:
-    """Quantize the decoder-block linears of ``loaded.model`` in place; returns run metadata."""
+def quantize(loaded: models.Loaded, scheme: IntScheme, method: str = "rtn", progress: bool = True,
+             calib=None, data_dir=None, gptq=None, save_stats=None, load_stats=None,
+             device: str = "cpu") -> dict:
+    """Quantize the decoder-block linears of ``loaded.model`` in place; returns run metadata.
+
+    Calibrated methods take ``calib`` (a :class:`calib.data.CalibSpec`), method options
+    (``gptq``: :class:`compress.pipeline.GPTQOptions`) and may save/load their statistics.
+    """
     if loaded.kind == "packed":
         raise CompressError(f"{loaded.source} is already a quantized checkpoint")
     if method not in METHODS:
         raise CompressError(f"unknown method '{method}'; available: {', '.join(METHODS)}")
+    if method not in CALIBRATED:
+        if scheme.act_order:
+            raise CompressError("--act-order applies to GPTQ only")
+        if save_stats or load_stats:
+            raise CompressError(f"--save-stats/--load-stats apply to calibrated methods, not {method}")
     names = check_weights(loaded, scheme)
+    if method in CALIBRATED:
+        return _quantize_calibrated(loaded, scheme, method, progress, calib, data_dir, gptq,
+                                    save_stats, load_stats, device)
     t0 = time.perf_counter()
     for name in tqdm(names, desc=f"{method} {scheme.describe()}", unit="layer", disable=not progress, leave=False):
         lin = loaded.model.get_submodule(name)
         packed = rtn.solve(lin.weight.detach(), scheme)
         set_submodule(loaded.model, name, QuantLinear.from_packed(packed, lin.bias))
     seconds = time.perf_counter() - t0
-    return {"modules": names, "seconds": round(seconds, 3)}
+    return {"modules": names, "seconds": round(seconds, 3), "meta": {}}
+
+
+def _quantize_calibrated(loaded, scheme, method, progress, calib, data_dir, gptq, save_stats, load_stats, device):
+    from calib.data import CalibSpec, calibration_windows
+
+    from .pipeline import GPTQOptions, gptq_model
+    calib = calib or CalibSpec()
+    gptq = gptq or GPTQOptions()
+    t0 = time.perf_counter()
+    windows = None if load_stats else calibration_windows(loaded.tokenizer, calib, data_dir)
+    rec = gptq_model(loaded, scheme, windows, gptq, save_stats_path=save_stats, load_stats_path=load_stats,
+                     device=device, progress=progress)
+    seconds = time.perf_counter() - t0
+    meta = {"calibration": None if load_stats else calib.to_dict(),
+            "stats_loaded_from": str(load_stats) if load_stats else None,
+            "damp": gptq.damp, "block_size": gptq.block_size, "static_groups": gptq.static_groups,
+            "fallbacks": rec.fallbacks, "total_loss": sum(rec.losses.values())}
+    return {"modules": list(rec.packed), "seconds": round(seconds, 3), "meta": meta}
 
 
 def quantize_to_folder(model_spec: str, scheme: IntScheme, out: Path, method: str = "rtn",
-                       dtype: str = "float16", progress: bool = True) -> dict:
+                       dtype: str = "float16", progress: bool = True, **kwargs) -> dict:
+    """Load ``model_spec``, quantize it with ``method`` and write a packed checkpoint to ``out``."""
     loaded = models.load(model_spec)
-    info = quantize(loaded, scheme, method, progress)
-    qc = quantization_config(scheme, method, info["modules"],
-                             {"source_model": model_spec, "quantize_seconds": info["seconds"]})
+    info = quantize(loaded, scheme, method, progress, **kwargs)
+    extra = {"source_model": model_spec, "quantize_seconds": info["seconds"], **info["meta"]}
+    qc = quantization_config(scheme, method, info["modules"], extra)
     save_packed(loaded, Path(out), qc, dtype)
-    return {"out": str(out), "layers": len(info["modules"]), "seconds": info["seconds"]}
+    return {"out": str(out), "layers": len(info["modules"]), "seconds": info["seconds"],
+            "fallbacks": info["meta"].get("fallbacks", {})}
 
 
 # --------------------------------------------------------------------------- inspection

@@ -151,7 +151,6 @@ def load_packed(path: Path, source: str):
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.torch_dtype = torch.float32
     from transformers.modeling_utils import no_init_weights
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)

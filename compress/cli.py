@@ -19,9 +19,10 @@ GROUP_HELP = "Input columns per scale: -1 (per-channel), or a positive size such
 
 
 def _user_errors():
+    from calib.data import CalibError
     from evals.data import DataError
     from evals.report import ReportError
-    return (CompressError, DataError, ReportError)
+    return (CompressError, DataError, ReportError, CalibError)
 
 
 class SuiteGroup(click.Group):
@@ -87,21 +88,61 @@ def models_fetch(name, force):
 
 @cli.command()
 @click.argument("model")
-@click.option("--method", type=click.Choice(["rtn"]), default="rtn", show_default=True,
+@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
               help="Quantization method.")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
 @click.option("--group-size", type=int, default=128, show_default=True, help=GROUP_HELP)
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric or asymmetric grid.")
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal (g_idx).")
+@click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids before the column sweep.")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ: relative dampening.")
+@click.option("--calib", "calib_source", default="wikitext2", show_default=True,
+              help="Calibration text: a named set (wikitext2) or a UTF-8 text file.")
+@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the window draw.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder holding the named calibration sets (default: $COMPRESS_DATA_DIR).")
+@click.option("--save-stats", type=click.Path(path_type=Path), default=None,
+              help="Save the calibration statistics (safetensors) for reuse.")
+@click.option("--load-stats", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Reuse saved statistics instead of running calibration.")
+@click.option("--device", default="cpu", show_default=True, help="Device for calibration (cpu, cuda).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of the tensors left unquantized.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
-def quantize(model, method, bits, group_size, sym, dtype, out):
+def quantize(model, method, bits, group_size, sym, act_order, static_groups, damp, calib_source, nsamples, seqlen,
+             seed, data_dir, save_stats, load_stats, device, dtype, out):
     """Quantize MODEL (registered name, HF folder or .gguf) into a packed checkpoint."""
-    from .api import quantize_to_folder
+    from .api import CALIBRATED, quantize_to_folder
     from .scheme import IntScheme
-    scheme = IntScheme(bits=int(bits), group_size=group_size, sym=sym)
-    info = quantize_to_folder(model, scheme, out, method=method, dtype=dtype)
-    click.echo(f"wrote {info['out']} ({info['layers']} layers quantized, {scheme.describe()}, {info['seconds']:.1f} s)")
+    scheme = IntScheme(bits=int(bits), group_size=group_size, sym=sym, act_order=act_order)
+    kwargs = {}
+    if method in CALIBRATED:
+        from calib.data import CalibSpec
+
+        from .pipeline import GPTQOptions
+        kwargs = dict(calib=CalibSpec(calib_source, nsamples, seqlen, seed), data_dir=data_dir,
+                      gptq=GPTQOptions(damp=damp, static_groups=static_groups),
+                      save_stats=save_stats, load_stats=load_stats, device=_device(device))
+    elif static_groups or save_stats or load_stats:
+        raise CompressError(f"--static-groups/--save-stats/--load-stats apply to calibrated methods, not {method}")
+    info = quantize_to_folder(model, scheme, out, method=method, dtype=dtype, **kwargs)
+    click.echo(f"wrote {info['out']} ({info['layers']} layers quantized, {method} {scheme.describe()}, "
+               f"{info['seconds']:.1f} s)")
+    for name, fb in (info.get("fallbacks") or {}).items():
+        click.echo(f"fallback: {name}: {fb}", err=True)
+
+
+def _device(name: str) -> str:
+    import torch
+    if name == "cpu":
+        return name
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CompressError(f"--device {name}: CUDA is not available on this machine")
+        return name
+    raise CompressError(f"--device must be cpu or cuda[:N], got {name}")
 
 
 # --------------------------------------------------------------------------- eval

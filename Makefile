@@ -1,0 +1,38 @@
+# Set-up and the main jobs. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= $(if $(COMPRESS_DATA_DIR),$(COMPRESS_DATA_DIR),../shared/data)
+DEMO_OUT ?= demo-out
+MODEL ?= smollm2-135m
+export COMPRESS_DATA_DIR := $(abspath $(DATA))
+
+.PHONY: setup demo test test-fast bench-rtn clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade -c constraints.txt -e '.[test,onnx]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+# Quantize the default model (RTN 4-bit, group 128), evaluate base and quantized, write a report.
+demo: setup
+	$(BIN)/compress models fetch $(MODEL)
+	$(BIN)/compress quantize $(MODEL) --method rtn --bits 4 --group-size 128 --sym -o $(DEMO_OUT)/rtn-int4-g128
+	$(BIN)/compress inspect $(DEMO_OUT)/rtn-int4-g128 | head -8
+	$(BIN)/compress eval ppl $(MODEL) --json $(DEMO_OUT)/base.json
+	$(BIN)/compress eval ppl $(DEMO_OUT)/rtn-int4-g128 --base $(MODEL) --json $(DEMO_OUT)/rtn-int4-g128.json
+	$(BIN)/compress report $(DEMO_OUT)/base.json $(DEMO_OUT)/rtn-int4-g128.json -o $(DEMO_OUT)/report.md
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench-rtn: setup
+	$(BIN)/python bench/ptq.py --suite rtn --out bench/results/ptq-rtn-smollm2.json
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,210 @@
+"""The sequential block runner shared by every calibrated method.
+
+1. Capture the inputs of the first decoder block (and the keyword arguments the model passes
+   it: attention mask, position embeddings) for every calibration window.
+2. For each block: hand it to the method, which attaches hooks and runs the block over the
+   stored inputs (``BlockInputs.run``) as often as it needs, then compresses the block's weights.
+3. Re-run the block with its compressed weights; its outputs become the next block's inputs, so
+   block i+1 sees what it will see at inference.
+
+Block inputs stay on the CPU (and spill to disk, as safetensors, beyond a memory budget); one
+block at a time moves to the compute device, so the model never sits whole on the accelerator.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET = 8 << 30   # bytes of block inputs kept in memory before spilling to disk
+
+
+class _Stop(Exception):
+    pass
+
+
+class InputStore:
+    """A list of tensors kept in CPU memory up to ``budget`` bytes, the rest in safetensors files."""
+
+    def __init__(self, budget: int = DEFAULT_BUDGET):
+        self.budget = budget
+        self.mem: dict[int, torch.Tensor] = {}
+        self.used = 0
+        self.dir: Path | None = None
+        self.n = 0
+
+    def __len__(self):
+        return self.n
+
+    def __setitem__(self, i: int, t: torch.Tensor):
+        t = t.detach().to("cpu").contiguous()
+        old = self.mem.pop(i, None)
+        if old is not None:
+            self.used -= old.numel() * old.element_size()
+        size = t.numel() * t.element_size()
+        if self.used + size <= self.budget:
+            self.mem[i] = t
+            self.used += size
+        else:
+            if self.dir is None:
+                self.dir = Path(tempfile.mkdtemp(prefix="compress-calib-"))
+                log.info("block inputs exceed %.1f GiB: spilling to %s", self.budget / 2**30, self.dir)
+            save_file({"x": t}, str(self.dir / f"{i}.safetensors"))
+        self.n = max(self.n, i + 1)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i in self.mem:
+            return self.mem[i]
+        return load_file(str(self.dir / f"{i}.safetensors"))["x"]
+
+    @property
+    def spilled(self) -> bool:
+        return self.dir is not None
+
+    def close(self):
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+class BlockInputs:
+    """The stored inputs of the current block and the keyword arguments to call it with."""
+
+    def __init__(self, store: InputStore, kwargs: dict, device: torch.device, batch: int = 4):
+        self.store = store
+        self.kwargs = kwargs
+        self.device = device
+        self.batch = batch
+
+    def __len__(self):
+        return len(self.store)
+
+    def _kw(self):
+        return {k: _to(v, self.device) for k, v in self.kwargs.items()}
+
+    def _batches(self):
+        """Consecutive stored inputs concatenated along the batch dim (bigger matmuls are faster)."""
+        n = len(self.store)
+        for start in range(0, n, self.batch):
+            idx = list(range(start, min(n, start + self.batch)))
+            yield idx, torch.cat([self.store[i] for i in idx]).to(self.device)
+
+    @torch.no_grad()
+    def run(self, block: torch.nn.Module, stop_at: torch.nn.Module | None = None,
+            keep: bool = False) -> list[torch.Tensor] | None:
+        """Run ``block`` over every stored input so its hooks fire.
+
+        With ``stop_at``, each forward ends as soon as that submodule has been called (its
+        forward hooks have run): statistics of early linears need no full block pass.
+        With ``keep``, return the block outputs.
+        """
+        kw = self._kw()
+        outs = [] if keep else None
+        handle = stop_at.register_forward_hook(_raise_stop) if stop_at is not None else None
+        try:
+            for idx, x in self._batches():
+                try:
+                    y = block(x, **kw)
+                except _Stop:
+                    continue
+                y = y[0] if isinstance(y, (tuple, list)) else y
+                if keep:
+                    outs.extend(y.to("cpu").split(1))
+        finally:
+            if handle is not None:
+                handle.remove()
+        return outs
+
+    @torch.no_grad()
+    def advance(self, block: torch.nn.Module) -> None:
+        """Replace the stored inputs by ``block``'s outputs (the next block's inputs)."""
+        kw = self._kw()
+        for idx, x in self._batches():
+            y = block(x, **kw)
+            y = y[0] if isinstance(y, (tuple, list)) else y
+            for i, yi in zip(idx, y.split(1)):
+                self.store[i] = yi
+
+
+def _raise_stop(module, args, output):
+    raise _Stop
+
+
+def _to(v, device):
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, tuple):
+        return tuple(_to(x, device) for x in v)
+    return v
+
+
+@torch.no_grad()
+def capture_first_block_inputs(model, arch, windows: torch.Tensor, budget: int = DEFAULT_BUDGET,
+                               device: torch.device | str = "cpu") -> BlockInputs:
+    """Run the model's embedding stage on each window and store what block 0 receives."""
+    device = torch.device(device)
+    blocks = arch.get_blocks(model)
+    first = blocks[0]
+    store = InputStore(budget)
+    state = {"kwargs": None, "i": 0}
+
+    class Catcher(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            if hasattr(inner, "attention_type"):   # models that pick a mask per layer read this
+                self.attention_type = inner.attention_type
+
+        def forward(self, hidden_states, *args, **kwargs):
+            store[state["i"]] = hidden_states
+            if state["kwargs"] is None:
+                kw = {k: v for k, v in kwargs.items()
+                      if k not in ("past_key_value", "past_key_values", "use_cache", "output_attentions")}
+                if args:
+                    kw["attention_mask"] = args[0]
+                state["kwargs"] = {k: (v.detach().to("cpu") if isinstance(v, torch.Tensor) else
+                                       tuple(t.detach().to("cpu") for t in v) if isinstance(v, tuple) else v)
+                                   for k, v in kw.items()}
+            raise _Stop
+
+    blocks[0] = Catcher(first)
+    try:
+        for i, ids in enumerate(windows):
+            state["i"] = i
+            try:
+                model(input_ids=ids[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        blocks[0] = first
+    return BlockInputs(store, state["kwargs"] or {}, device)
+
+
+def run_sequential(model, arch, windows: torch.Tensor, process_block: Callable[[int, torch.nn.Module, BlockInputs], None],
+                   budget: int = DEFAULT_BUDGET, device: torch.device | str = "cpu", progress: bool = True,
+                   desc: str = "calibrate") -> None:
+    """Drive ``process_block(i, block, inputs)`` over the decoder blocks in order (see module doc)."""
+    device = torch.device(device)
+    model_device = next(model.parameters()).device
+    for name in arch.embeddings + (arch.final_norm,):
+        model.get_submodule(name).to(device)
+    inputs = capture_first_block_inputs(model, arch, windows, budget, device)
+    try:
+        blocks = arch.get_blocks(model)
+        for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress, leave=False):
+            block = blocks[i].to(device)
+            process_block(i, block, inputs)
+            inputs.advance(block)
+            blocks[i] = block.to(model_device)
+    finally:
+        inputs.store.close()
+        for name in arch.embeddings + (arch.final_norm,):
+            model.get_submodule(name).to(model_device)

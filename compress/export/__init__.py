@@ -1,0 +1,1 @@
+"""Exporters from this suite's checkpoints to other runtimes' formats (ONNX, ...)."""
