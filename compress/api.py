@@ -184,3 +184,28 @@ def write_json(data: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- generation
+
+def generate(model_spec: str, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+             device: str = "cpu") -> dict:
+    """Decode ``max_new_tokens`` after ``prompt`` with the KV cache (greedy when temperature is 0)."""
+    from kernels import dispatch
+    if not prompt:
+        raise CompressError("--prompt must not be empty")
+    loaded = models.load(model_spec)
+    model = loaded.model.to(device)
+    ids = loaded.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    torch.manual_seed(seed)
+    dispatch.reset_path_counts()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                             top_p=None, top_k=None, pad_token_id=loaded.tokenizer.eos_token_id)
+    seconds = time.perf_counter() - t0
+    new = out[0, ids.shape[1]:]
+    return {"text": prompt + loaded.tokenizer.decode(new, skip_special_tokens=True), "new_tokens": int(new.numel()),
+            "token_ids": new.tolist(), "seconds": seconds, "tokens_per_second": new.numel() / seconds,
+            "kernel_paths": dispatch.path_counts()}

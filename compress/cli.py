@@ -172,6 +172,27 @@ def eval_ppl(model, protocol, max_windows, base, data_dir, json_out):
         write_json(res, json_out)
 
 
+# --------------------------------------------------------------------------- generate
+
+@cli.command()
+@click.argument("model")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0.0, 10.0), default=0.0, show_default=True,
+              help="0 for greedy decoding.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--kernel-report", is_flag=True, help="Print which kernel path ran the quantized linears.")
+def generate(model, prompt, max_new_tokens, temperature, seed, device, kernel_report):
+    """Generate text from MODEL (a registered name, folder, packed checkpoint or .gguf)."""
+    from .api import generate as run
+    res = run(model, prompt, max_new_tokens, temperature, seed, _device(device))
+    click.echo(res["text"])
+    click.echo(f"[{res['new_tokens']} tokens, {res['tokens_per_second']:.1f} tokens/s]", err=True)
+    if kernel_report:
+        click.echo(f"kernel paths: {res['kernel_paths']}", err=True)
+
+
 # --------------------------------------------------------------------------- report
 
 @cli.command()

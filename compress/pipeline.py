@@ -15,14 +15,18 @@ from pathlib import Path
 import torch
 
 from calib.runner import DEFAULT_BUDGET, run_sequential
-from calib.stats import HessianAccumulator, load_stats, save_stats
+from calib.stats import AbsMaxAccumulator, HessianAccumulator, load_stats, save_stats
 
 from .errors import CompressError
-from .formats import gptq_int
-from .methods.gptq import gptq_solve
-from .quantizer import dequantize_values
-from .qlinear import QuantLinear, set_submodule
-from .scheme import IntScheme
+from .formats import gptq_int, w8a8
+from .methods.awq import (AWQOptions, AWQSearch, MeanAbsAccumulator, apply_clip, clip_search, hessian_error,
+                          load_search, save_search, search_scale)
+from .methods.gptq import gptq_solve, output_error
+from .methods.scaling import apply_scale, can_scale
+from .methods.smoothquant import SmoothQuantOptions, smooth_scales
+from .quantizer import dequantize_values, quantize_rtn
+from .qlinear import QuantLinear, W8A8Linear, set_submodule
+from .scheme import IntScheme, W8A8Scheme
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +48,11 @@ class GPTQOptions:
 class RunRecord:
     """What a calibrated run did, for the checkpoint metadata and the report."""
 
-    packed: dict = field(default_factory=dict)        # full linear name -> PackedInt
+    packed: dict = field(default_factory=dict)        # full linear name -> PackedInt (PackedW8A8 for W8A8)
     losses: dict = field(default_factory=dict)        # full linear name -> solver loss
     fallbacks: dict = field(default_factory=dict)     # full linear name -> fallback taken
     seconds: float = 0.0
+    extra: dict = field(default_factory=dict)         # method-specific summary (AWQ alphas, smoothed groups)
 
 
 def group_key(arch, i: int, group) -> str:
@@ -124,4 +129,7 @@ def gptq_model(loaded, scheme: IntScheme, windows: torch.Tensor | None, opts: GP
 def replace_with_packed(model: torch.nn.Module, rec: RunRecord) -> None:
     for full, packed in rec.packed.items():
         lin = model.get_submodule(full)
-        set_submodule(model, full, QuantLinear.from_packed(packed, lin.bias))
+        if isinstance(lin, (QuantLinear, W8A8Linear)):
+            continue      # already swapped in (W8A8: inside the block, so the runner replays it)
+        cls = W8A8Linear if isinstance(packed, w8a8.PackedW8A8) else QuantLinear
+        set_submodule(model, full, cls.from_packed(packed, lin.bias))

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from kernels import dispatch
+from kernels.reference import quantize_per_token_int8
 
-from .formats import gptq_int
+from .formats import gptq_int, w8a8
 
 
 class QuantLinear(nn.Module):
@@ -67,6 +68,7 @@ class QuantLinear(nn.Module):
                 cached = (key, self.dequantize(torch.float32))
                 self.__dict__["_wcache"] = cached
             w = cached[1]
+            dispatch.record("gptq", "torch")
             b = None if self.bias is None else self.bias.to(torch.float32)
             return torch.nn.functional.linear(x.to(torch.float32), w, b).to(x.dtype)
         return dispatch.gptq_linear(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias)
@@ -75,6 +77,69 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"groups={self.scales.shape[0]}, bias={self.bias is not None}")
 
+
+
+class W8A8Linear(nn.Module):
+    """A linear layer in the W8A8 layout (w8a8-int8 v1): int8 weights and int8 activations.
+
+    Buffers: ``weight`` int8 (N, K), ``weight_scale`` float32 (N,), ``input_scale`` float32 ()
+    (static activations only), optional ``bias`` (N,). The forward quantizes ``x`` to int8 (per
+    token, or with the static per-tensor scale) and calls :func:`kernels.dispatch.int8_linear`:
+    an int8 x int8 -> int32 product (``torch._int_mm`` through the twin on CPU, Triton on CUDA).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, static: bool = False,
+                 bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+        if static:
+            self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
+        else:
+            self.input_scale = None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype))
+        else:
+            self.bias = None
+
+    @property
+    def act_scheme(self) -> str:
+        return "dynamic" if self.input_scale is None else "static"
+
+    @classmethod
+    def from_packed(cls, p: w8a8.PackedW8A8, bias: torch.Tensor | None) -> "W8A8Linear":
+        m = cls(p.in_features, p.out_features, bias is not None, static=p.input_scale is not None)
+        m.weight.copy_(p.weight)
+        m.weight_scale.copy_(p.weight_scale)
+        if p.input_scale is not None:
+            m.input_scale.copy_(p.input_scale)
+        if bias is not None:
+            m.bias.copy_(bias.detach().to(torch.float32))
+        return m
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, input_scale: torch.Tensor | None = None) -> "W8A8Linear":
+        m = cls.from_packed(w8a8.pack(linear.weight.detach(), input_scale), linear.bias)
+        return m.to(linear.weight.device)
+
+    def packed(self) -> w8a8.PackedW8A8:
+        return w8a8.PackedW8A8(self.weight, self.weight_scale, self.input_scale, self.in_features, self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.packed().dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is None:
+            x_q, x_scale = quantize_per_token_int8(x)
+        else:
+            x_q, x_scale = w8a8.quantize_activation_static(x, self.input_scale)
+        return dispatch.int8_linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, out_dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"act={self.act_scheme}, bias={self.bias is not None}")
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")

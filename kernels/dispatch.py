@@ -48,6 +48,14 @@ class KernelUnavailableError(RuntimeError):
     """``COMPRESS_KERNEL=triton`` was requested but the Triton kernel cannot run here."""
 
 
+def record(op: str, path: str) -> None:
+    """Count a call that a caller served itself on one of the known paths (e.g. a module
+    reusing the twin's dequantized weight on the CPU)."""
+    if op not in OPS or path not in PATHS:
+        raise ValueError(f"unknown op/path {op!r}/{path!r}")
+    _counts[(op, path)] += 1
+
+
 def path_counts(op: str | None = None) -> dict[str, int]:
     """Calls per path since the last reset, for one op (``"gptq"``/``"int8"``) or all."""
     if op is not None and op not in OPS:

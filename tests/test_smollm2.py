@@ -45,3 +45,16 @@ def test_rtn_8bit_per_channel_is_near_lossless(smollm2, real_data, tmp_path):
     assert run(["eval", "ppl", out, "--base", "smollm2-135m", "--max-windows", 2, "--json", js]).exit_code == 0
     r = json.loads(js.read_text())
     assert abs(r["ppl"] / r["base_ppl"] - 1) < 0.01 and r["kld"] < 0.01 and r["top1"] > 0.9
+
+
+def test_gguf_file_loads_as_the_same_model(smollm2, real_data, tmp_path):
+    """A .gguf path is accepted wherever a model is: the original GGUF evaluates like the fp32 folder."""
+    from compress import models
+    src = models.source_gguf("smollm2-135m")
+    if src is None:
+        pytest.skip("the original GGUF is not in the cache (fetched by an older version)")
+    a, b = tmp_path / "gguf.json", tmp_path / "folder.json"
+    assert run(["eval", "ppl", src, "--max-windows", 2, "--json", a]).exit_code == 0
+    assert run(["eval", "ppl", "smollm2-135m", "--max-windows", 2, "--json", b]).exit_code == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["ppl"] == pytest.approx(rb["ppl"], rel=1e-4)
