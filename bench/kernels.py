@@ -8,7 +8,9 @@ cache flushed before each, median of ``--reps`` after warm-up and autotuning):
 * ``fp16``: ``x @ W.T`` with a float16 ``(N, K)`` weight (cuBLAS), the baseline;
 * ``int4-g128-sym``, ``int4-g128-asym``, ``int4-g128-act``, ``int3-g128``, ``int8-g128``: the GPTQ
   dequant-GEMM (``kernels.gptq_gemm``; the decode kernel for M <= 16);
-* ``w8a8``: the int8 GEMM (``kernels.int8_gemm``) on already-quantized activations.
+* ``w8a8``: the int8 GEMM (``kernels.int8_gemm``) on already-quantized activations;
+* ``gguf-q4_k``, ``gguf-q5_k``, ``gguf-q6_k``, ``gguf-q8_0``: the GGUF block-quant dequant-GEMM
+  (``kernels.kquant_gemm``; the decode kernel for M <= 16) reading the llama.cpp block bytes.
 
 Each row reports time, TFLOP/s (2 M N K / t), GB/s (weight + activation + output bytes / t),
 the speedup over fp16 and the share of the memory-bandwidth roofline, the bandwidth of a large
@@ -45,7 +47,14 @@ VARIANTS = {   # name: (bits, group, sym, act_order)
     "int3-g128": (3, 128, False, False),
     "int8-g128": (8, 128, False, False),
     "w8a8": None,
+    # a str: the GGUF block type read by kernels.kquant_gemm (K must be a multiple of its block size)
+    "gguf-q4_k": "Q4_K",
+    "gguf-q5_k": "Q5_K",
+    "gguf-q6_k": "Q6_K",
+    "gguf-q8_0": "Q8_0",
 }
+# byte offsets of the float16 fields (d, dmin) in a block of each GGUF type benchmarked
+_GGUF_F16 = {"Q4_K": (144, [0, 2]), "Q5_K": (176, [0, 2]), "Q6_K": (210, [208]), "Q8_0": (34, [0])}
 
 
 def slug(name: str) -> str:
@@ -106,6 +115,19 @@ def random_gptq(n: int, k: int, bits: int, group: int, sym: bool, act_order: boo
     return [t.cuda() for t in (qweight, qzeros, scales, g_idx)]
 
 
+def random_gguf(n: int, k: int, qtype: str, gen: torch.Generator) -> torch.Tensor:
+    """Random GGUF block bytes for an (N, K) weight: every byte random except the float16 d/dmin
+    fields, set to finite values ~ 1e-4 (so float16 outputs stay in range). The kernel's work does
+    not depend on the values."""
+    ts, fields = _GGUF_F16[qtype]
+    bs = 32 if qtype == "Q8_0" else 256
+    data = torch.randint(0, 256, (n, k // bs, ts), generator=gen, dtype=torch.uint8)
+    for off in fields:
+        d = ((torch.rand(n, k // bs, generator=gen) + 0.5) * 1e-4).to(torch.float16)
+        data[:, :, off:off + 2] = d.unsqueeze(-1).view(torch.uint8)
+    return data.reshape(n, -1).cuda()
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
@@ -130,7 +152,9 @@ def main(argv=None) -> int:
 
     from kernels.gptq_gemm import gptq_linear_triton, path_for
     from kernels.int8_gemm import int8_linear_triton
-    from kernels.reference import gptq_linear_ref, int8_linear_ref, quantize_per_token_int8
+    from kernels.kquant_gemm import kquant_linear_triton
+    from kernels.kquant_gemm import path_for as kquant_path_for
+    from kernels.reference import gptq_linear_ref, int8_linear_ref, kquant_linear_ref, quantize_per_token_int8
 
     ms = [int(v) for v in args.m.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -158,6 +182,8 @@ def main(argv=None) -> int:
             if spec is None:
                 w_q, w_s = quantize_per_token_int8(w16.float())
                 weights[name] = (w_q, w_s)
+            elif isinstance(spec, str):
+                weights[name] = random_gguf(n, k, spec, gen)
             else:
                 weights[name] = random_gptq(n, k, *spec, gen)
         for m in ms:
@@ -176,6 +202,12 @@ def main(argv=None) -> int:
                     ref = int8_linear_ref(x_q, x_s, w_q, w_s)
                     nbytes = n * k + m * k + m * 4 + n * 4 + m * n * 2
                     path = "triton-gemm"
+                elif isinstance(VARIANTS[name], str):
+                    qtype, data = VARIANTS[name], weights[name]
+                    fn = lambda: kquant_linear_triton(x, data, qtype)  # noqa: E731
+                    ref = kquant_linear_ref(x, data, qtype)
+                    nbytes = data.numel() + (m * k + m * n) * 2
+                    path = "triton-" + kquant_path_for(m)
                 else:
                     bits = VARIANTS[name][0]
                     qw, qz, s, g = weights[name]
@@ -200,7 +232,8 @@ def main(argv=None) -> int:
                   python=platform.python_version(), copy_gbps=copy_bw / 1e9, reps=args.reps,
                   timing="CUDA events per call, L2 flushed before each, median", seconds=time.time() - started,
                   notes="w8a8 times the int8 GEMM on already-quantized activations (quantization excluded); "
-                        "GB/s counts packed weight + scales/zeros/g_idx + activations + output",
+                        "GB/s counts packed weight + scales/zeros/g_idx + activations + output; "
+                        "gguf-* rows read random GGUF block bytes (the kernel's work does not depend on values)",
                   rows=rows)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

@@ -3,6 +3,8 @@
 * :func:`gptq_linear` ``(x (..., K), qweight, qzeros, scales, g_idx, bits, bias=None) -> (..., N)``
 * :func:`int8_linear` ``(x_q (..., K), x_scale (...), w_q (N, K), w_scale (N,), bias=None,
   out_dtype=float16) -> (..., N)``
+* :func:`kquant_linear` ``(x (..., K), data uint8 (N, K / block_size * type_size), qtype,
+  bias=None) -> (..., N)``: W read from its GGUF block bytes (Q4_0 ... Q8_0, Q2_K ... Q6_K)
 
 Leading batch dimensions are flattened to M. The arguments are validated first (ValueError
 naming the mismatch: bit width, shapes of qweight/qzeros/scales/g_idx against x, dtypes,
@@ -18,8 +20,9 @@ devices), then a path is chosen:
 
 Every call is counted by path: :func:`path_counts` returns
 ``{"triton-gemm": n, "triton-decode": n, "torch": n}`` (the GPTQ kernel takes the decode path
-for M <= 16; the int8 kernel has a single GEMM path); ``path_counts("gptq")`` or
-``path_counts("int8")`` counts one op. :func:`reset_path_counts` clears them.
+for M <= 16; the int8 kernel has a single GEMM path); ``path_counts("gptq")``,
+``path_counts("int8")`` or ``path_counts("kquant")`` counts one op (the GGUF-block kernel also
+takes its decode path for M <= 16). :func:`reset_path_counts` clears them.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ log = logging.getLogger(__name__)
 ENV_VAR = "COMPRESS_KERNEL"
 MODES = ("auto", "torch", "triton")
 PATHS = ("triton-gemm", "triton-decode", "torch")
-OPS = ("gptq", "int8")
-_MODULES = {"gptq": "kernels.gptq_gemm", "int8": "kernels.int8_gemm"}
+OPS = ("gptq", "int8", "kquant")
+_MODULES = {"gptq": "kernels.gptq_gemm", "int8": "kernels.int8_gemm", "kquant": "kernels.kquant_gemm"}
 
 _counts: Counter = Counter()      # (op, path) -> calls
 _logged: set[str] = set()
@@ -159,4 +162,27 @@ def int8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
         y = mod.int8_linear_triton(x2, s2, w_q, w_scale, bias, out_dtype)
         path = "triton-gemm"
     _counts[("int8", path)] += 1
+    return y.reshape(*lead, n)
+
+
+def kquant_linear(x: torch.Tensor, data: torch.Tensor, qtype: str,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x @ W.T + bias`` with W ``(N, K)`` held in GGUF block bytes (layout:
+    :func:`kernels.reference.dequantize_gguf_ref`).
+
+    x ``(..., K)`` float16/bfloat16/float32; data uint8 ``(N, K / block_size * type_size)``;
+    qtype one of ``kernels.reference.GGUF_BLOCK_TYPES`` -> ``(..., N)`` in ``x.dtype``. Raises
+    ValueError on an unsupported qtype or a K that is not a multiple of its block size.
+    """
+    k, n = reference.check_kquant_args(x, data, qtype, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    mod = _pick("kquant", x.device)
+    if mod is None:
+        y = reference.kquant_linear_ref(x2, data, qtype, bias)
+        path = "torch"
+    else:
+        y = mod.kquant_linear_triton(x2, data, qtype, bias)
+        path = f"triton-{mod.path_for(x2.shape[0])}"
+    _counts[("kquant", path)] += 1
     return y.reshape(*lead, n)

@@ -208,3 +208,162 @@ def int8_linear_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF / llama.cpp block quants read directly from their bytes (Q4_0 ... Q8_0, Q2_K ... Q6_K)
+# ---------------------------------------------------------------------------------------------
+# ``data`` is the GGUF tensor of an ``(N, K)`` weight: uint8 ``(N, K / block_size * type_size)``,
+# row n holding the blocks of W[n, :] one after another (little-endian fields; d/dmin/m are
+# float16). Layouts: /work/shared/docs/REFERENCE.md section 4 and docs/KQUANTS.md. Every product
+# in the formulas below is exact in float32 (at most 24 significant bits), so this decoder equals
+# llama.cpp's ``dequantize_row_*`` and ``gguf.quants.dequantize`` bit for bit.
+
+#: qtype -> (block_size, type_size); the names are ggml's.
+GGUF_BLOCK_TYPES = {
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+}
+
+
+def _gguf_type(qtype: str) -> tuple[int, int]:
+    if not isinstance(qtype, str) or qtype not in GGUF_BLOCK_TYPES:
+        raise ValueError(f"unsupported GGUF block type {qtype!r}; expected one of {', '.join(GGUF_BLOCK_TYPES)}")
+    return GGUF_BLOCK_TYPES[qtype]
+
+
+def _f16_at(b: torch.Tensor, off: int) -> torch.Tensor:
+    """float32 ``(blocks, 1)`` of the little-endian float16 at byte ``off`` of each block."""
+    return b[:, off:off + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _bits(b: torch.Tensor, shifts: list[int], mask: int) -> torch.Tensor:
+    """int32 ``(blocks, len(shifts), *b.shape[1:])``: ``b >> s & mask`` for each shift s."""
+    sh = torch.tensor(shifts, dtype=torch.int32, device=b.device).view((1, -1) + (1,) * (b.dim() - 1))
+    return (b.to(torch.int32).unsqueeze(1) >> sh) & mask
+
+
+def _k4_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 six-bit (scale, min) pairs of Q4_K/Q5_K from their 12 packed bytes: int32 (blocks, 8)."""
+    s = s.to(torch.int32)
+    a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([a & 63, (c & 15) | ((a >> 6) << 4)], dim=1)
+    mn = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=1)
+    return sc, mn
+
+
+def _decode_blocks(b: torch.Tensor, qtype: str) -> torch.Tensor:
+    """float32 ``(blocks, block_size)`` from uint8 ``(blocks, type_size)``."""
+    nb = b.shape[0]
+    f32 = torch.float32
+    if qtype == "Q8_0":
+        return _f16_at(b, 0) * b[:, 2:34].contiguous().view(torch.int8).to(f32)
+    if qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        qs_off = {"Q4_0": 2, "Q4_1": 4, "Q5_0": 6, "Q5_1": 8}[qtype]
+        q = _bits(b[:, qs_off:qs_off + 16], [0, 4], 15).reshape(nb, 32)        # n < 16: low nibble
+        if qtype in ("Q5_0", "Q5_1"):
+            qh_off = 2 if qtype == "Q5_0" else 4                                # u32 qh: bit n is q[n]'s 5th
+            h = _bits(b[:, qh_off:qh_off + 4], list(range(8)), 1)               # (nb, bit, byte)
+            q = q | (h.transpose(1, 2).reshape(nb, 32) << 4)
+        d = _f16_at(b, 0)
+        if qtype == "Q4_0":
+            return d * (q - 8).to(f32)
+        if qtype == "Q5_0":
+            return d * (q - 16).to(f32)
+        return d * q.to(f32) + _f16_at(b, 2)
+    if qtype == "Q2_K":
+        sc = b[:, 0:16].to(torch.int32)
+        q = _bits(b[:, 16:80].reshape(nb, 2, 32), [0, 2, 4, 6], 3)            # (nb, shift, half, l)
+        q = q.transpose(1, 2).reshape(nb, 16, 16).to(f32)                       # n = 128 half + 32 shift + l
+        dl = _f16_at(b, 80) * (sc & 15).to(f32)
+        ml = _f16_at(b, 82) * (sc >> 4).to(f32)
+        return (dl[:, :, None] * q - ml[:, :, None]).reshape(nb, 256)
+    if qtype == "Q3_K":
+        low = _bits(b[:, 32:96].reshape(nb, 2, 32), [0, 2, 4, 6], 3).transpose(1, 2).reshape(nb, 256)
+        h = _bits(b[:, 0:32], list(range(8)), 1).reshape(nb, 256)              # n = 32 bit + l
+        q = (low - 4 * (1 - h)).reshape(nb, 16, 16).to(f32)
+        s = b[:, 96:108].to(torch.int32)
+        lo4 = torch.cat([s[:, 0:8] & 15, s[:, 0:8] >> 4], dim=1)
+        hi2 = _bits(s[:, 8:12], [0, 2, 4, 6], 3).reshape(nb, 16)               # j = 4 (j / 4) + j % 4
+        sc = ((lo4 | (hi2 << 4)) - 32).to(f32)
+        return ((_f16_at(b, 108) * sc)[:, :, None] * q).reshape(nb, 256)
+    if qtype in ("Q4_K", "Q5_K"):
+        qs_off = 16 if qtype == "Q4_K" else 48
+        q = _bits(b[:, qs_off:qs_off + 128].reshape(nb, 4, 32), [0, 4], 15)   # (nb, nibble, chunk, l)
+        q = q.transpose(1, 2).reshape(nb, 8, 32)                                 # j = 2 chunk + nibble
+        if qtype == "Q5_K":
+            q = q | (_bits(b[:, 16:48], list(range(8)), 1) << 4)                # bit j of qh[l]
+        sc, mn = _k4_scales(b[:, 4:16])
+        dl = _f16_at(b, 0) * sc.to(f32)
+        ml = _f16_at(b, 2) * mn.to(f32)
+        return (dl[:, :, None] * q.to(f32) - ml[:, :, None]).reshape(nb, 256)
+    if qtype == "Q6_K":
+        lo = _bits(b[:, 0:128].reshape(nb, 2, 64), [0, 4], 15)                 # (nb, g >> 1, half, 32(g&1) + l)
+        lo = lo.transpose(1, 2).reshape(nb, 256)                                 # n = 128 half + 32 g + l
+        hi = _bits(b[:, 128:192].reshape(nb, 2, 32), [0, 2, 4, 6], 3).transpose(1, 2).reshape(nb, 256)
+        q = ((lo | (hi << 4)) - 32).reshape(nb, 16, 16).to(f32)
+        sc = b[:, 192:208].contiguous().view(torch.int8).to(f32)
+        return ((_f16_at(b, 208) * sc)[:, :, None] * q).reshape(nb, 256)
+    raise ValueError(f"unsupported GGUF block type {qtype!r}")
+
+
+def dequantize_gguf_ref(data: torch.Tensor, qtype: str, K: int) -> torch.Tensor:
+    """Decode the GGUF bytes of an ``(N, K)`` weight: uint8 ``(N, K / bs * ts)`` -> float32 ``(N, K)``.
+
+    Bit-exact with llama.cpp's ``dequantize_row_*`` / ``gguf.quants.dequantize``. Runs on the
+    device of ``data``; any strides.
+    """
+    bs, ts = _gguf_type(qtype)
+    if data.dtype != torch.uint8 or data.dim() != 2:
+        raise ValueError(f"data must be 2-D uint8 (N, K/{bs}*{ts}); got {data.dim()}-D {data.dtype}")
+    if K <= 0 or K % bs != 0 or data.shape[1] != K // bs * ts:
+        raise ValueError(f"{qtype} data of shape {tuple(data.shape)} does not hold rows of K={K} weights "
+                         f"(K must be a positive multiple of {bs}, and each row K/{bs}*{ts} bytes)")
+    n = data.shape[0]
+    blocks = data.contiguous().reshape(-1, ts)
+    return _decode_blocks(blocks, qtype).reshape(n, K)
+
+
+def check_kquant_args(x: torch.Tensor, data: torch.Tensor, qtype: str,
+                      bias: torch.Tensor | None = None) -> tuple[int, int]:
+    """Check the arguments of a GGUF-block linear with ``x (..., K)``; return ``(K, N)``.
+
+    Raises ValueError naming the first mismatch: unknown qtype, x dtype, K not a multiple of the
+    block size, data not uint8 ``(N, K / block_size * type_size)``, bias shape, devices.
+    """
+    bs, ts = _gguf_type(qtype)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32; got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last (input-feature) dimension; got shape {tuple(x.shape)}")
+    k = x.shape[-1]
+    if k % bs != 0:
+        raise ValueError(f"{qtype} packs blocks of {bs} weights: K={k} (x's last dimension) must be a "
+                         f"multiple of {bs}")
+    if data.dtype != torch.uint8 or data.dim() != 2:
+        raise ValueError(f"data must be the 2-D uint8 GGUF bytes (N, K/{bs}*{ts}); got "
+                         f"{data.dim()}-D {data.dtype}")
+    if data.shape[1] != k // bs * ts:
+        raise ValueError(f"{qtype} data has {data.shape[1]} bytes per row; K={k} needs {k}/{bs}*{ts} = "
+                         f"{k // bs * ts} (is x's last dimension the weight's input dimension?)")
+    n = data.shape[0]
+    if bias is not None and (bias.dtype not in _FLOAT_DTYPES or tuple(bias.shape) != (n,)):
+        raise ValueError(f"bias must be a float ({n},) tensor; got {bias.dtype} {tuple(bias.shape)}")
+    _check_same_device(x, data=data, bias=bias)
+    return k, n
+
+
+def kquant_linear_ref(x: torch.Tensor, data: torch.Tensor, qtype: str,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x @ W.T + bias`` with W the ``(N, K)`` weight held in GGUF ``qtype`` bytes.
+
+    x ``(M, K)`` float16/bfloat16/float32; data uint8 ``(N, K / block_size * type_size)``; bias
+    optional ``(N,)``. Returns ``(M, N)`` in ``x.dtype``; the weight is decoded exactly to float32
+    and the product accumulates in float32.
+    """
+    k, _ = check_kquant_args(x, data, qtype, bias)
+    w = dequantize_gguf_ref(data, qtype, k)
+    y = x.to(torch.float32) @ w.t()
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
