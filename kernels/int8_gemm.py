@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .reference import check_int8_args, int8_linear_ref
+from .tiling import grouped_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -51,14 +52,7 @@ def _int8_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):
     # grouped launch order, as in the GPTQ GEMM
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

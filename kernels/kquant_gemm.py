@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from .reference import GGUF_BLOCK_TYPES, check_kquant_args, kquant_linear_ref
+from .tiling import grouped_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 16   # M up to this uses the decode (split-K) kernel
@@ -222,14 +223,7 @@ def _kquant_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                         GROUP_M: tl.constexpr):
     tl.static_assert(BLOCK_K % 16 == 0)
     # grouped launch order: GROUP_M row-tiles of x sweep the N tiles together (weight tiles stay in L2)
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
