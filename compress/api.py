@@ -13,13 +13,14 @@ from . import __version__, models
 from .checkpoint import quantization_config, read_quant_meta, save_packed
 from .errors import CompressError
 from .methods import rtn
-from .qlinear import QuantLinear, set_submodule
-from .scheme import IntScheme
+from .qlinear import QuantLinear, W8A8Linear, set_submodule
+from .scheme import IntScheme, W8A8Scheme
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "gptq")
-CALIBRATED = ("gptq",)
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant")
+CALIBRATED = ("gptq", "awq", "awq+gptq", "smoothquant")
+USES_GPTQ = ("gptq", "awq+gptq")      # methods that take GPTQOptions and act-order
 
 
 def check_weights(loaded: models.Loaded, scheme: IntScheme) -> list[str]:
@@ -37,25 +38,37 @@ def check_weights(loaded: models.Loaded, scheme: IntScheme) -> list[str]:
 
 def quantize(loaded: models.Loaded, scheme: IntScheme, method: str = "rtn", progress: bool = True,
              calib=None, data_dir=None, gptq=None, save_stats=None, load_stats=None,
-             device: str = "cpu") -> dict:
+             device: str = "cpu", awq=None, smoothquant=None) -> dict:
     """Quantize the decoder-block linears of ``loaded.model`` in place; returns run metadata.
 
     Calibrated methods take ``calib`` (a :class:`calib.data.CalibSpec`), method options
-    (``gptq``: :class:`compress.pipeline.GPTQOptions`) and may save/load their statistics.
+    (``gptq``: :class:`compress.pipeline.GPTQOptions` for gptq and awq+gptq; ``awq``:
+    :class:`compress.methods.awq.AWQOptions`; ``smoothquant``:
+    :class:`compress.methods.smoothquant.SmoothQuantOptions`) and may save/load their statistics.
+    ``smoothquant`` takes a :class:`compress.scheme.W8A8Scheme`; the other methods an IntScheme.
     """
     if loaded.kind == "packed":
         raise CompressError(f"{loaded.source} is already a quantized checkpoint")
     if method not in METHODS:
         raise CompressError(f"unknown method '{method}'; available: {', '.join(METHODS)}")
+    if (method == "smoothquant") != isinstance(scheme, W8A8Scheme):
+        raise CompressError("smoothquant takes a W8A8 scheme (8-bit per-channel symmetric weights, int8 activations)"
+                            if method == "smoothquant" else f"a W8A8 scheme needs --method smoothquant, not {method}")
+    if scheme.act_order and method not in USES_GPTQ:
+        raise CompressError(f"--act-order applies to GPTQ ({', '.join(USES_GPTQ)}), not to {method}")
+    if gptq is not None and method not in USES_GPTQ:
+        raise CompressError(f"GPTQ options apply to {', '.join(USES_GPTQ)}, not to {method}")
+    if awq is not None and method not in ("awq", "awq+gptq"):
+        raise CompressError(f"AWQ options apply to awq and awq+gptq, not to {method}")
+    if smoothquant is not None and method != "smoothquant":
+        raise CompressError(f"SmoothQuant options (--alpha, --act-scheme) apply to smoothquant, not to {method}")
     if method not in CALIBRATED:
-        if scheme.act_order:
-            raise CompressError("--act-order applies to GPTQ only")
         if save_stats or load_stats:
             raise CompressError(f"--save-stats/--load-stats apply to calibrated methods, not {method}")
     names = check_weights(loaded, scheme)
     if method in CALIBRATED:
         return _quantize_calibrated(loaded, scheme, method, progress, calib, data_dir, gptq,
-                                    save_stats, load_stats, device)
+                                    save_stats, load_stats, device, awq, smoothquant)
     t0 = time.perf_counter()
     for name in tqdm(names, desc=f"{method} {scheme.describe()}", unit="layer", disable=not progress, leave=False):
         lin = loaded.model.get_submodule(name)
@@ -65,21 +78,41 @@ def quantize(loaded: models.Loaded, scheme: IntScheme, method: str = "rtn", prog
     return {"modules": names, "seconds": round(seconds, 3), "meta": {}}
 
 
-def _quantize_calibrated(loaded, scheme, method, progress, calib, data_dir, gptq, save_stats, load_stats, device):
+def _quantize_calibrated(loaded, scheme, method, progress, calib, data_dir, gptq, save_stats, load_stats, device,
+                         awq=None, smoothquant=None):
+    """Every calibrated method: calibration windows, the sequential runner (compress.pipeline)."""
     from calib.data import CalibSpec, calibration_windows
 
-    from .pipeline import GPTQOptions, gptq_model
+    from .methods.awq import AWQOptions
+    from .methods.smoothquant import SmoothQuantOptions
+    from .pipeline import GPTQOptions, awq_model, gptq_model, smoothquant_model
     calib = calib or CalibSpec()
-    gptq = gptq or GPTQOptions()
+    if method in USES_GPTQ:
+        gptq = gptq or GPTQOptions()
     t0 = time.perf_counter()
     windows = None if load_stats else calibration_windows(loaded.tokenizer, calib, data_dir)
-    rec = gptq_model(loaded, scheme, windows, gptq, save_stats_path=save_stats, load_stats_path=load_stats,
-                     device=device, progress=progress)
+    common = dict(save_stats_path=save_stats, load_stats_path=load_stats, device=device, progress=progress)
+    if method == "gptq":
+        rec = gptq_model(loaded, scheme, windows, gptq, **common)
+    elif method in ("awq", "awq+gptq"):
+        awq = awq or AWQOptions()
+        rec = awq_model(loaded, scheme, windows, awq, gptq if method == "awq+gptq" else None, **common)
+    else:
+        smoothquant = smoothquant or SmoothQuantOptions()
+        rec = smoothquant_model(loaded, scheme, windows, smoothquant, **common)
     seconds = time.perf_counter() - t0
     meta = {"calibration": None if load_stats else calib.to_dict(),
             "stats_loaded_from": str(load_stats) if load_stats else None,
-            "damp": gptq.damp, "block_size": gptq.block_size, "static_groups": gptq.static_groups,
-            "fallbacks": rec.fallbacks, "total_loss": sum(rec.losses.values())}
+            "fallbacks": rec.fallbacks, "total_loss": sum(rec.losses.values()) if rec.losses else None}
+    if method in USES_GPTQ:
+        meta.update(damp=gptq.damp, block_size=gptq.block_size, static_groups=gptq.static_groups)
+    if awq is not None:
+        alphas = [a for a in rec.extra.get("awq_alphas", {}).values() if a is not None]
+        meta["awq"] = {**rec.extra.get("awq_options", awq.to_dict()), "scaled_groups": len(alphas),
+                       "mean_alpha": round(sum(alphas) / len(alphas), 4) if alphas else None}
+    if smoothquant is not None:
+        meta["smoothquant"] = {**smoothquant.to_dict(), "act_scheme": scheme.act_scheme,
+                               "smoothed_groups": len(rec.extra.get("smoothed_groups", []))}
     return {"modules": list(rec.packed), "seconds": round(seconds, 3), "meta": meta}
 
 
@@ -102,13 +135,14 @@ def weight_stats(model: torch.nn.Module) -> dict:
     q_params = q_bytes = 0
     layers = []
     for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, W8A8Linear)):
             p = m.packed()
             n = m.in_features * m.out_features
             q_params += n
             q_bytes += p.nbytes()
-            layers.append({"name": name, "shape": [m.out_features, m.in_features], "bits": m.bits,
-                           "groups": int(m.scales.shape[0]), "bytes": p.nbytes(),
+            bits, groups = (8, 1) if isinstance(m, W8A8Linear) else (m.bits, int(m.scales.shape[0]))
+            layers.append({"name": name, "shape": [m.out_features, m.in_features], "bits": bits,
+                           "groups": groups, "bytes": p.nbytes(),
                            "bits_per_weight": 8 * p.nbytes() / n})
     return {"quantized_params": q_params, "quantized_bytes": q_bytes,
             "bits_per_weight": (8 * q_bytes / q_params) if q_params else None, "layers": layers}
@@ -116,8 +150,11 @@ def weight_stats(model: torch.nn.Module) -> dict:
 
 def inspect(spec: str) -> dict:
     kind, path = models.resolve(spec)
+    if kind == "gguf":
+        from .export.gguf import inspect_gguf
+        return inspect_gguf(path)
     if kind != "folder":
-        raise CompressError(f"inspect takes a checkpoint folder, got {spec}")
+        raise CompressError(f"inspect takes a checkpoint folder or a .gguf file, got {spec}")
     config = models.read_config(path)
     if not config.get("quantization_config"):
         raise CompressError(f"{path} is not a quantized checkpoint (no quantization_config)")
@@ -175,6 +212,11 @@ def eval_ppl(model_spec: str, protocol: str = "wt2-quick", max_windows: int | No
     }
     if loaded.kind == "packed":
         out["size_bytes"] = sum(f.stat().st_size for f in Path(loaded.path).glob("*.safetensors"))
+    elif loaded.kind == "gguf":
+        from .export.gguf import inspect_gguf
+        g = inspect_gguf(loaded.path)
+        out.update(size_bytes=g["size_bytes"], bits_per_weight=g["bits_per_weight_matrices"],
+                   gguf_file_type=g["file_type_name"], gguf_type_counts=g["type_counts"])
     return out
 
 
@@ -209,3 +251,123 @@ def generate(model_spec: str, prompt: str, max_new_tokens: int = 32, temperature
     return {"text": prompt + loaded.tokenizer.decode(new, skip_special_tokens=True), "new_tokens": int(new.numel()),
             "token_ids": new.tolist(), "seconds": seconds, "tokens_per_second": new.numel() / seconds,
             "kernel_paths": dispatch.path_counts()}
+
+
+# --------------------------------------------------------------------------- GGUF (llama.cpp)
+
+GGUF_METHODS = ("kquant", "gptq")
+
+
+def _gguf_input(model_spec: str) -> models.Loaded:
+    from .export.gguf import HParams
+    loaded = models.load(model_spec)
+    if loaded.kind == "packed":
+        raise CompressError(f"{model_spec} is already a quantized checkpoint; "
+                            "use `compress export gguf` to convert it")
+    HParams.from_config(loaded.model.config)
+    for name, p in loaded.model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise CompressError(f"{name} has NaN or Inf weights")
+    return loaded
+
+
+def quantize_to_gguf(model_spec: str, out: Path, gguf_type: str, method: str = "kquant", imatrix=None,
+                     pure: bool = False, calib=None, data_dir=None, damp: float = 0.01, device: str = "cpu",
+                     progress: bool = True) -> dict:
+    """Quantize ``model_spec`` with a llama.cpp type mix into a GGUF file ``out``.
+
+    ``method`` "kquant": llama.cpp's quantizers (importance-weighted with an ``imatrix`` file);
+    "gptq": GPTQ onto the same GGML grids (calibration ``calib``), see compress.methods.kquant.
+    Returns a summary with the per-tensor plan.
+    """
+    from . import imatrix as imx
+    from .export import gguf as gg
+    from .methods.kquant import get_mix
+    mix = get_mix(gguf_type).name
+    if method not in GGUF_METHODS:
+        raise CompressError(f"GGUF output (--type) works with --method {' or '.join(GGUF_METHODS)}, not {method}")
+    if method == "gptq" and imatrix is not None:
+        raise CompressError("--imatrix applies to --method kquant; GPTQ weighs errors with its own Hessian")
+    if Path(out).suffix != ".gguf":
+        raise CompressError(f"GGUF output must end with .gguf, got {out}")
+    importance = imx.read(Path(imatrix)).by_module() if imatrix is not None else None
+    loaded = _gguf_input(model_spec)
+    t0 = time.perf_counter()
+    extra = {"source_model": model_spec, "imatrix": Path(imatrix).name if imatrix is not None else None}
+    if method == "kquant":
+        gm = gg.build_rtn(loaded, mix, importance, pure, progress)
+    else:
+        from calib.data import CalibSpec, calibration_windows
+        calib = calib or CalibSpec(seqlen=512)
+        windows = calibration_windows(loaded.tokenizer, calib, data_dir)
+        gm = gg.build_gptq(loaded, mix, windows, pure, damp, device, progress)
+        extra.update(calibration=json.dumps(calib.to_dict()), damp=float(damp))
+    seconds = time.perf_counter() - t0
+    info = gg.save_ggml_model(loaded, gm, Path(out), extra)
+    info.update(method=method, mix=mix, pure=pure, seconds=round(seconds, 3),
+                plan=[c.to_dict() for c in gm.plan.values()], fallbacks_gptq=gm.meta.get("fallbacks", {}))
+    return info
+
+
+def compute_imatrix(model_spec: str, out: Path, calib=None, data_dir=None, process_output: bool = False,
+                    fmt: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """llama.cpp-compatible importance matrix of ``model_spec`` (unquantized) on calibration text."""
+    from calib.data import CalibSpec, calibration_windows
+
+    from . import imatrix as imx
+    out = Path(out)
+    fmt = fmt or ("dat" if out.suffix == ".dat" else "gguf")
+    if fmt not in ("gguf", "dat"):
+        raise CompressError(f"--output-format must be gguf or dat, got {fmt}")
+    calib = calib or CalibSpec(seqlen=512)
+    loaded = models.load(model_spec)
+    if loaded.kind == "packed":
+        raise CompressError(f"{model_spec} is a quantized checkpoint; the importance matrix needs the unquantized model")
+    t0 = time.perf_counter()
+    windows = calibration_windows(loaded.tokenizer, calib, data_dir)
+    im = imx.collect(loaded, windows, process_output=process_output, device=device, progress=progress,
+                     dataset=calib.source)
+    imx.write(out, im, fmt)
+    return {"out": str(out), "format": fmt, "entries": len(im.sums), "chunks": im.chunk_count,
+            "chunk_size": im.chunk_size, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def export_gguf(spec: str, out: Path, gguf_type: str | None = None, imatrix=None, pure: bool = False,
+                progress: bool = True) -> dict:
+    """Convert a checkpoint (packed gptq-int, Hugging Face folder, registered name) to GGUF.
+
+    gptq-int checkpoints map their integers directly onto a legacy GGML type (``gguf_type`` None:
+    the natural one, see compress.export.gguf.auto_target; or Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 when the
+    integers fit); any other ``gguf_type``, a mapping that does not fit, and unquantized models
+    are (re-)quantized with llama.cpp's quantizers for that type mix (default F16 for
+    unquantized models).
+    """
+    from . import imatrix as imx
+    from .export import gguf as gg
+    from .methods.kquant import get_mix
+    mix = get_mix(gguf_type).name if gguf_type is not None else None
+    if Path(out).suffix != ".gguf":
+        raise CompressError(f"GGUF output must end with .gguf, got {out}")
+    importance = imx.read(Path(imatrix)).by_module() if imatrix is not None else None
+    loaded = models.load(spec)
+    gg.HParams.from_config(loaded.model.config)
+    t0 = time.perf_counter()
+    how = None
+    if loaded.kind == "packed" and (mix is None or (mix in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+                                                     and not pure and importance is None)):
+        try:
+            gm, how = gg.build_from_packed(loaded, mix)
+        except CompressError as e:
+            if mix is None:
+                raise
+            log.warning("%s; re-quantizing with %s", e, mix)
+            how = {"requantized": str(e)}
+            gm = gg.build_rtn(loaded, mix, importance, pure, progress)
+    else:
+        gm = gg.build_rtn(loaded, mix or "F16", importance, pure, progress)
+        if loaded.kind == "packed":
+            how = {"requantized": f"--type {mix}"}
+    extra = {"source_model": spec, "imatrix": Path(imatrix).name if imatrix is not None else None}
+    info = gg.save_ggml_model(loaded, gm, Path(out), extra)
+    info.update(seconds=round(time.perf_counter() - t0, 3), mapping=how, source_kind=loaded.kind)
+    return info

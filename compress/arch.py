@@ -35,6 +35,7 @@ class ArchSpec:
     final_norm: str
     lm_head: str
     groups: tuple[LinearGroup, ...]   # in execution order inside a block
+    qk_linears: tuple[str, ...] = ()  # query/key projections: their error shows only through attention scores
 
     @property
     def block_linears(self) -> tuple[str, ...]:
@@ -62,6 +63,7 @@ LLAMA = ArchSpec(
         LinearGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         LinearGroup("mlp.up_proj", ("mlp.down_proj",)),
     ),
+    qk_linears=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
 OPT = ArchSpec(
@@ -77,6 +79,7 @@ OPT = ArchSpec(
         LinearGroup("final_layer_norm", ("fc1",)),
         LinearGroup("fc1", ("fc2",)),
     ),
+    qk_linears=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
 ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT)

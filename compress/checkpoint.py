@@ -1,8 +1,10 @@
-"""Packed checkpoints (format "gptq-int", version 1): atomic write and safetensors-only read.
+"""Packed checkpoints (formats "gptq-int" and "w8a8-int8", version 1): atomic write and
+safetensors-only read.
 
-The folder is a Hugging Face-style checkpoint: ``config.json`` with a GPTQ
-``quantization_config`` (plus a ``compress`` section with this suite's metadata),
-``model.safetensors`` and the tokenizer files. See docs/FORMATS.md.
+The folder is a Hugging Face-style checkpoint: ``config.json`` with a ``quantization_config``
+(GPTQ's for gptq-int, ``quant_method: "compress-w8a8"`` for w8a8-int8; both with a ``compress``
+section holding this suite's metadata), ``model.safetensors`` and the tokenizer files.
+See docs/FORMATS.md.
 """
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import CompressError
-from .formats import gptq_int
-from .qlinear import QuantLinear, set_submodule
-from .scheme import FORMAT_VERSION, IntScheme
+from .formats import gptq_int, w8a8
+from .qlinear import QuantLinear, W8A8Linear, set_submodule
+from .scheme import FORMAT_VERSION, IntScheme, W8A8Scheme
 
 WEIGHTS_FILE = "model.safetensors"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+W8A8_QUANT_METHOD = "compress-w8a8"
+# float tensors of quantized linears kept in their own dtype whatever --dtype says
+_KEEP_DTYPE = (".scales", ".weight_scale", ".input_scale")
 
 
 class AtomicFolder:
@@ -65,7 +70,10 @@ class AtomicFolder:
 
 
 def quantization_config(scheme: IntScheme, method: str, modules: list[str], extra: dict) -> dict:
-    """The GPTQ ``quantization_config`` runtimes read, with our metadata under ``compress``."""
+    """The GPTQ ``quantization_config`` runtimes read, with our metadata under ``compress``
+    (for a :class:`W8A8Scheme`, the "compress-w8a8" config of the w8a8-int8 format)."""
+    if isinstance(scheme, W8A8Scheme):
+        return _w8a8_config(scheme, method, modules, extra)
     return {
         "quant_method": "gptq",
         "bits": scheme.bits,
@@ -90,6 +98,28 @@ def quantization_config(scheme: IntScheme, method: str, modules: list[str], extr
     }
 
 
+def _w8a8_config(scheme: W8A8Scheme, method: str, modules: list[str], extra: dict) -> dict:
+    dynamic = scheme.act_scheme == "dynamic"
+    return {
+        "quant_method": W8A8_QUANT_METHOD,
+        "bits": 8,
+        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": dynamic,
+                              "strategy": "token" if dynamic else "tensor"},
+        "compress": {
+            "format": w8a8.FORMAT_ID,
+            "format_version": w8a8.FORMAT_VERSION,
+            "method": method,
+            "scheme": scheme.to_dict(),
+            "label": f"{method} {scheme.describe()}",
+            "quantized_modules": modules,
+            "package_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        },
+    }
+
+
 def save_packed(loaded, out: Path, qconfig: dict, dtype: str = "float16") -> Path:
     """Write the model held by ``loaded`` (its linears already replaced by QuantLinear) to ``out``."""
     if dtype not in DTYPES:
@@ -101,15 +131,17 @@ def save_packed(loaded, out: Path, qconfig: dict, dtype: str = "float16") -> Pat
     for name, t in model.state_dict().items():
         if tied and name == head:
             continue
-        if t.is_floating_point() and not name.endswith((".scales",)):
+        if t.is_floating_point() and not name.endswith(_KEEP_DTYPE):
             t = t.to(DTYPES[dtype])
         tensors[name] = t.detach().contiguous().cpu()
     cfg = model.config.to_dict()
     cfg["quantization_config"] = qconfig
     cfg["torch_dtype"] = dtype
     with AtomicFolder(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "compress_format": gptq_int.FORMAT_ID,
-                                                             "compress_format_version": str(FORMAT_VERSION)})
+        fmt = (qconfig.get("compress") or {})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={
+            "format": "pt", "compress_format": fmt.get("format", gptq_int.FORMAT_ID),
+            "compress_format_version": str(fmt.get("format_version", FORMAT_VERSION))})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -118,18 +150,24 @@ def save_packed(loaded, out: Path, qconfig: dict, dtype: str = "float16") -> Pat
     return out
 
 
+# quant_method -> (format id, format version, scheme class)
+_FORMATS = {"gptq": (gptq_int.FORMAT_ID, FORMAT_VERSION, IntScheme),
+            W8A8_QUANT_METHOD: (w8a8.FORMAT_ID, w8a8.FORMAT_VERSION, W8A8Scheme)}
+
+
 def read_quant_meta(config: dict, path: Path) -> tuple[IntScheme, dict]:
     qc = config.get("quantization_config") or {}
     meta = qc.get("compress")
-    if qc.get("quant_method") != "gptq" or not isinstance(meta, dict):
+    if qc.get("quant_method") not in _FORMATS or not isinstance(meta, dict):
         raise CompressError(f"{path}: quantization_config is not a checkpoint this suite wrote "
                             f"(quant_method={qc.get('quant_method')!r})")
-    if meta.get("format") != gptq_int.FORMAT_ID:
+    fmt, version, scheme_cls = _FORMATS[qc["quant_method"]]
+    if meta.get("format") != fmt:
         raise CompressError(f"{path}: unsupported packed format {meta.get('format')!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") != version:
         raise CompressError(f"{path}: format version {meta.get('format_version')} is not supported "
-                            f"(this version reads {FORMAT_VERSION})")
-    return IntScheme.from_dict(meta["scheme"]), meta
+                            f"(this version reads {version})")
+    return scheme_cls.from_dict(meta["scheme"]), meta
 
 
 def load_packed(path: Path, source: str):
@@ -157,6 +195,9 @@ def load_packed(path: Path, source: str):
     for name in meta["quantized_modules"]:
         lin = model.get_submodule(name)
         prefix = name + "."
+        if isinstance(scheme, W8A8Scheme):
+            set_submodule(model, name, _load_w8a8(state, prefix, lin, scheme, name, path))
+            continue
         try:
             t = {k: state.pop(prefix + k) for k in ("qweight", "qzeros", "scales", "g_idx")}
         except KeyError as e:
@@ -181,6 +222,22 @@ def load_packed(path: Path, source: str):
     quant = dict(meta)
     quant["scheme_obj"] = scheme
     return Loaded(model, tok, arch, source, path, "packed", quant)
+
+
+def _load_w8a8(state: dict, prefix: str, lin, scheme: W8A8Scheme, name: str, path: Path) -> W8A8Linear:
+    keys = ("weight", "weight_scale") + (("input_scale",) if scheme.act_scheme == "static" else ())
+    try:
+        t = {k: state.pop(prefix + k) for k in keys}
+    except KeyError as e:
+        raise CompressError(f"{path}: tensor {e.args[0]} of {name} is missing") from None
+    if prefix + "input_scale" in state and scheme.act_scheme != "static":
+        raise CompressError(f"{path}: {name}.input_scale present but the activation scheme is dynamic")
+    bias = state.pop(prefix + "bias", None)
+    p = w8a8.from_tensors(t, lin.in_features, lin.out_features)
+    bad = w8a8.check_shapes(p, scheme.act_scheme == "static")
+    if bad:
+        raise CompressError(f"{path}: {name}.{bad}")
+    return W8A8Linear.from_packed(p, bias)
 
 
 def _check_packed_shapes(p: gptq_int.PackedInt, scheme: IntScheme, name: str, path: Path) -> None:

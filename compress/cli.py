@@ -88,14 +88,26 @@ def models_fetch(name, force):
 
 @cli.command()
 @click.argument("model")
-@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
-              help="Quantization method.")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "awq", "awq+gptq", "smoothquant", "kquant"]), default="rtn",
+              show_default=True, help="Quantization method (smoothquant: W8A8, 8-bit per-channel weights; "
+                                      "kquant: llama.cpp's GGML quantizers, with --type, writes a .gguf).")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
 @click.option("--group-size", type=int, default=128, show_default=True, help=GROUP_HELP)
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric or asymmetric grid.")
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal (g_idx).")
 @click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids before the column sweep.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ: relative dampening.")
+@click.option("--alpha", type=float, default=None, help="SmoothQuant: migration strength in [0, 1]  [default: 0.5]")
+@click.option("--act-scheme", type=click.Choice(["dynamic", "static"]), default=None,
+              help="SmoothQuant: int8 activations per token at run time (dynamic) or with a calibrated "
+                   "per-tensor scale (static)  [default: dynamic]")
+@click.option("--smooth-linear-prev", is_flag=True,
+              help="SmoothQuant: also smooth inputs produced by a linear (down_proj via up_proj).")
+@click.option("--awq-objective", type=click.Choice(["module", "linear"]), default=None,
+              help="AWQ: scale-search error at the output of the module consuming the group (attention, MLP) "
+                   "or of the linears themselves (faster)  [default: module]")
+@click.option("--awq-clip/--no-awq-clip", default=None,
+              help="AWQ: search and apply weight clipping  [default: on for awq, off for awq+gptq]")
 @click.option("--calib", "calib_source", default="wikitext2", show_default=True,
               help="Calibration text: a named set (wikitext2) or a UTF-8 text file.")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
@@ -110,21 +122,40 @@ def models_fetch(name, force):
 @click.option("--device", default="cpu", show_default=True, help="Device for calibration (cpu, cuda).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of the tensors left unquantized.")
+@click.option("--type", "gguf_type", default=None, metavar="TYPE",
+              help="GGUF output: a llama.cpp type mix (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, Q4_1, "
+                   "Q5_0, Q5_1) with --method kquant or gptq; -o then names a .gguf file.")
+@click.option("--imatrix", type=click.Path(path_type=Path), default=None,
+              help="kquant: importance matrix file (llama.cpp GGUF or legacy .dat, e.g. from `compress imatrix`).")
+@click.option("--pure", is_flag=True, help="GGUF output: one type for every tensor (llama-quantize --pure).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
-def quantize(model, method, bits, group_size, sym, act_order, static_groups, damp, calib_source, nsamples, seqlen,
-             seed, data_dir, save_stats, load_stats, device, dtype, out):
-    """Quantize MODEL (registered name, HF folder or .gguf) into a packed checkpoint."""
-    from .api import CALIBRATED, quantize_to_folder
-    from .scheme import IntScheme
-    scheme = IntScheme(bits=int(bits), group_size=group_size, sym=sym, act_order=act_order)
+def quantize(model, method, bits, group_size, sym, act_order, static_groups, damp, alpha, act_scheme,
+             smooth_linear_prev, awq_objective, awq_clip, calib_source, nsamples, seqlen, seed, data_dir, save_stats, load_stats,
+             device, dtype, out, gguf_type=None, imatrix=None, pure=False):
+    """Quantize MODEL (registered name, HF folder or .gguf) into a packed checkpoint (or a .gguf with --type)."""
+    if method == "kquant" or gguf_type is not None:
+        return _quantize_gguf(model, method, gguf_type, imatrix, pure, damp, calib_source, nsamples, seqlen, seed,
+                              data_dir, device, out)
+    if imatrix is not None or pure:
+        raise CompressError("--imatrix/--pure apply to GGUF output (--method kquant --type ...)")
+    from .api import CALIBRATED, USES_GPTQ, quantize_to_folder
+    scheme = _scheme_for(method, bits, group_size, sym, act_order, act_scheme)
+    _check_method_options(method, static_groups, alpha, act_scheme, smooth_linear_prev, awq_objective, awq_clip)
     kwargs = {}
     if method in CALIBRATED:
         from calib.data import CalibSpec
-
-        from .pipeline import GPTQOptions
         kwargs = dict(calib=CalibSpec(calib_source, nsamples, seqlen, seed), data_dir=data_dir,
-                      gptq=GPTQOptions(damp=damp, static_groups=static_groups),
                       save_stats=save_stats, load_stats=load_stats, device=_device(device))
+        if method in USES_GPTQ:
+            from .pipeline import GPTQOptions
+            kwargs["gptq"] = GPTQOptions(damp=damp, static_groups=static_groups)
+        if method in ("awq", "awq+gptq"):
+            from .methods.awq import AWQOptions
+            kwargs["awq"] = AWQOptions(objective=awq_objective or "module", clip=awq_clip)
+        if method == "smoothquant":
+            from .methods.smoothquant import SmoothQuantOptions
+            kwargs["smoothquant"] = SmoothQuantOptions(alpha=0.5 if alpha is None else alpha,
+                                                       smooth_linear_prev=smooth_linear_prev)
     elif static_groups or save_stats or load_stats:
         raise CompressError(f"--static-groups/--save-stats/--load-stats apply to calibrated methods, not {method}")
     info = quantize_to_folder(model, scheme, out, method=method, dtype=dtype, **kwargs)
@@ -132,6 +163,45 @@ def quantize(model, method, bits, group_size, sym, act_order, static_groups, dam
                f"{info['seconds']:.1f} s)")
     for name, fb in (info.get("fallbacks") or {}).items():
         click.echo(f"fallback: {name}: {fb}", err=True)
+
+
+def _given(name: str) -> bool:
+    """Whether the user passed option ``name`` (rather than it taking its default)."""
+    from click.core import ParameterSource
+    src = click.get_current_context().get_parameter_source(name)
+    return src not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def _scheme_for(method, bits, group_size, sym, act_order, act_scheme):
+    """The scheme the options describe; smoothquant implies 8-bit per-channel symmetric weights."""
+    from .scheme import IntScheme, W8A8Scheme
+    if method != "smoothquant":
+        return IntScheme(bits=int(bits), group_size=group_size, sym=sym, act_order=act_order)
+    if _given("bits") and bits != "8":
+        raise CompressError(f"--method smoothquant stores 8-bit weights: --bits {bits} conflicts "
+                            "(leave it out or pass --bits 8)")
+    if _given("group_size") and group_size != -1:
+        raise CompressError(f"--method smoothquant quantizes weights per output channel: --group-size {group_size} "
+                            "conflicts (leave it out or pass --group-size -1)")
+    if _given("sym") and not sym:
+        raise CompressError("--method smoothquant uses symmetric int8 weights: --asym conflicts")
+    if act_order:
+        raise CompressError("--act-order applies to GPTQ (gptq, awq+gptq), not to smoothquant")
+    return W8A8Scheme(act_scheme=act_scheme or "dynamic")
+
+
+def _check_method_options(method, static_groups, alpha, act_scheme, smooth_linear_prev, awq_objective, awq_clip):
+    """Method-specific options given to a method they do not apply to."""
+    from .api import USES_GPTQ
+    if method not in USES_GPTQ and method != "rtn" and (static_groups or _given("damp")):
+        raise CompressError(f"--static-groups/--damp apply to GPTQ (gptq, awq+gptq), not to {method}")
+    if method != "smoothquant":
+        bad = [n for n, v in (("--alpha", alpha is not None), ("--act-scheme", act_scheme is not None),
+                              ("--smooth-linear-prev", smooth_linear_prev)) if v]
+        if bad:
+            raise CompressError(f"{'/'.join(bad)} apply to --method smoothquant, not to {method}")
+    if (awq_objective is not None or awq_clip is not None) and method not in ("awq", "awq+gptq"):
+        raise CompressError(f"--awq-objective/--awq-clip apply to awq and awq+gptq, not to {method}")
 
 
 def _device(name: str) -> str:
@@ -143,6 +213,132 @@ def _device(name: str) -> str:
             raise CompressError(f"--device {name}: CUDA is not available on this machine")
         return name
     raise CompressError(f"--device must be cpu or cuda[:N], got {name}")
+
+
+# --------------------------------------------------------------------------- GGUF (llama.cpp)
+
+GGUF_TYPE_HELP = ("llama.cpp type mix: Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q8_0, "
+                  "Q4_0, Q4_1, Q5_0, Q5_1, F16, F32")
+
+
+def _quantize_gguf(model, method, gguf_type, imatrix, pure, damp, calib_source, nsamples, seqlen, seed, data_dir,
+                   device, out):
+    """`compress quantize --type ...`: a GGUF file through llama.cpp's quantizers (kquant) or GPTQ."""
+    from .api import GGUF_METHODS, quantize_to_gguf
+    if method not in GGUF_METHODS:
+        raise CompressError(f"--type (GGUF output) works with --method kquant or gptq, not {method}")
+    if gguf_type is None:
+        raise CompressError("--method kquant needs --type (e.g. --type Q4_K_M)")
+    bad = [f"--{n.replace('_', '-')}" for n in ("bits", "group_size", "sym", "act_order", "static_groups",
+                                                "save_stats", "load_stats", "dtype", "alpha", "act_scheme",
+                                                "smooth_linear_prev", "awq_objective") if _given(n)]
+    if method == "kquant":
+        bad += [f"--{n.replace('_', '-')}" for n in ("damp", "nsamples", "seqlen", "seed") if _given(n)]
+        bad += ["--calib"] if _given("calib_source") else []
+    if bad:
+        raise CompressError(f"{', '.join(bad)} do not apply to GGUF output with --method {method}")
+    calib = None
+    if method == "gptq":
+        from calib.data import CalibSpec
+        calib = CalibSpec(calib_source, nsamples, seqlen, seed)
+    info = quantize_to_gguf(model, out, gguf_type, method=method, imatrix=imatrix, pure=pure, calib=calib,
+                            data_dir=data_dir, damp=damp, device=_device(device))
+    counts = ", ".join(f"{t} x{n}" for t, n in sorted(info["type_counts"].items()))
+    click.echo(f"wrote {info['out']} ({info['mix']}{' pure' if pure else ''}, {method}, {counts}; "
+               f"{info['bits_per_weight_matrices']:.3f} bpw in the matrices, {info['size_bytes'] / 2**20:.2f} MiB, "
+               f"{info['seconds']:.1f} s)")
+    if info["fallbacks"]:
+        click.echo(f"{info['fallbacks']} tensors fell back to a 32-block type (rows not a multiple of 256), "
+                   "as llama.cpp does; `compress inspect` lists them", err=True)
+    for name, fb in (info.get("fallbacks_gptq") or {}).items():
+        click.echo(f"fallback: {name}: {fb}", err=True)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--calib", "calib_source", default="wikitext2", show_default=True,
+              help="Calibration text: a named set (wikitext2) or a UTF-8 text file.")
+@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows (chunks).")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per window (llama.cpp's -c).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the window draw.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder holding the named calibration sets (default: $COMPRESS_DATA_DIR).")
+@click.option("--process-output", is_flag=True,
+              help="Also collect output.weight (llama-imatrix --process-output; not for tied embeddings).")
+@click.option("--output-format", "fmt", type=click.Choice(["gguf", "dat"]), default=None,
+              help="GGUF (llama.cpp's current format) or the legacy binary .dat  [default: by the suffix of -o]")
+@click.option("--device", default="cpu", show_default=True, help="Device for calibration (cpu, cuda).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output imatrix file.")
+def imatrix(model, calib_source, nsamples, seqlen, seed, data_dir, process_output, fmt, device, out):
+    """Importance matrix of MODEL in llama.cpp's format (mean squared input of every linear)."""
+    from calib.data import CalibSpec
+
+    from .api import compute_imatrix
+    info = compute_imatrix(model, out, CalibSpec(calib_source, nsamples, seqlen, seed), data_dir,
+                           process_output=process_output, fmt=fmt, device=_device(device))
+    click.echo(f"wrote {info['out']} ({info['format']}, {info['entries']} entries, {info['chunks']} chunks of "
+               f"{info['chunk_size']} tokens, {info['seconds']:.1f} s)")
+
+
+@cli.group(name="export", cls=SuiteGroup)
+def export_():
+    """Export checkpoints to other runtimes' formats (one subcommand per format)."""
+
+
+@export_.command("onnx")
+@click.argument("checkpoint")
+@click.option("--format", "fmt", type=click.Choice(["matmulnbits", "qdq"]), default="matmulnbits", show_default=True,
+              help="matmulnbits: com.microsoft::MatMulNBits (ONNX Runtime); qdq: opset-21 DequantizeLinear + MatMul.")
+@click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
+              help="Past/present key-value inputs and outputs for token-by-token generation.")
+@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="0", show_default=True,
+              help="MatMulNBits accuracy level: 0 keeps fp32 activations, 4 quantizes them to int8 (faster).")
+@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
+              help="Also quantize lm_head (and a tied embedding) at export; changes the model, off by default.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+def export_onnx(checkpoint, fmt, kv_cache, accuracy_level, lm_head_bits, out):
+    """Export CHECKPOINT (packed or unquantized) to ONNX for ONNX Runtime and other runtimes."""
+    from .export.onnx import export_onnx as run
+    info = run(checkpoint, out, fmt=fmt, kv_cache=kv_cache, accuracy_level=int(accuracy_level),
+               lm_head_bits=int(lm_head_bits) if lm_head_bits else None)
+    size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
+    click.echo(f"wrote {out} ({fmt}, {size / 2**20:.1f} MiB)")
+
+
+@export_.command("gguf")
+@click.argument("checkpoint")
+@click.option("--type", "gguf_type", default=None, metavar="TYPE",
+              help=GGUF_TYPE_HELP + ". Default: a gptq-int checkpoint's own integers mapped onto Q4_0/Q4_1/Q8_0 "
+                   "(docs/GGUF.md); F16 for an unquantized model.")
+@click.option("--imatrix", type=click.Path(path_type=Path), default=None,
+              help="Importance matrix for re-quantization (llama.cpp GGUF or .dat).")
+@click.option("--pure", is_flag=True, help="One type for every tensor (llama-quantize --pure).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
+def export_gguf(checkpoint, gguf_type, imatrix, pure, out):
+    """Write CHECKPOINT (packed gptq-int checkpoint, HF folder or registered name) as a GGUF llama.cpp loads."""
+    from .api import export_gguf as run
+    info = run(checkpoint, out, gguf_type, imatrix=imatrix, pure=pure)
+    counts = ", ".join(f"{t} x{n}" for t, n in sorted(info["type_counts"].items()))
+    click.echo(f"wrote {info['out']} ({counts}; {info['bits_per_weight_matrices']:.3f} bpw in the matrices, "
+               f"{info['size_bytes'] / 2**20:.2f} MiB, tokenizer from {info['tokenizer_from']})")
+    if info.get("mapping"):
+        click.echo(f"mapping: {json.dumps(info['mapping'])}", err=True)
+
+
+def _echo_gguf(info: dict) -> None:
+    click.echo(f"file            {info['path']}")
+    click.echo(f"format          GGUF ({info['architecture']}), file type {info['file_type_name']}"
+               + (f", {info['method']} {info['mix']}{' pure' if info.get('pure') else ''}" if info.get("method") else ""))
+    if info.get("imatrix"):
+        click.echo(f"imatrix         {info['imatrix']}")
+    click.echo(f"size on disk    {info['size_bytes'] / 2**20:.2f} MiB")
+    click.echo(f"parameters      {info['parameters']:,}")
+    click.echo(f"bits per weight {info['bits_per_weight_matrices']:.3f} (matrices), "
+               f"{info['bits_per_weight_overall']:.3f} (all tensors)")
+    click.echo(f"{'tensor':32s} {'shape':>12s} {'type':>5s} {'bpw':>7s}  note")
+    for t in info["tensors"]:
+        shape = "x".join(map(str, t["shape"]))
+        click.echo(f"{t['name']:32s} {shape:>12s} {t['type']:>5s} {t['bits_per_weight']:>7.3f}  {t['note']}")
 
 
 # --------------------------------------------------------------------------- eval
@@ -160,9 +356,13 @@ def eval_():
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Folder holding wikitext-2-raw/ (default: $COMPRESS_DATA_DIR).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the result here.")
-def eval_ppl(model, protocol, max_windows, base, data_dir, json_out):
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="onnxruntime: MODEL is a folder written by `compress export onnx`.")
+def eval_ppl(model, protocol, max_windows, base, data_dir, json_out, runtime):
     """Perplexity of MODEL on a fixed protocol (and KL divergence to --base)."""
     from .api import eval_ppl as run, write_json
+    if runtime == "onnxruntime":
+        from .runtime_onnx import eval_ppl_onnx as run
     res = run(model, protocol, max_windows, base, data_dir)
     line = f"{model}: ppl {res['ppl']:.4f} on {protocol} ({res['tokens']} tokens, {res['seconds']:.1f} s)"
     if res.get("kld") is not None:
@@ -183,13 +383,21 @@ def eval_ppl(model, protocol, max_windows, base, data_dir, json_out):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--kernel-report", is_flag=True, help="Print which kernel path ran the quantized linears.")
-def generate(model, prompt, max_new_tokens, temperature, seed, device, kernel_report):
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="onnxruntime: MODEL is a folder written by `compress export onnx`.")
+def generate(model, prompt, max_new_tokens, temperature, seed, device, kernel_report, runtime):
     """Generate text from MODEL (a registered name, folder, packed checkpoint or .gguf)."""
-    from .api import generate as run
-    res = run(model, prompt, max_new_tokens, temperature, seed, _device(device))
+    if runtime == "onnxruntime":
+        from .runtime_onnx import generate_text
+        if not prompt:
+            raise CompressError("--prompt must not be empty")
+        res = generate_text(model, prompt, max_new_tokens, temperature, seed)
+    else:
+        from .api import generate as run
+        res = run(model, prompt, max_new_tokens, temperature, seed, _device(device))
     click.echo(res["text"])
     click.echo(f"[{res['new_tokens']} tokens, {res['tokens_per_second']:.1f} tokens/s]", err=True)
-    if kernel_report:
+    if kernel_report and "kernel_paths" in res:
         click.echo(f"kernel paths: {res['kernel_paths']}", err=True)
 
 
@@ -237,6 +445,8 @@ def inspect(checkpoint, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    if "tensors" in info and "architecture" in info:
+        return _echo_gguf(info)
     click.echo(f"checkpoint      {info['path']}")
     click.echo(f"format          {info['format']} v{info['format_version']}")
     click.echo(f"method/scheme   {info['label']}")

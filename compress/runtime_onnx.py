@@ -134,7 +134,14 @@ class OnnxCausalLM:
         ids = _as_numpy(input_ids).astype(np.int64)
         if ids.ndim == 1:
             ids = ids[None]
-        past_len = 0 if past_key_values is None else int(past_key_values[0].shape()[2])
+        if past_key_values is not None and not self.kv_cache:
+            raise CompressError(f"{self.path} was exported without a KV cache (--no-kv-cache)")
+        if past_key_values is not None:
+            past_key_values = [v if isinstance(v, self._ort.OrtValue) else _as_numpy(v).astype(np.float32)
+                               for v in past_key_values]
+            if len(past_key_values) != len(self.past_names):
+                raise CompressError(f"expected {len(self.past_names)} past tensors, got {len(past_key_values)}")
+        past_len = 0 if past_key_values is None else _seq_len(past_key_values[0])
         feeds = self._feeds(ids, past_len, None if attention_mask is None else _as_numpy(attention_mask),
                             None if position_ids is None else _as_numpy(position_ids))
         if self.kv_cache:
@@ -142,8 +149,6 @@ class OnnxCausalLM:
                 feeds.update(self._empty_past(ids.shape[0]))
             else:
                 feeds.update(dict(zip(self.past_names, past_key_values)))
-        elif past_key_values is not None:
-            raise CompressError(f"{self.path} was exported without a KV cache (--no-kv-cache)")
         out = self._run(feeds)
         logits = torch.from_numpy(np.ascontiguousarray(out[0].numpy()))
         present = out[1:] if (use_cache and self.kv_cache) else None
@@ -206,6 +211,11 @@ def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int | N
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)[0]
 
 
+def _seq_len(v) -> int:
+    shape = v.shape() if callable(getattr(v, "shape", None)) else v.shape
+    return int(shape[2])
+
+
 def _as_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
@@ -237,7 +247,8 @@ def eval_ppl_onnx(out_dir, protocol: str = "wt2-quick", max_windows: int | None 
     text = read_text(resolve_data(data_dir) / proto.file)
     tokens = tokenize(model.tokenizer, text)
     if base is not None and not torch.equal(tokens, tokenize(base.tokenizer, text)):
-        raise CompressError(f"{out_dir} and {base_spec} tokenize the text differently; KL divergence needs one vocabulary")
+        raise CompressError(f"{out_dir} and {base_spec} tokenize the text differently; "
+                            "KL divergence needs one vocabulary")
     limit = proto.max_windows if max_windows is None else (
         max_windows if proto.max_windows is None else min(max_windows, proto.max_windows))
     wins = windows(tokens, proto.seqlen, limit)
@@ -256,16 +267,16 @@ def eval_ppl_onnx(out_dir, protocol: str = "wt2-quick", max_windows: int | None 
     }
 
 
-def generate_text(out_dir, prompt: str, max_new_tokens: int = 64, greedy: bool = True, temperature: float = 1.0,
-                  top_k: int | None = None, seed: int = 0, threads: int | None = None,
-                  stop_at_eos: bool = True) -> dict:
-    """Generate a continuation of ``prompt`` with an exported ONNX folder
-    (``compress generate OUT_DIR --runtime onnxruntime --prompt ...``).
-
-    Returns ``{"prompt", "text" (the continuation), "prompt_tokens", "new_tokens", "seconds",
-    "tokens_per_second"}``."""
+def generate_text(out_dir, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+                  threads: int | None = None, top_k: int | None = None, stop_at_eos: bool = True) -> dict:
+    """Continue ``prompt`` with an exported ONNX folder through its KV cache
+    (``compress generate OUT_DIR --runtime onnxruntime --prompt ...``); greedy when ``temperature``
+    is 0. Returns the keys :func:`compress.api.generate` returns: ``text`` (prompt + continuation),
+    ``new_tokens``, ``token_ids``, ``seconds``, ``tokens_per_second``, ``kernel_paths``."""
     import time
 
+    if not prompt:
+        raise CompressError("--prompt must not be empty")
     model = OnnxCausalLM(out_dir, threads=threads)
     tok = model.tokenizer
     ids = tok(prompt, add_special_tokens=False, return_attention_mask=False)["input_ids"]
@@ -273,9 +284,13 @@ def generate_text(out_dir, prompt: str, max_new_tokens: int = 64, greedy: bool =
         raise CompressError("the prompt is empty after tokenization")
     eos = getattr(tok, "eos_token_id", None) if stop_at_eos else None
     t0 = time.perf_counter()
-    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, greedy=greedy,
-                         temperature=temperature, top_k=top_k, eos_token_id=eos, seed=seed)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, greedy=temperature <= 0,
+                         temperature=temperature if temperature > 0 else 1.0, top_k=top_k, eos_token_id=eos, seed=seed)
     seconds = time.perf_counter() - t0
     new = out[0, len(ids):].tolist()
-    return {"prompt": prompt, "text": tok.decode(new, skip_special_tokens=True), "prompt_tokens": len(ids),
-            "new_tokens": len(new), "seconds": seconds, "tokens_per_second": len(new) / seconds if seconds else None}
+    ops = model.info.get("layers", [])
+    return {"text": prompt + tok.decode(new, skip_special_tokens=True), "new_tokens": len(new), "token_ids": new,
+            "seconds": seconds, "tokens_per_second": len(new) / seconds if seconds else None,
+            "kernel_paths": {"onnxruntime CPUExecutionProvider": {
+                "format": model.info.get("format"), "accuracy_level": model.info.get("accuracy_level"),
+                "matmuls": len(ops)}}}

@@ -63,3 +63,39 @@ class IntScheme:
     def from_dict(cls, d: dict) -> "IntScheme":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+ACT_SCHEMES = ("dynamic", "static")
+
+
+@dataclass(frozen=True)
+class W8A8Scheme(IntScheme):
+    """SmoothQuant-style W8A8 (stored as "w8a8-int8"): int8 symmetric per-output-channel weights
+    and int8 activations.
+
+    The weight fields are fixed (bits 8, group_size -1, sym, no act-order) and validated;
+    act_scheme: "dynamic" (per-token scales computed at run time) or "static" (one per-tensor
+    scale per linear, calibrated as the max |x| over the calibration set).
+    """
+
+    bits: int = 8
+    group_size: int = -1
+    sym: bool = True
+    act_scheme: str = "dynamic"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bits != 8:
+            raise CompressError(f"W8A8 weights are 8-bit: bits must be 8, got {self.bits}")
+        if self.group_size != -1:
+            raise CompressError(f"W8A8 weights are per-channel: group size must be -1, got {self.group_size}")
+        if not self.sym:
+            raise CompressError("W8A8 weights are symmetric: sym must be true")
+        if self.act_order:
+            raise CompressError("act_order applies to GPTQ only, not to W8A8")
+        if self.act_scheme not in ACT_SCHEMES:
+            raise CompressError(f"act_scheme must be one of {', '.join(ACT_SCHEMES)}, got {self.act_scheme!r}")
+
+    def describe(self) -> str:
+        act = "dynamic per-token" if self.act_scheme == "dynamic" else "static per-tensor"
+        return f"w8a8 int8 per-channel sym, act int8 {act}"

@@ -275,12 +275,16 @@ class QDQWeight:
 
 
 def pack_qdq(w: IntWeight) -> QDQWeight:
-    """Repack a quantized weight for blocked DequantizeLinear (any block size; exact)."""
+    """Repack a quantized weight for blocked DequantizeLinear (exact; any group layout)."""
     bits = _onnx_bits(w, (4, 8))
     perm, g_sorted = _sorted_columns(w.g_idx)
     k = w.k
-    gcd = _boundary_gcd(g_sorted)
-    bs = k if gcd == 0 else gcd
+    # Prefer a block ORT can fuse into MatMulNBits (a power of two 16..128; scales repeated when
+    # a group spans several blocks); otherwise the exact group layout (any block size is standard).
+    try:
+        bs = _block_size(g_sorted, k, MATMULNBITS_BLOCKS, "")
+    except CompressError:
+        bs = _boundary_gcd(g_sorted)
     nb = -(-k // bs)
     q = (w.q if perm is None else w.q[:, perm]).T                          # (K, N)
     blk_group = g_sorted[np.minimum(np.arange(nb) * bs, k - 1)]
@@ -621,7 +625,8 @@ def _build_llama(g: _Graph, loaded, opt: _Options, kv_cache: bool, lm_head_bits:
         if isinstance(head, QuantLinear):
             raise CompressError("the checkpoint's lm_head is already quantized; leave lm_head_bits unset")
         if lm_head_bits not in MATMULNBITS_BITS:
-            raise CompressError(f"lm_head_bits must be one of {', '.join(map(str, MATMULNBITS_BITS))}, got {lm_head_bits}")
+            raise CompressError(f"lm_head_bits must be one of {', '.join(map(str, MATMULNBITS_BITS))}, "
+                                f"got {lm_head_bits}")
         if lm_head_block not in MATMULNBITS_BLOCKS:
             raise CompressError(f"lm_head_block_size must be one of {', '.join(map(str, MATMULNBITS_BLOCKS))}, "
                                 f"got {lm_head_block}")
@@ -821,7 +826,8 @@ def export_onnx(loaded, out_dir, fmt: str = "matmulnbits", kv_cache: bool = True
     if fmt not in FORMATS:
         raise CompressError(f"ONNX format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if accuracy_level not in ACCURACY_LEVELS:
-        raise CompressError(f"accuracy level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, got {accuracy_level}")
+        raise CompressError(f"accuracy level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, "
+                            f"got {accuracy_level}")
     if fmt == "qdq":
         if lm_head_bits is not None:
             raise CompressError("lm_head quantization is implemented for the matmulnbits format only")
@@ -846,6 +852,10 @@ def export_onnx(loaded, out_dir, fmt: str = "matmulnbits", kv_cache: bool = True
     if family != "llama" or model_type not in SUPPORTED_MODEL_TYPES:
         raise CompressError(f"ONNX export supports the Llama family (model types {', '.join(SUPPORTED_MODEL_TYPES)}); "
                             f"{loaded.source} is {model_type!r} ({family})")
+    packed_format = (loaded.quant or {}).get("format")
+    if loaded.kind == "packed" and packed_format != gptq_int.FORMAT_ID:
+        raise CompressError(f"ONNX export reads {gptq_int.FORMAT_ID} checkpoints and unquantized models; "
+                            f"{loaded.source} is a {packed_format} checkpoint")
     out_dir = Path(out_dir)
     opt = _Options(fmt=fmt, accuracy_level=int(accuracy_level), contrib=contrib)
     with AtomicFolder(out_dir) as tmp:

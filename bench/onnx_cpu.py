@@ -1,0 +1,360 @@
+"""ONNX Runtime on CPU: prefill time, decode speed, file size and parity of exported models.
+
+Quantizes the model with round-to-nearest (through the API the CLI uses), exports ONNX variants
+(fp32, 4-bit g128 at accuracy levels 0 and 4, with and without a quantized lm_head, the qdq format,
+8-bit g128) and measures them side by side with torch fp32 eager in one run, at batch 1 on
+``--threads`` threads. Timings are interleaved (every variant once per round, ``--rounds`` rounds,
+median reported) because the CPU is shared. Also measures perplexity on a few wt2-quick windows for
+each ONNX model next to the torch model of the same checkpoint, and the KL divergence between them.
+Writes a JSON results file and prints a Markdown table.
+
+    python bench/onnx_cpu.py --out bench/results/onnx-cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from compress import __version__, api, models  # noqa: E402
+from compress.export.onnx import export_onnx, file_sizes  # noqa: E402
+from compress.runtime_onnx import OnnxCausalLM  # noqa: E402
+from compress.scheme import IntScheme  # noqa: E402
+from evals.data import PROTOCOLS, data_dir, read_text  # noqa: E402
+from evals.perplexity import evaluate_many, tokenize, windows  # noqa: E402
+
+CHECKPOINTS = {   # name -> RTN scheme (None: the unquantized model)
+    "fp32": None,
+    "int4-g128": IntScheme(bits=4, group_size=128, sym=False),
+    "int8-g128": IntScheme(bits=8, group_size=128, sym=True),
+}
+# (label, checkpoint, export kwargs)
+VARIANTS = [
+    ("onnx fp32", "fp32", dict(fmt="matmulnbits")),
+    ("onnx int4 g128 acc0", "int4-g128", dict(fmt="matmulnbits", accuracy_level=0)),
+    ("onnx int4 g128 acc4", "int4-g128", dict(fmt="matmulnbits", accuracy_level=4)),
+    # lm_head (tied embedding) quantized at export, 8-bit blocks of 32; its node runs at accuracy level 4
+    ("onnx int4 g128 acc0 +lm_head int8", "int4-g128", dict(fmt="matmulnbits", accuracy_level=0, lm_head_bits=8)),
+    ("onnx int4 g128 acc4 +lm_head int8", "int4-g128", dict(fmt="matmulnbits", accuracy_level=4, lm_head_bits=8)),
+    ("onnx int4 g128 qdq", "int4-g128", dict(fmt="qdq")),
+    ("onnx int8 g128 acc0", "int8-g128", dict(fmt="matmulnbits", accuracy_level=0)),
+    ("onnx int8 g128 acc4", "int8-g128", dict(fmt="matmulnbits", accuracy_level=4)),
+]
+TORCH_LABEL = "torch fp32 eager"
+
+
+class TorchRunner:
+    """torch eager with the Hugging Face KV cache, the same calls as the ORT runner."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def prefill(self, ids):
+        out = self.model(input_ids=ids, use_cache=True)
+        return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+
+    @torch.no_grad()
+    def step(self, tok, past):
+        out = self.model(input_ids=tok, use_cache=True, past_key_values=past)
+        return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+
+
+class OrtRunner:
+    def __init__(self, model: OnnxCausalLM):
+        self.model = model
+
+    def prefill(self, ids):
+        out = self.model(input_ids=ids, use_cache=True)
+        return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+
+    def step(self, tok, past):
+        out = self.model(input_ids=tok, use_cache=True, past_key_values=past)
+        return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+
+
+def time_prefill(runner, ids) -> float:
+    t0 = time.perf_counter()
+    runner.prefill(ids)
+    return time.perf_counter() - t0
+
+
+def time_decode(runner, prompt, n: int) -> float:
+    """Tokens per second over ``n`` greedy steps after prefilling ``prompt`` (prefill not timed)."""
+    tok, past = runner.prefill(prompt)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok, past = runner.step(tok, past)
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=models.DEFAULT_MODEL)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill", type=int, default=512, help="prompt length for the prefill timing")
+    ap.add_argument("--decode", type=int, default=64, help="tokens generated per decode timing")
+    ap.add_argument("--short-prompt", type=int, default=16, help="prompt length before the short-context decode")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ppl-windows", type=int, default=4, help="wt2-quick windows for ORT-vs-torch perplexity")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--workdir", type=Path, default=None, help="keep checkpoints and exports here (default: temp)")
+    ap.add_argument("--only", default=None, help="comma-separated substrings: run only matching variants")
+    ap.add_argument("--kernels", action="store_true",
+                    help="only time single MatMul / MatMulNBits nodes on SmolLM2's shapes (M=1) and exit")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.kernels:
+        data = kernel_bench(args.threads)
+        print(kernel_table(data))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+        return
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+
+    proto = PROTOCOLS["wt2-quick"]
+    base = models.load(args.model)
+    tokens = tokenize(base.tokenizer, read_text(data_dir(args.data_dir) / proto.file))
+    wins = windows(tokens, proto.seqlen, args.ppl_windows)
+    variants = [v for v in VARIANTS if args.only is None or any(s in v[0] for s in args.only.split(","))]
+
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory()
+        work = Path(tmp.name)
+    else:
+        work = args.workdir
+        work.mkdir(parents=True, exist_ok=True)
+
+    # ---- checkpoints and exports
+    loaded = {"fp32": base}
+    torch_sizes = {"fp32": sum(f.stat().st_size for f in Path(base.path).glob("*.safetensors"))}
+    for name, scheme in CHECKPOINTS.items():
+        if scheme is None or not any(v[1] == name for v in variants):
+            continue
+        out = work / name
+        if not (out / "config.json").exists():
+            t0 = time.perf_counter()
+            api.quantize_to_folder(args.model, scheme, out, method="rtn", progress=False)
+            print(f"quantized {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        loaded[name] = models.load(str(out))
+        torch_sizes[name] = (out / "model.safetensors").stat().st_size
+    rows = []
+    for label, ck, kw in variants:
+        out = work / label.replace(" ", "_").replace("+", "")
+        info = export_onnx(loaded[ck], out, kv_cache=True, **kw)
+        print(f"exported {label} in {info['seconds']:.1f} s", file=sys.stderr)
+        rows.append({"label": label, "checkpoint": ck, "export": kw, "path": str(out),
+                     "files": file_sizes(out), "size_bytes": file_sizes(out)["total"],
+                     "lm_head": info["model"].get("lm_head"), "embedding": info["model"].get("embedding"),
+                     "attention": info["model"].get("attention")})
+
+    # ---- timing, interleaved
+    runners = {r["label"]: OrtRunner(OnnxCausalLM(r["path"], threads=args.threads)) for r in rows}
+    runners[TORCH_LABEL] = TorchRunner(base.model)
+    gen = torch.Generator().manual_seed(0)
+    long_ids = torch.randint(0, base.model.config.vocab_size, (1, args.prefill), generator=gen)
+    short_ids = long_ids[:, : args.short_prompt]
+    for r in runners.values():       # warm-up (session initialisation, first-call allocations)
+        r.prefill(short_ids)
+    times = {k: {"prefill_s": [], "decode_short_tok_s": [], "decode_long_tok_s": []} for k in runners}
+    for rnd in range(args.rounds):
+        for label, runner in runners.items():
+            times[label]["prefill_s"].append(time_prefill(runner, long_ids))
+            times[label]["decode_short_tok_s"].append(time_decode(runner, short_ids, args.decode))
+            times[label]["decode_long_tok_s"].append(time_decode(runner, long_ids, args.decode))
+        print(f"timing round {rnd + 1}/{args.rounds} done", file=sys.stderr)
+
+    # ---- perplexity: each ONNX model against the torch model of its own checkpoint
+    by_ck: dict[str, dict] = {}
+    for r in rows:
+        by_ck.setdefault(r["checkpoint"], {})[r["label"]] = runners[r["label"]].model
+    ppl_torch = {}
+    for ck, group in by_ck.items():
+        res = evaluate_many(group, wins, loaded[ck].model, progress=False)
+        ppl_torch[ck] = res.pop("__base__").ppl
+        for r in rows:
+            if r["label"] in res:
+                x = res[r["label"]]
+                r.update(ppl=x.ppl, torch_ppl=ppl_torch[ck], ppl_rel_diff=x.ppl / ppl_torch[ck] - 1,
+                         kld_vs_torch=x.kld, kld_max_vs_torch=x.kld_max, top1_vs_torch=x.top1)
+    quant_vs_fp32 = {}
+    q_models = {ck: loaded[ck].model for ck in by_ck if ck != "fp32"}
+    if q_models:
+        res = evaluate_many(q_models, wins, base.model, progress=False)
+        fp = res.pop("__base__")
+        ppl_torch["fp32"] = fp.ppl
+        quant_vs_fp32 = {ck: {"ppl": x.ppl, "kld_vs_fp32": x.kld} for ck, x in res.items()}
+
+    # ---- summary
+    fp32_row = next((r for r in rows if r["label"] == "onnx fp32"), None)
+    for label in runners:
+        med = {k: statistics.median(v) for k, v in times[label].items()}
+        med.update({f"best_{k}": (min(v) if k == "prefill_s" else max(v)) for k, v in times[label].items()})
+        row = next((r for r in rows if r["label"] == label), None)
+        if row is None:
+            row = {"label": label, "checkpoint": "fp32", "size_bytes": torch_sizes["fp32"],
+                   "ppl": ppl_torch.get("fp32"), "files": {"model.safetensors": torch_sizes["fp32"]}}
+            rows.append(row)
+        row.update(med)
+        row["timings"] = times[label]
+    if fp32_row is not None:
+        for r in rows:
+            r["size_vs_onnx_fp32"] = r["size_bytes"] / fp32_row["size_bytes"]
+            r["decode_short_speedup"] = r["decode_short_tok_s"] / fp32_row["decode_short_tok_s"]
+            r["decode_long_speedup"] = r["decode_long_tok_s"] / fp32_row["decode_long_tok_s"]
+            r["prefill_speedup"] = fp32_row["prefill_s"] / r["prefill_s"]
+    targets = {}
+    if fp32_row is not None:
+        for r in rows:
+            if r["label"].startswith("onnx int4"):
+                targets[r["label"]] = {"decode_short_2.5x": r["decode_short_speedup"] >= 2.5,
+                                       "decode_long_2.5x": r["decode_long_speedup"] >= 2.5,
+                                       "size_0.3x": r["size_vs_onnx_fp32"] <= 0.3}
+    data = {
+        "model": args.model, "threads": args.threads, "batch": 1, "prefill_tokens": args.prefill,
+        "decode_tokens": args.decode, "short_prompt": args.short_prompt, "rounds": args.rounds,
+        "ppl_protocol": f"wt2-quick, first {wins.shape[0]} windows of {proto.seqlen} tokens",
+        "ppl_windows": wins.shape[0],
+        "rows": rows, "quantized_torch_vs_fp32": quant_vs_fp32, "targets": targets,
+        "cpu": _cpu_name(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "package_version": __version__, "torch": torch.__version__, "onnxruntime": _ort_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python bench/onnx_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    print(table(data))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+def table(data: dict) -> str:
+    lines = [f"{data['model']} on {data['cpu']}, {data['threads']} threads, batch 1; prefill {data['prefill_tokens']} "
+             f"tokens; decode {data['decode_tokens']} tokens after a {data['short_prompt']}-token / "
+             f"{data['prefill_tokens']}-token prompt; median (best) of {data['rounds']} interleaved rounds; "
+             f"load average {data['loadavg_start'][0]:.1f} -> {data['loadavg_end'][0]:.1f}",
+             f"perplexity: {data['ppl_protocol']}; KL(torch || ORT) of the same checkpoint", "",
+             "| variant | file MB | x fp32 file | prefill s | decode tok/s (short) | x fp32 | decode tok/s (512) "
+             "| x fp32 | ppl | torch ppl | ppl diff | KL vs torch |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def f(v, spec):
+        return "" if v is None else format(v, spec)
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['label']} | {r['size_bytes'] / 1e6:.1f} | {f(r.get('size_vs_onnx_fp32'), '.3f')} | "
+            f"{r['prefill_s']:.2f} ({r['best_prefill_s']:.2f}) | {r['decode_short_tok_s']:.1f} "
+            f"({r['best_decode_short_tok_s']:.1f}) | {f(r.get('decode_short_speedup'), '.2f')} | "
+            f"{r['decode_long_tok_s']:.1f} ({r['best_decode_long_tok_s']:.1f}) | {f(r.get('decode_long_speedup'), '.2f')} | "
+            f"{f(r.get('ppl'), '.3f')} | "
+            f"{f(r.get('torch_ppl'), '.3f')} | {f(100 * r['ppl_rel_diff'] if 'ppl_rel_diff' in r else None, '+.3f')}"
+            f"{'%' if 'ppl_rel_diff' in r else ''} | {f(r.get('kld_vs_torch'), '.2e')} |")
+    if data["quantized_torch_vs_fp32"]:
+        lines += ["", "torch checkpoints vs fp32 (same windows): " + ", ".join(
+            f"{k}: ppl {v['ppl']:.3f}, KL {v['kld_vs_fp32']:.4f}" for k, v in data["quantized_torch_vs_fp32"].items())]
+    return "\n".join(lines)
+
+
+KERNEL_SHAPES = [(576, 960, "qkv"), (576, 3072, "gate+up"), (1536, 576, "down"), (576, 49152, "lm_head")]
+
+
+def kernel_bench(threads: int, reps: int = 30) -> dict:
+    """Median time of one fp32 MatMul and of MatMulNBits (bits 4/8, blocks 32/128, accuracy levels 0/4)
+    at M=1 on random weights of SmolLM2's shapes (weights are cache-resident except the lm_head)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def session(node, inits, k):
+        g = helper.make_graph([node], "k", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    def median_ms(sess, k):
+        x = rng.standard_normal((1, 1, k)).astype(np.float32)
+        for _ in range(3):
+            sess.run(None, {"x": x})
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            sess.run(None, {"x": x})
+            ts.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(ts)
+
+    rows = []
+    for k, n, what in KERNEL_SHAPES:
+        w = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")
+        row = {"shape": f"{k}x{n}", "what": what,
+               "fp32_ms": median_ms(session(helper.make_node("MatMul", ["x", "W"], ["y"]), [w], k), k)}
+        for bits in (4, 8):
+            for bs in (32, 128):
+                nb = -(-k // bs)
+                b = numpy_helper.from_array(rng.integers(0, 256, (n, nb, bs * bits // 8)).astype(np.uint8), "B")
+                sc = numpy_helper.from_array((rng.random((n, nb)) * 0.01).astype(np.float32), "s")
+                zp = numpy_helper.from_array(rng.integers(0, 256, (n, -(-nb * bits // 8))).astype(np.uint8), "z")
+                for acc in (0, 4):
+                    node = helper.make_node("MatMulNBits", ["x", "B", "s", "z"], ["y"], domain="com.microsoft", K=k,
+                                            N=n, bits=bits, block_size=bs, accuracy_level=acc)
+                    row[f"int{bits}_b{bs}_acc{acc}_ms"] = median_ms(session(node, [b, sc, zp], k), k)
+        rows.append(row)
+    return {"threads": threads, "m": 1, "rows": rows, "cpu": _cpu_name(), "loadavg": os.getloadavg(),
+            "onnxruntime": _ort_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def kernel_table(data: dict) -> str:
+    keys = [k for k in data["rows"][0] if k.endswith("_ms")]
+    lines = [f"one node, M=1, {data['threads']} threads, {data['cpu']}, load average {data['loadavg'][0]:.1f}; ms", "",
+             "| shape | " + " | ".join(k[:-3] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
+    for r in data["rows"]:
+        lines.append(f"| {r['shape']} ({r['what']}) | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _ort_version() -> str:
+    import onnxruntime
+    return onnxruntime.__version__
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+if __name__ == "__main__":
+    main()

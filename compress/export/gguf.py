@@ -1,0 +1,687 @@
+"""GGUF export: llama.cpp's model file, written with gguf-py's ``GGUFWriter``.
+
+A written file holds
+
+* the architecture metadata llama.cpp's loader reads for ``llama`` (context/embedding/feed-forward
+  lengths, block count, head counts, rope base and dimension count, RMS epsilon, vocab size,
+  ``general.file_type``, ``general.quantization_version``);
+* the tokenizer: copied key for key from the model's original GGUF when there is one (a
+  registered model's ``source.gguf``, a ``.gguf`` input, or the source named by a packed
+  checkpoint), otherwise derived from ``tokenizer.json`` (byte-level BPE only: ``gpt2`` model,
+  tokens, token types, merges, bos/eos/unk/pad ids, ``add_bos_token``);
+* every tensor under llama.cpp's name (``token_embd``, ``blk.N.attn_q`` ..., ``output_norm``,
+  ``output`` only when the embeddings are not tied), with llama.cpp's query/key row permutation
+  (the one ``convert_hf_to_gguf.py`` applies for the llama arch and transformers' GGUF loader
+  undoes); 1-D tensors float32, 2-D tensors in their GGML type;
+* this suite's own keys under ``compress.*`` (method, mix, per-tensor notes), which llama.cpp ignores.
+
+Files are written to a temporary sibling and renamed into place when complete. docs/GGUF.md
+describes the mapping and the exporter's choices.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import CompressError
+from ..methods.kquant import (CODECS, FLOAT_TYPES, GGMLModel, GGMLTensor, MIXES, TensorChoice, get_mix,
+                              pack_codes, select_types)
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+GGUF_ARCH = "llama"
+QUANTIZATION_VERSION = 2
+
+# block-relative Hugging Face module -> llama.cpp tensor base name
+BLOCK_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+_BLOCK_INV = {v: k for k, v in BLOCK_NAMES.items()}
+_GLOBAL_INV = {v: k for k, v in GLOBAL_NAMES.items()}
+
+# ggml type name -> the llama_ftype a file made mostly of it carries
+_FTYPE_OF_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
+                  "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18}
+FTYPE_NAMES = {m.ftype: m.name for m in MIXES.values()}
+
+
+# --------------------------------------------------------------------------------------------
+# names and hyperparameters
+# --------------------------------------------------------------------------------------------
+
+def gguf_name(hf_name: str, blocks_prefix: str = "model.layers") -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (llama naming)."""
+    base, _, suffix = hf_name.rpartition(".")
+    if base in GLOBAL_NAMES:
+        return f"{GLOBAL_NAMES[base]}.{suffix}"
+    m = re.fullmatch(re.escape(blocks_prefix) + r"\.(\d+)\.(.+)", base)
+    if m and m.group(2) in BLOCK_NAMES:
+        return f"blk.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}.{suffix}"
+    raise CompressError(f"tensor {hf_name} has no llama.cpp name (unsupported module for GGUF export)")
+
+
+def hf_name(name: str, blocks_prefix: str = "model.layers") -> str:
+    """Inverse of :func:`gguf_name`: ``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
+    base, _, suffix = name.rpartition(".")
+    if base in _GLOBAL_INV:
+        return f"{_GLOBAL_INV[base]}.{suffix}"
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if m and m.group(2) in _BLOCK_INV:
+        return f"{blocks_prefix}.{m.group(1)}.{_BLOCK_INV[m.group(2)]}.{suffix}"
+    raise CompressError(f"unknown llama.cpp tensor name {name}")
+
+
+def check_exportable(config) -> None:
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise CompressError(f"GGUF export supports the llama architecture ({', '.join(SUPPORTED_MODEL_TYPES)}), "
+                            f"not '{mt}'")
+    if getattr(config, "rope_scaling", None):
+        raise CompressError(f"GGUF export does not handle rope scaling ({config.rope_scaling})")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise CompressError("GGUF export does not handle linear biases (attention_bias / mlp_bias)")
+
+
+@dataclass(frozen=True)
+class HParams:
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx: int
+    rope_theta: float
+    rms_eps: float
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config) -> "HParams":
+        check_exportable(config)
+        n_head = int(config.num_attention_heads)
+        n_embd = int(config.hidden_size)
+        return cls(n_layer=int(config.num_hidden_layers), n_embd=n_embd, n_ff=int(config.intermediate_size),
+                   n_head=n_head, n_head_kv=int(getattr(config, "num_key_value_heads", None) or n_head),
+                   head_dim=int(getattr(config, "head_dim", None) or n_embd // n_head),
+                   n_ctx=int(config.max_position_embeddings), rope_theta=float(getattr(config, "rope_theta", 10000.0)),
+                   rms_eps=float(config.rms_norm_eps), vocab=int(config.vocab_size),
+                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+def permute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
+    """llama.cpp's q/k row permutation (convert_hf_to_gguf.py, llama arch): within each head the
+    rows of the two rotary halves are interleaved. Works on any tensor whose dim 0 is the rows
+    (float weights, biases, or uint8 GGUF rows: quantization is row by row, so it commutes)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    rows = t.shape[0]
+    if rows % (2 * n_head):
+        raise CompressError(f"cannot permute {rows} rows into {n_head} heads of two rotary halves")
+    return t.reshape(n_head, 2, rows // n_head // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def model_tensors(model, arch) -> dict[str, torch.Tensor]:
+    """GGUF-named float tensors of a (float or dequantized) model, in llama.cpp's file order;
+    ``output.weight`` only when the embeddings are not tied."""
+    hp_tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    out: dict[str, torch.Tensor] = {}
+    from ..qlinear import QuantLinear, W8A8Linear
+    quant = {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, W8A8Linear))}
+    state = dict(model.state_dict())
+    for name, m in quant.items():
+        for k in [k for k in state if k.startswith(name + ".")]:
+            if k != name + ".bias":
+                state.pop(k)
+        state[name + ".weight"] = m.dequantize(torch.float32)
+    for k, v in state.items():
+        if hp_tied and k == arch.lm_head + ".weight":
+            continue
+        if not v.is_floating_point():
+            raise CompressError(f"tensor {k} is not a float tensor; cannot export it to GGUF")
+        out[gguf_name(k, arch.blocks)] = v.detach().to(torch.float32).cpu()
+    return dict(sorted(out.items(), key=lambda kv: _file_order(kv[0])))
+
+
+def _file_order(name: str):
+    if name.startswith("token_embd"):
+        return (0, 0, 0)
+    m = re.match(r"blk\.(\d+)\.(\w+)", name)
+    if m:
+        order = list(BLOCK_NAMES.values())
+        return (1, int(m.group(1)), order.index(m.group(2)) if m.group(2) in order else 99)
+    return (2, 0 if name.startswith("output_norm") else 1, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# metadata
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class KV:
+    key: str
+    value: object
+    vtype: object                 # gguf.GGUFValueType
+    sub_type: object = None
+
+
+def _kv_from_field(key: str, f) -> KV:
+    from gguf import GGUFValueType
+    t0 = f.types[0]
+    if t0 == GGUFValueType.ARRAY:
+        return KV(key, f.contents(), t0, f.types[-1])
+    return KV(key, f.contents(), t0)
+
+
+def source_gguf_for(loaded) -> Path | None:
+    """The original GGUF a model came from, when one is known and on disk."""
+    from .. import models
+    if loaded.kind == "gguf":
+        return Path(loaded.path)
+    cand = []
+    if loaded.kind in ("hf", "folder"):
+        cand.append(Path(loaded.path) / "source.gguf")
+    src = (loaded.quant or {}).get("source_model")
+    if src:
+        if src in models.REGISTRY:
+            p = models.source_gguf(src)
+            if p is not None:
+                cand.append(p)
+        else:
+            p = Path(src).expanduser()
+            cand.append(p if p.suffix == ".gguf" else p / "source.gguf")
+    return next((p for p in cand if p.is_file()), None)
+
+
+_GENERAL_COPY = ("general.name", "general.organization", "general.finetune", "general.basename",
+                 "general.size_label", "general.license", "general.languages")
+
+
+def metadata_from_source(path: Path, vocab: int) -> tuple[list[KV], list[KV]]:
+    """``tokenizer.*`` and descriptive ``general.*`` keys of an existing GGUF, copied as they are."""
+    from gguf import GGUFReader
+    try:
+        r = GGUFReader(str(path))
+    except Exception as e:
+        raise CompressError(f"cannot read the tokenizer of {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+    tok = [_kv_from_field(k, f) for k, f in r.fields.items() if k.startswith("tokenizer.")]
+    gen = [_kv_from_field(k, r.fields[k]) for k in _GENERAL_COPY if k in r.fields]
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise CompressError(f"{path} has no tokenizer (tokenizer.ggml.tokens)")
+    if len(tokens.data) != vocab:
+        raise CompressError(f"the tokenizer of {path} has {len(tokens.data)} tokens, the model's vocabulary {vocab}")
+    return tok, gen
+
+
+def tokenizer_from_folder(folder: Path, config, vocab: int) -> list[KV]:
+    """Tokenizer keys derived from a Hugging Face ``tokenizer.json`` (byte-level BPE only).
+
+    Token types: added special tokens CONTROL, other added tokens USER_DEFINED, the rest NORMAL;
+    ids the tokenizer does not cover (vocab padding) become ``[PAD<id>]`` UNUSED, as llama.cpp's
+    converter does. The pre-tokenizer is ``default`` (llama.cpp names pre-tokenizers by a hash of
+    the tokenizer's behaviour; a model with its original GGUF gets that GGUF's keys instead).
+    """
+    from gguf import GGUFValueType, TokenType
+    tj_path = Path(folder) / "tokenizer.json"
+    if not tj_path.is_file():
+        raise CompressError(f"{folder} has no tokenizer.json: cannot write the GGUF tokenizer")
+    try:
+        tj = json.loads(tj_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CompressError(f"corrupt tokenizer.json in {folder}: {e.msg}") from None
+    model = tj.get("model") or {}
+    pre = json.dumps(tj.get("pre_tokenizer") or {})
+    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        raise CompressError(f"GGUF export derives only byte-level BPE tokenizers (gpt2 style); {folder} has "
+                            f"a {model.get('type')} tokenizer and no original GGUF to copy from")
+    id_to_tok: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    types: dict[int, int] = {}
+    for a in tj.get("added_tokens", []):
+        id_to_tok[int(a["id"])] = a["content"]
+        types[int(a["id"])] = int(TokenType.CONTROL if a.get("special") else TokenType.USER_DEFINED)
+    n = max(vocab, max(id_to_tok) + 1)
+    if n != vocab:
+        raise CompressError(f"the tokenizer in {folder} has ids up to {max(id_to_tok)}, the model's vocabulary is {vocab}")
+    tokens, ttypes = [], []
+    for i in range(n):
+        if i in id_to_tok:
+            tokens.append(id_to_tok[i])
+            ttypes.append(types.get(i, int(TokenType.NORMAL)))
+        else:
+            tokens.append(f"[PAD{i}]")
+            ttypes.append(int(TokenType.UNUSED))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    tc = {}
+    if (Path(folder) / "tokenizer_config.json").is_file():
+        try:
+            tc = json.loads((Path(folder) / "tokenizer_config.json").read_text())
+        except json.JSONDecodeError:
+            tc = {}
+    kvs = [KV("tokenizer.ggml.model", "gpt2", GGUFValueType.STRING),
+           KV("tokenizer.ggml.pre", "default", GGUFValueType.STRING),
+           KV("tokenizer.ggml.tokens", tokens, GGUFValueType.ARRAY, GGUFValueType.STRING),
+           KV("tokenizer.ggml.token_type", ttypes, GGUFValueType.ARRAY, GGUFValueType.INT32)]
+    if merges:
+        kvs.append(KV("tokenizer.ggml.merges", merges, GGUFValueType.ARRAY, GGUFValueType.STRING))
+    tok_id = {t: i for i, t in enumerate(tokens)}
+
+    def ident(key, cfg_key):
+        v = getattr(config, cfg_key, None)
+        if v is None and isinstance(tc.get(key), str):
+            v = tok_id.get(tc[key])
+        if isinstance(v, list):
+            v = v[0] if v else None
+        return v
+
+    for key, cfg_key, gkey in (("bos_token", "bos_token_id", "bos_token_id"), ("eos_token", "eos_token_id", "eos_token_id"),
+                               ("unk_token", "unk_token_id", "unknown_token_id"), ("pad_token", "pad_token_id", "padding_token_id")):
+        v = ident(key, cfg_key)
+        if v is not None and 0 <= int(v) < n:
+            kvs.append(KV(f"tokenizer.ggml.{gkey}", int(v), GGUFValueType.UINT32))
+    kvs.append(KV("tokenizer.ggml.add_bos_token", bool(tc.get("add_bos_token", False)), GGUFValueType.BOOL))
+    kvs.append(KV("tokenizer.ggml.add_space_prefix", False, GGUFValueType.BOOL))
+    template = tc.get("chat_template")
+    if not isinstance(template, str) and (Path(folder) / "chat_template.jinja").is_file():
+        template = (Path(folder) / "chat_template.jinja").read_text()
+    if isinstance(template, str) and template:
+        kvs.append(KV("tokenizer.chat_template", template, GGUFValueType.STRING))
+    return kvs
+
+
+def model_metadata(hp: HParams, file_type: int, name: str, general: list[KV] | None = None,
+                   extra: dict | None = None) -> list[KV]:
+    from gguf import GGUFValueType as T
+    a = GGUF_ARCH
+    kvs = [KV("general.type", "model", T.STRING)]
+    general = [g for g in (general or []) if g.key != "general.type"]
+    if not any(g.key == "general.name" for g in general):
+        kvs.append(KV("general.name", name, T.STRING))
+    kvs += general
+    kvs += [KV(f"{a}.block_count", hp.n_layer, T.UINT32),
+            KV(f"{a}.context_length", hp.n_ctx, T.UINT32),
+            KV(f"{a}.embedding_length", hp.n_embd, T.UINT32),
+            KV(f"{a}.feed_forward_length", hp.n_ff, T.UINT32),
+            KV(f"{a}.attention.head_count", hp.n_head, T.UINT32),
+            KV(f"{a}.attention.head_count_kv", hp.n_head_kv, T.UINT32),
+            KV(f"{a}.rope.freq_base", hp.rope_theta, T.FLOAT32),
+            KV(f"{a}.attention.layer_norm_rms_epsilon", hp.rms_eps, T.FLOAT32),
+            KV("general.file_type", int(file_type), T.UINT32),
+            KV(f"{a}.vocab_size", hp.vocab, T.UINT32),
+            KV(f"{a}.rope.dimension_count", hp.head_dim, T.UINT32)]
+    if hp.head_dim * hp.n_head != hp.n_embd:
+        kvs += [KV(f"{a}.attention.key_length", hp.head_dim, T.UINT32),
+                KV(f"{a}.attention.value_length", hp.head_dim, T.UINT32)]
+    kvs.append(KV("general.quantization_version", QUANTIZATION_VERSION, T.UINT32))
+    for k, v in (extra or {}).items():
+        if isinstance(v, bool):
+            kvs.append(KV(f"compress.{k}", v, T.BOOL))
+        elif isinstance(v, (int, np.integer)):
+            kvs.append(KV(f"compress.{k}", int(v), T.UINT32 if v >= 0 else T.INT32))
+        elif isinstance(v, float):
+            kvs.append(KV(f"compress.{k}", v, T.FLOAT32))
+        elif isinstance(v, (list, tuple)):
+            if v:
+                kvs.append(KV(f"compress.{k}", [str(x) for x in v], T.ARRAY, T.STRING))
+        elif v is not None and str(v):
+            kvs.append(KV(f"compress.{k}", str(v), T.STRING))
+    return kvs
+
+
+def tokenizer_metadata(loaded, hp: HParams) -> tuple[list[KV], list[KV], str]:
+    """(tokenizer keys, general keys, where they came from)."""
+    src = source_gguf_for(loaded)
+    if src is not None:
+        tok, gen = metadata_from_source(src, hp.vocab)
+        return tok, gen, str(src)
+    return tokenizer_from_folder(Path(loaded.path), loaded.model.config, hp.vocab), [], "tokenizer.json"
+
+
+# --------------------------------------------------------------------------------------------
+# writing and reading
+# --------------------------------------------------------------------------------------------
+
+def _np(t: GGMLTensor) -> np.ndarray:
+    d = t.data.detach().cpu().contiguous()
+    if t.type == "F32":
+        return d.to(torch.float32).numpy()
+    if t.type == "F16":
+        return d.to(torch.float16).numpy()
+    return d.to(torch.uint8).numpy()
+
+
+def write_gguf(path: Path, kvs: list[KV], tensors: list[GGMLTensor], hp: HParams, progress: bool = False) -> Path:
+    """Write a GGUF atomically (temporary sibling, then rename). ``tensors`` hold rows in Hugging
+    Face order; q/k rows are permuted here as llama.cpp's converter does."""
+    import gguf
+    path = Path(path)
+    if path.suffix != ".gguf":
+        raise CompressError(f"GGUF output must end with .gguf, got {path}")
+    if path.exists() and path.is_dir():
+        raise CompressError(f"{path} exists and is a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        w = gguf.GGUFWriter(str(tmp), GGUF_ARCH)
+        for kv in kvs:
+            if kv.key == "general.architecture":
+                continue
+            w.add_key_value(kv.key, kv.value, kv.vtype, sub_type=kv.sub_type)
+        for t in tensors:
+            data = t.data
+            if re.search(r"\.attn_q\.(weight|bias)$", t.name):
+                data = permute_qk(data, hp.n_head, hp.n_head)
+            elif re.search(r"\.attn_k\.(weight|bias)$", t.name):
+                data = permute_qk(data, hp.n_head, hp.n_head_kv)
+            arr = _np(GGMLTensor(t.name, t.type, t.shape, data))
+            if t.type in FLOAT_TYPES:
+                w.add_tensor(t.name, arr)
+            else:
+                w.add_tensor(t.name, arr, raw_dtype=gguf.GGMLQuantizationType[t.type])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=progress)
+        w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def inspect_gguf(path: Path) -> dict:
+    """Per-tensor types, sizes and bits per weight of a GGUF file, plus this suite's notes."""
+    from gguf import GGUFReader
+    from ..models import check_gguf
+    path = Path(path)
+    check_gguf(path)
+    r = GGUFReader(str(path))
+
+    def val(key, default=None):
+        f = r.fields.get(key)
+        if f is None:
+            return default
+        try:
+            return f.contents()
+        except Exception:
+            return default
+
+    notes = {}
+    for item in val("compress.tensor_notes", []) or []:
+        name, _, note = item.partition("=")
+        notes[name] = note
+    tensors = []
+    q_bytes = q_params = all_bytes = all_params = 0
+    counts: dict[str, int] = {}
+    for t in r.tensors:
+        shape = [int(x) for x in reversed(t.shape.tolist())]      # (rows, cols)
+        n = int(math.prod(shape))
+        nbytes = int(t.n_bytes)
+        tensors.append({"name": t.name, "type": t.tensor_type.name, "shape": shape, "bytes": nbytes,
+                        "bits_per_weight": 8 * nbytes / n if n else None, "note": notes.get(t.name, "")})
+        all_bytes += nbytes
+        all_params += n
+        if len(shape) >= 2:
+            q_bytes += nbytes
+            q_params += n
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    ft = val("general.file_type")
+    return {
+        "path": str(path), "size_bytes": path.stat().st_size, "architecture": val("general.architecture"),
+        "name": val("general.name"), "file_type": ft, "file_type_name": FTYPE_NAMES.get(ft, str(ft)),
+        "method": val("compress.method"), "mix": val("compress.mix"), "pure": val("compress.pure"),
+        "imatrix": val("compress.imatrix"), "parameters": all_params,
+        "bits_per_weight_matrices": 8 * q_bytes / q_params if q_params else None,
+        "bits_per_weight_overall": 8 * all_bytes / all_params if all_params else None,
+        "type_counts": counts, "tensors": tensors,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# building GGUFs from models and checkpoints
+# --------------------------------------------------------------------------------------------
+
+def _plan(tensors: dict[str, torch.Tensor], mix: str, hp: HParams, pure: bool, has_imatrix: bool):
+    return select_types(((n, tuple(t.shape)) for n, t in tensors.items()), mix, n_layer=hp.n_layer,
+                        n_head=hp.n_head, n_head_kv=hp.n_head_kv, pure=pure, has_imatrix=has_imatrix)
+
+
+def _notes(tensors: list[GGMLTensor]) -> list[str]:
+    return [f"{t.name}={t.note}" for t in tensors if t.note]
+
+
+def build_rtn(loaded, mix: str, importance: dict[str, torch.Tensor] | None = None, pure: bool = False,
+              progress: bool = True) -> GGMLModel:
+    """llama.cpp's quantization of ``loaded`` (its float or dequantized weights) with a mix."""
+    from ..methods.kquant import quantize_model_rtn
+    hp = HParams.from_config(loaded.model.config)
+    floats = model_tensors(loaded.model, loaded.arch)
+    imp = _gguf_importance(importance, floats)
+    if importance is not None and not imp:
+        raise CompressError("the importance matrix has no entry for any tensor of this model")
+    plan = _plan(floats, mix, hp, pure, bool(imp))
+    tensors = quantize_model_rtn(floats, plan, imp, progress)
+    return GGMLModel(tensors, get_mix(mix).name, pure, "kquant", plan)
+
+
+def _gguf_importance(importance, floats) -> dict[str, torch.Tensor]:
+    """Importance keyed by GGUF tensor name, from {our module name or GGUF name: (K,)}."""
+    out = {}
+    for k, v in (importance or {}).items():
+        name = k if (k.startswith("blk.") or k.split(".")[0] in _GLOBAL_INV) else gguf_name(k + ".weight")
+        if name in floats:
+            out[name] = v
+    return out
+
+
+def build_gptq(loaded, mix: str, windows: torch.Tensor, pure: bool = False, damp: float = 0.01,
+               device: str = "cpu", progress: bool = True) -> GGMLModel:
+    """GPTQ onto the mix's GGML grids for the block linears (sequential runner); the token
+    embedding and an untied output keep llama.cpp's plain quantizers."""
+    from ..methods.kquant import quantize_model_gptq, quantize_model_rtn
+    hp = HParams.from_config(loaded.model.config)
+    floats = model_tensors(loaded.model, loaded.arch)
+    plan = _plan(floats, mix, hp, pure, False)
+    done, rec = quantize_model_gptq(loaded, plan, windows, lambda n: gguf_name(n, loaded.arch.blocks),
+                                    damp=damp, device=device, progress=progress)
+    rest = {n: c for n, c in plan.items() if n not in done}
+    others = {t.name: t for t in quantize_model_rtn(floats, rest, None, progress=False)}
+    tensors = [done[n] if n in done else others[n] for n in plan]
+    tensors.sort(key=lambda t: _file_order(t.name))
+    return GGMLModel(tensors, get_mix(mix).name, pure, "gptq", plan,
+                     meta={"damp": damp, "fallbacks": rec["fallbacks"], "seconds": rec["seconds"],
+                           "total_output_error": float(sum(rec["output_errors"].values()))})
+
+
+def save_ggml_model(loaded, gm: GGMLModel, out: Path, extra: dict | None = None, progress: bool = False) -> dict:
+    """Write a :class:`GGMLModel` built from ``loaded`` as a GGUF; returns a summary."""
+    hp = HParams.from_config(loaded.model.config)
+    tok, gen, tok_src = tokenizer_metadata(loaded, hp)
+    file_type = get_mix(gm.mix).ftype if gm.mix in MIXES else _dominant_ftype(gm.tensors)
+    meta = {"method": gm.method, "mix": gm.mix, "pure": gm.pure, "package_version": __version__,
+            "tensor_notes": _notes(gm.tensors), **(extra or {})}
+    ordered = sorted(gm.tensors, key=lambda t: _file_order(t.name))
+    kvs = model_metadata(hp, file_type, Path(str(loaded.source)).name, gen, meta) + tok
+    write_gguf(out, kvs, ordered, hp, progress=progress)
+    counts: dict[str, int] = {}
+    for t in ordered:
+        if len(t.shape) >= 2:
+            counts[t.type] = counts.get(t.type, 0) + 1
+    from ..methods.kquant import bits_per_weight
+    return {"out": str(out), "tensors": len(ordered), "type_counts": counts,
+            "fallbacks": sum(1 for c in gm.plan.values() if c.fallback) if gm.plan else 0,
+            "bits_per_weight_matrices": bits_per_weight(ordered), "size_bytes": Path(out).stat().st_size,
+            "tokenizer_from": tok_src, "file_type": FTYPE_NAMES.get(file_type, str(file_type))}
+
+
+def _dominant_ftype(tensors: list[GGMLTensor]) -> int:
+    sizes: dict[str, int] = {}
+    for t in tensors:
+        if len(t.shape) >= 2:
+            sizes[t.type] = sizes.get(t.type, 0) + math.prod(t.shape)
+    top = max(sizes, key=sizes.get) if sizes else "F32"
+    return _FTYPE_OF_TYPE.get(top, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# gptq-int checkpoints -> GGML legacy blocks (direct mapping of the integers)
+# --------------------------------------------------------------------------------------------
+
+def map_gptq_int(packed, target: str) -> tuple[torch.Tensor, str]:
+    """Write a gptq-int linear as GGML ``target`` blocks without re-rounding, when possible.
+
+    Every 32-column block must lie inside one scale group (group size a multiple of 32, or per
+    channel; no act-order permutation across a block). Then, with ``s`` the group scale and ``z``
+    the zero-point of an output row (``W = s * (q - z)``):
+
+    * Q4_0 / Q5_0 / Q8_0 (``y = d * c``): ``d = s``, ``c = q - z``; exact when ``q - z`` fits the
+      type's code range (always for symmetric 2/3/4-bit -> Q4_0, asymmetric 2/3-bit -> Q4_0,
+      asymmetric 4-bit -> Q5_0, symmetric 8-bit -> Q8_0).
+    * Q4_1 / Q5_1 (``y = d * c + m``): ``d = s``, ``c = q``, ``m = fp16(-s * z)``: exact up to
+      the float16 rounding of ``m`` (relative 2^-11 of ``|s * z|``, per block).
+
+    Returns ``(uint8 rows, "exact" | "fp16-m")``; raises CompressError when the mapping does not fit.
+    """
+    from ..formats import gptq_int
+    n, k = packed.out_features, packed.in_features
+    if k % 32:
+        raise CompressError(f"{k} input columns are not a multiple of 32")
+    g = packed.g_idx.to(torch.int64).view(k // 32, 32)
+    if not bool((g == g[:, :1]).all()):
+        raise CompressError("a 32-column block spans several scale groups (act-order or a group size "
+                            "that is not a multiple of 32)")
+    q, zeros = gptq_int.unpack(packed)                                   # (N, K), (G, N)
+    gb = g[:, 0]                                                         # group of each 32-block
+    s = packed.scales.to(torch.float32)[gb].t()                          # (N, K/32), fp16 values
+    z = zeros.to(torch.int64)[gb].t()                                   # (N, K/32)
+    q = q.to(torch.int64).view(n, k // 32, 32)
+    cd = CODECS.get(target)
+    if cd is None or target not in ("Q4_0", "Q5_0", "Q8_0", "Q4_1", "Q5_1"):
+        raise CompressError(f"no direct gptq-int mapping to {target}")
+    tmpl = torch.zeros((n * (k // 32), cd.size), dtype=torch.uint8)
+    tmpl[:, 0:2] = s.reshape(-1).to(torch.float16).view(torch.uint8).view(-1, 2)
+    if target in ("Q4_0", "Q5_0", "Q8_0"):
+        c = q - z[:, :, None]
+        how = "exact"
+    else:
+        c = q
+        m = (-(s * z.to(torch.float32))).to(torch.float16)
+        tmpl[:, 2:4] = m.reshape(-1).view(torch.uint8).view(-1, 2)
+        how = "exact" if bool(torch.equal(m.to(torch.float32), -(s * z.to(torch.float32)))) else "fp16-m"
+    if int(c.min()) < cd.cmin or int(c.max()) > cd.cmax:
+        raise CompressError(f"codes {int(c.min())}..{int(c.max())} do not fit {target}'s range "
+                            f"{cd.cmin}..{cd.cmax}")
+    data = pack_codes(tmpl, c.reshape(-1, 32), target)
+    return data.view(n, -1), how
+
+
+def auto_target(scheme) -> str | None:
+    """The GGML type a gptq-int scheme maps onto by default (None: no direct mapping)."""
+    if scheme.bits == 8:
+        return "Q8_0" if scheme.sym else None
+    if scheme.sym or scheme.bits <= 3:
+        return "Q4_0"
+    return "Q4_1"
+
+
+def build_from_packed(loaded, target: str | None) -> tuple[GGMLModel, dict]:
+    """A gptq-int checkpoint as GGUF by direct mapping of its integers (see :func:`map_gptq_int`).
+
+    ``target`` None picks :func:`auto_target`. Tensors left unquantized in the checkpoint
+    (embedding, norms; stored as float16 there) are written F16 (2-D) and F32 (1-D): lossless.
+    """
+    from ..qlinear import QuantLinear
+    scheme = loaded.quant.get("scheme_obj")
+    if loaded.quant.get("format") != "gptq-int" or scheme is None:
+        raise CompressError(f"{loaded.source}: only gptq-int checkpoints map directly onto GGUF types; "
+                            "pass --type to re-quantize the dequantized weights")
+    tgt = target or auto_target(scheme)
+    if tgt is None:
+        raise CompressError(f"{loaded.source}: {scheme.describe()} has no GGUF equivalent "
+                            "(GGUF has no asymmetric 8-bit type); pass --type (e.g. Q8_0) to re-quantize")
+    hp = HParams.from_config(loaded.model.config)
+    floats = model_tensors(loaded.model, loaded.arch)
+    tensors, how = [], {}
+    arch = loaded.arch
+    for name, w in floats.items():
+        hf = hf_name(name, arch.blocks)
+        mod_name = hf.rpartition(".")[0]
+        mod = loaded.model.get_submodule(mod_name) if name.endswith(".weight") else None
+        if isinstance(mod, QuantLinear):
+            try:
+                data, h = map_gptq_int(mod.packed(), tgt)
+            except CompressError as e:
+                raise CompressError(f"{loaded.source}: {mod_name} cannot be written as {tgt}: {e}; "
+                                    "pass --type to re-quantize instead") from None
+            how[h] = how.get(h, 0) + 1
+            tensors.append(GGMLTensor(name, tgt, tuple(w.shape), data, f"gptq-int->{tgt} {h}"))
+        elif w.dim() >= 2:
+            tensors.append(GGMLTensor(name, "F16", tuple(w.shape), w.to(torch.float16)))
+        else:
+            tensors.append(GGMLTensor(name, "F32", tuple(w.shape), w))
+    plan = {t.name: TensorChoice(t.name, t.shape, "", t.type, t.type, t.type != "F32") for t in tensors}
+    gm = GGMLModel(tensors, f"gptq-int->{tgt}", False, f"export:{loaded.quant.get('method', 'gptq-int')}", plan)
+    return gm, {"mapping": how, "target": tgt, "scheme": scheme.describe()}
+
+
+def unpermute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`permute_qk` (what transformers' GGUF loader applies)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    rows = t.shape[0]
+    return t.reshape(n_head, rows // n_head // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def read_gguf_weights(path: Path, blocks_prefix: str = "model.layers") -> dict[str, torch.Tensor]:
+    """Every tensor of a llama GGUF as float32 under its Hugging Face name, q/k rows un-permuted:
+    the weights transformers' GGUF loader produces, decoded with this suite's (bit-exact) decoders."""
+    from gguf import GGUFReader
+
+    from ..formats import kquants
+    from ..models import check_gguf
+    check_gguf(Path(path))
+    r = GGUFReader(str(path))
+    n_head = int(r.fields[f"{GGUF_ARCH}.attention.head_count"].contents())
+    n_kv = int(r.fields[f"{GGUF_ARCH}.attention.head_count_kv"].contents())
+    out = {}
+    for t in r.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        tname = t.tensor_type.name
+        raw = torch.from_numpy(np.array(t.data))
+        if tname == "F32":
+            w = raw.to(torch.float32).reshape(shape)
+        elif tname == "F16":
+            w = raw.to(torch.float32).reshape(shape)
+        else:
+            w = kquants.dequantize(raw.reshape(-1).view(torch.uint8), tname, shape)
+        if re.search(r"\.attn_q\.(weight|bias)$", t.name):
+            w = unpermute_qk(w, n_head, n_head)
+        elif re.search(r"\.attn_k\.(weight|bias)$", t.name):
+            w = unpermute_qk(w, n_head, n_kv)
+        out[hf_name(t.name, blocks_prefix)] = w
+    return out

@@ -1,0 +1,481 @@
+"""GGUF export, llama.cpp mixes through the CLI, importance matrices, gptq-int -> GGUF mapping."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import build_tiny
+from tests.test_cli import assert_clean_error, run
+
+
+def _reader(path):
+    from gguf import GGUFReader
+    return GGUFReader(str(path))
+
+
+def _logits(spec, ids):
+    from compress import models
+    m = models.load(str(spec))
+    with torch.no_grad():
+        return m.model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    res = run(["export", "gguf", tiny_llama, "--type", "F32", "-o", out])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def imatrix_file(tiny_llama, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("imatrix") / "imatrix.gguf"
+    res = run(["imatrix", tiny_llama, "--nsamples", 4, "--seqlen", 64, "--data-dir", tiny_data, "-o", out])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# export of an unquantized model
+# --------------------------------------------------------------------------------------------
+
+def test_f32_export_layout(f32_gguf, tiny_llama):
+    r = _reader(f32_gguf)
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.")}
+    assert f["general.architecture"] == "llama" and f["general.type"] == "model"
+    assert f["general.file_type"] == 0 and f["general.quantization_version"] == 2
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    assert f["llama.block_count"] == 2 and f["llama.embedding_length"] == 96
+    assert f["llama.feed_forward_length"] == 192 and f["llama.context_length"] == 1024
+    assert f["llama.attention.head_count"] == 4 and f["llama.attention.head_count_kv"] == 2
+    assert f["llama.rope.dimension_count"] == 24 and f["llama.vocab_size"] == 320
+    assert f["llama.rope.freq_base"] == pytest.approx(cfg["rope_theta"])
+    assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"])
+    # tokenizer derived from tokenizer.json: byte-level BPE
+    tj = json.loads((tiny_llama / "tokenizer.json").read_text())
+    assert f["tokenizer.ggml.model"] == "gpt2"
+    toks = f["tokenizer.ggml.tokens"]
+    assert len(toks) == 320 and toks[:300] == sorted(tj["model"]["vocab"], key=tj["model"]["vocab"].get)
+    assert toks[300] == "[PAD300]" and f["tokenizer.ggml.token_type"][300] == 5
+    assert f["tokenizer.ggml.token_type"][0] == 3 and f["tokenizer.ggml.token_type"][50] == 1
+    assert f["tokenizer.ggml.merges"][:2] == [" ".join(m) for m in tj["model"]["merges"][:2]]
+    assert f["tokenizer.ggml.eos_token_id"] == 0 and f["tokenizer.ggml.add_bos_token"] is False
+    names = [t.name for t in r.tensors]
+    assert names[0] == "token_embd.weight" and names[-1] == "output_norm.weight"
+    assert "output.weight" not in names                      # tied embeddings
+    want = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"}
+    assert {n.split(".")[2] for n in names if n.startswith("blk.0.")} == want
+    shapes = {t.name: (t.tensor_type.name, [int(x) for x in t.shape]) for t in r.tensors}
+    assert shapes["blk.0.attn_k.weight"] == ("F32", [96, 48])     # ggml ne: (cols, rows)
+    assert shapes["blk.1.ffn_down.weight"] == ("F32", [192, 96])
+    assert shapes["blk.0.attn_norm.weight"] == ("F32", [96])
+
+
+def test_f32_export_permutes_qk_and_loads_exactly(f32_gguf, tiny_llama):
+    from safetensors.torch import load_file
+
+    from compress.export.gguf import permute_qk
+    src = load_file(str(tiny_llama / "model.safetensors"))
+    r = _reader(f32_gguf)
+    t = {x.name: np.array(x.data) for x in r.tensors}
+    q = src["model.layers.0.self_attn.q_proj.weight"]
+    assert np.array_equal(t["blk.0.attn_q.weight"], permute_qk(q, 4, 4).numpy())
+    assert not np.array_equal(t["blk.0.attn_q.weight"], q.numpy())
+    assert np.array_equal(t["blk.0.attn_k.weight"], permute_qk(src["model.layers.0.self_attn.k_proj.weight"], 4, 2).numpy())
+    assert np.array_equal(t["blk.0.attn_v.weight"], src["model.layers.0.self_attn.v_proj.weight"].numpy())
+    ids = torch.randint(0, 300, (1, 48))
+    assert torch.equal(_logits(f32_gguf, ids), _logits(tiny_llama, ids))
+
+
+def test_gguf_tokenizer_round_trip(f32_gguf, tiny_llama):
+    from compress import models
+    text = "the river of the north album was the first city"
+    a = models.load(str(tiny_llama)).tokenizer(text, add_special_tokens=False)["input_ids"]
+    b = models.load(str(f32_gguf)).tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert a == b
+
+
+def test_q8_0_export_close_logits_and_eval(tiny_llama, tiny_data, tmp_path):
+    out = tmp_path / "q8.gguf"
+    res = run(["export", "gguf", tiny_llama, "--type", "Q8_0", "-o", out])
+    assert res.exit_code == 0, res.output
+    types = {t.name: t.tensor_type.name for t in _reader(out).tensors}
+    assert {v for k, v in types.items() if "norm" not in k} == {"Q8_0"}
+    ids = torch.randint(0, 300, (1, 48))
+    a, b = _logits(tiny_llama, ids), _logits(out, ids)
+    assert not torch.equal(a, b) and float((a - b).abs().max()) < 0.15
+    js = tmp_path / "r.json"
+    res = run(["eval", "ppl", out, "--base", tiny_llama, "--max-windows", 2, "--data-dir", tiny_data, "--json", js])
+    assert res.exit_code == 0, res.output
+    r = json.loads(js.read_text())
+    assert r["kind"] == "gguf" and r["kld"] < 1e-3 and r["gguf_file_type"] == "Q8_0"
+    assert r["bits_per_weight"] == pytest.approx(8.5)
+
+
+# --------------------------------------------------------------------------------------------
+# mixes through `compress quantize --method kquant`
+# --------------------------------------------------------------------------------------------
+
+def test_quantize_q4_k_m_mix_and_inspect(tiny_llama, tmp_path):
+    from compress.formats import kquants
+    from compress.methods.kquant import select_types
+    out = tmp_path / "q4km.gguf"
+    res = run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "-o", out])
+    assert res.exit_code == 0, res.output
+    r = _reader(out)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    plan = select_types([(t.name, tuple(int(x) for x in reversed(t.shape.tolist()))) for t in r.tensors],
+                        "Q4_K_M", n_layer=2, n_head=4, n_head_kv=2)
+    assert types == {n: c.type for n, c in plan.items()}
+    # 2 layers: use_more_bits(i, 2) holds for i >= 7*2/8 = 1 only -> layer 1's attn_v and ffn_down want
+    # Q6_K and fall back to Q8_0 at 96/192 columns; layer 0's want Q4_K -> Q5_0
+    assert types["blk.1.attn_v.weight"] == "Q8_0" and types["blk.1.ffn_down.weight"] == "Q8_0"
+    assert types["blk.0.attn_v.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "Q5_0"
+    assert types["blk.0.attn_q.weight"] == "Q5_0" and types["token_embd.weight"] == "Q8_0"
+    assert r.fields["general.file_type"].contents() == 15
+    # the stored bytes are llama.cpp's quantizer output for the (permuted) rows
+    from safetensors.torch import load_file
+    w = load_file(str(tiny_llama / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"]
+    t = next(x for x in r.tensors if x.name == "blk.1.ffn_up.weight")
+    assert np.array_equal(np.array(t.data).reshape(-1), kquants.quantize(w, "Q5_0").numpy().reshape(-1))
+    # transformers' GGUF loader (our `models.load`) and our own decoders agree bit for bit
+    from compress import models
+    from compress.export.gguf import read_gguf_weights
+    sd = models.load(str(out)).model.state_dict()
+    mine = read_gguf_weights(out)
+    assert set(mine) == set(sd) - {"lm_head.weight"}
+    assert all(torch.equal(mine[k], sd[k]) for k in mine)
+    res = run(["inspect", out])
+    assert res.exit_code == 0 and "fallback Q4_K->Q5_0" in res.output and "Q4_K_M" in res.output
+    info = json.loads(run(["inspect", out, "--json"]).output)
+    assert info["type_counts"] == {"Q8_0": 3, "Q5_0": 12}
+    assert 5.5 < info["bits_per_weight_matrices"] < 8.5
+
+
+def test_quantize_pure_and_legacy(tiny_llama, tmp_path):
+    out = tmp_path / "p.gguf"
+    assert run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "--pure", "-o", out]).exit_code == 0
+    types = {t.tensor_type.name for t in _reader(out).tensors if "norm" not in t.name}
+    assert types == {"Q5_0"}                                   # Q4_K everywhere, falling back at 96/192 columns
+    out = tmp_path / "q41.gguf"
+    assert run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_1", "-o", out]).exit_code == 0
+    types = {t.name: t.tensor_type.name for t in _reader(out).tensors}
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_1"
+
+
+def test_gptq_gguf(tiny_llama, tiny_data, tmp_path):
+    out = tmp_path / "g.gguf"
+    res = run(["quantize", tiny_llama, "--method", "gptq", "--type", "Q3_K_M", "--nsamples", 4, "--seqlen", 64,
+               "--data-dir", tiny_data, "-o", out])
+    assert res.exit_code == 0, res.output
+    r = _reader(out)
+    notes = r.fields["compress.tensor_notes"].contents()
+    assert any(n.startswith("blk.0.attn_q.weight=gptq") for n in notes)
+    assert r.fields["compress.method"].contents() == "gptq"
+    ids = torch.randint(0, 300, (1, 32))
+    assert torch.isfinite(_logits(out, ids)).all()
+
+
+# --------------------------------------------------------------------------------------------
+# importance matrix
+# --------------------------------------------------------------------------------------------
+
+def test_imatrix_gguf_layout_matches_llama_cpp(imatrix_file, tiny_llama, tiny_data):
+    from calib.data import CalibSpec, calibration_windows
+
+    from compress import models
+    r = _reader(imatrix_file)
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.")}
+    assert f["general.type"] == "imatrix" and "general.architecture" not in f
+    assert f["imatrix.datasets"] == ["wikitext2"] and f["imatrix.chunk_count"] == 4 and f["imatrix.chunk_size"] == 64
+    assert r.fields["imatrix.chunk_count"].types[0].name == "UINT32"
+    names = [t.name for t in r.tensors]
+    # llama-imatrix: entries in name order, each as <name>.in_sum2 then <name>.counts
+    entries = [n.removesuffix(".in_sum2") for n in names[0::2]]
+    assert len(entries) == 2 * 7 and entries == sorted(entries)
+    assert names[0::2] == [e + ".in_sum2" for e in entries] and names[1::2] == [e + ".counts" for e in entries]
+    t = {x.name: x for x in r.tensors}
+    assert [int(s) for s in t["blk.0.attn_q.weight.in_sum2"].shape] == [96, 1]
+    assert [int(s) for s in t["blk.1.ffn_down.weight.in_sum2"].shape] == [192, 1]
+    assert [int(s) for s in t["blk.0.attn_q.weight.counts"].shape] == [1, 1]
+    assert {x.tensor_type.name for x in r.tensors} == {"F32"}
+    assert float(np.array(t["blk.0.ffn_up.weight.counts"].data).reshape(-1)[0]) == 4 * 64
+    # in_sum2 = sum of x^2 over every token at the layer's input, computed here independently
+    m = models.load(str(tiny_llama))
+    wins = calibration_windows(m.tokenizer, CalibSpec("wikitext2", 4, 64, 0), tiny_data)
+    acc = {}
+
+    def hook(name):
+        def h(mod, args, out):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            acc[name] = acc.get(name, 0) + (x * x).sum(0)
+        return h
+
+    mods = {"blk.1.attn_output.weight": "model.layers.1.self_attn.o_proj",
+            "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj",
+            "blk.1.attn_k.weight": "model.layers.1.self_attn.k_proj"}
+    hs = [m.model.get_submodule(v).register_forward_hook(hook(k)) for k, v in mods.items()]
+    with torch.no_grad():
+        for w in wins:
+            m.model(w[None])
+    for h in hs:
+        h.remove()
+    for k in mods:
+        got = np.array(t[k + ".in_sum2"].data).reshape(-1)
+        assert np.allclose(got, acc[k].numpy(), rtol=1e-4, atol=1e-6), k
+    assert np.array_equal(np.array(t["blk.0.attn_q.weight.in_sum2"].data), np.array(t["blk.0.attn_v.weight.in_sum2"].data))
+
+
+def test_imatrix_round_trip_gguf_and_legacy(imatrix_file, tmp_path):
+    from compress import imatrix as imx
+    a = imx.read(imatrix_file)
+    assert not a.legacy and len(a.sums) == 14
+    dat = imx.write(tmp_path / "im.dat", a)
+    b = imx.read(dat)
+    assert b.legacy and b.chunk_count == 4 and b.datasets == ["wikitext2"]
+    ia, ib = a.importance(), b.importance()
+    assert set(ia) == set(ib)
+    for k in ia:
+        assert torch.allclose(ia[k], ib[k], rtol=1e-6)
+    # legacy layout, byte by byte for the first entry
+    raw = dat.read_bytes()
+    n, ln = struct.unpack("<ii", raw[:8])
+    name = raw[8:8 + ln].decode()
+    ncall, nval = struct.unpack("<ii", raw[8 + ln:16 + ln])
+    assert n == 14 and name == sorted(a.sums)[0] and ncall == 4 and nval == a.sums[name].numel()
+    vals = np.frombuffer(raw[16 + ln:16 + ln + 4 * nval], dtype="<f4")
+    assert np.allclose(vals, (a.sums[name] / a.counts[name] * 4).numpy())
+    c = imx.read(imx.write(tmp_path / "again.gguf", b))
+    for k in ia:
+        assert torch.allclose(c.importance()[k], ia[k], rtol=1e-6)
+    mods = a.by_module()
+    assert set(mods) >= {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
+
+
+def test_quantize_with_imatrix_uses_it(tiny_llama, imatrix_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from compress import imatrix as imx
+    from compress.export.gguf import permute_qk
+    from compress.formats import kquants
+    out = tmp_path / "im.gguf"
+    res = run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_S", "--imatrix", imatrix_file, "-o", out])
+    assert res.exit_code == 0, res.output
+    r = _reader(out)
+    assert r.fields["compress.imatrix"].contents() == imatrix_file.name
+    imp = imx.read(imatrix_file).importance()["blk.1.attn_q.weight"]
+    w = load_file(str(tiny_llama / "model.safetensors"))["model.layers.1.self_attn.q_proj.weight"]
+    t = next(x for x in r.tensors if x.name == "blk.1.attn_q.weight")
+    want = permute_qk(kquants.quantize(w, "Q5_0", imp), 4, 4)
+    assert np.array_equal(np.array(t.data), want.numpy())
+    assert not np.array_equal(np.array(t.data), permute_qk(kquants.quantize(w, "Q5_0"), 4, 4).numpy())
+
+
+# --------------------------------------------------------------------------------------------
+# gptq-int checkpoints -> GGUF
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group,sym,gtype,exact", [
+    ("4", "32", True, "Q4_0", True), ("4", "64", False, "Q4_1", False), ("3", "32", False, "Q4_0", True),
+    ("8", "-1", True, "Q8_0", True), ("2", "96", True, "Q4_0", True)])
+def test_export_gptq_int_maps_integers(tiny_llama, tmp_path, bits, group, sym, gtype, exact):
+    from compress import models
+    from compress.qlinear import QuantLinear
+    ck = tmp_path / "ck"
+    res = run(["quantize", tiny_llama, "--bits", bits, "--group-size", group, "--sym" if sym else "--asym", "-o", ck])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "ck.gguf"
+    res = run(["export", "gguf", ck, "-o", out])
+    assert res.exit_code == 0, res.output
+    packed = models.load(str(ck))
+    gg = models.load(str(out))
+    r = _reader(out)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.ffn_up.weight"] == gtype and types["token_embd.weight"] == "F16"
+    worst = 0.0
+    for name, mod in packed.model.named_modules():
+        if isinstance(mod, QuantLinear):
+            a = mod.dequantize()
+            b = gg.model.get_submodule(name).weight.detach()
+            if exact:
+                assert torch.equal(a, b), name
+            worst = max(worst, float(((a - b).abs() / a.abs().max()).max()))
+    if not exact:     # only m = -scale*zero is rounded to fp16: a relative 2^-11 of |m|
+        assert 0 < worst < 2 ** -10
+    ids = torch.randint(0, 300, (1, 32))
+    la, lb = _logits(ck, ids), _logits(out, ids)
+    assert float((la - lb).abs().max()) < (1e-3 if exact else 2e-2)
+
+
+def test_export_gptq_int_without_gguf_equivalent(tiny_llama, tmp_path):
+    ck = tmp_path / "ck8"
+    assert run(["quantize", tiny_llama, "--bits", "8", "--group-size", "32", "--asym", "-o", ck]).exit_code == 0
+    assert_clean_error(run(["export", "gguf", ck, "-o", tmp_path / "x.gguf"]), "no gguf equivalent", "--type")
+    assert not (tmp_path / "x.gguf").exists()
+    res = run(["export", "gguf", ck, "--type", "Q8_0", "-o", tmp_path / "x.gguf"])
+    assert res.exit_code == 0, res.output
+    assert "requantized" in res.output
+    ck = tmp_path / "ck48"
+    assert run(["quantize", tiny_llama, "--bits", "4", "--group-size", "48", "-o", ck]).exit_code == 0
+    assert_clean_error(run(["export", "gguf", ck, "-o", tmp_path / "y.gguf"]), "spans several scale groups")
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------
+
+def test_bad_inputs(tiny_llama, imatrix_file, tmp_path):
+    o = tmp_path / "o.gguf"
+    assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q7_K", "-o", o]), "unknown gguf type")
+    assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant", "-o", o]), "needs --type")
+    assert_clean_error(run(["quantize", tiny_llama, "--method", "rtn", "--type", "Q4_K_M", "-o", o]), "kquant or gptq")
+    assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "--bits", "3", "-o", o]),
+                       "--bits")
+    assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "-o", tmp_path / "x"]),
+                       ".gguf")
+    assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "--imatrix",
+                            tmp_path / "missing.gguf", "-o", o]), "does not exist")
+    assert_clean_error(run(["quantize", tiny_llama, "--method", "gptq", "--type", "Q4_K_M", "--imatrix",
+                            imatrix_file, "-o", o]), "--imatrix applies to --method kquant")
+    assert_clean_error(run(["quantize", tiny_llama, "--imatrix", imatrix_file, "-o", tmp_path / "ck"]), "--imatrix")
+    bad = tmp_path / "bad.dat"
+    bad.write_bytes(b"\x05\x00\x00\x00\x10\x00\x00\x00blk.0.attn")          # truncated legacy file
+    assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "--imatrix", bad, "-o", o]),
+                       "corrupt imatrix")
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(7))                     # truncated GGUF
+    assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "--imatrix", bad, "-o", o]),
+                       "corrupt imatrix")
+    assert not o.exists() and not any(p.name.startswith(".o.gguf") for p in tmp_path.iterdir())
+
+
+def test_imatrix_of_another_model_and_model_gguf_as_imatrix(tiny_llama, f32_gguf, tmp_path):
+    other = build_tiny(tmp_path / "wide", hidden=128, ffn=256)
+    im = tmp_path / "wide.gguf"
+    from compress import imatrix as imx
+    d = imx.IMatrix(sums={"blk.0.attn_q.weight": torch.ones(128)}, counts={"blk.0.attn_q.weight": 10.0},
+                    datasets=["x"], chunk_count=1, chunk_size=10)
+    imx.write(im, d)
+    o = tmp_path / "o.gguf"
+    res = run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "--imatrix", im, "-o", o])
+    assert_clean_error(res, "blk.0.attn_q.weight", "128 values", "96 columns")
+    res = run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "--imatrix", f32_gguf, "-o", o])
+    assert_clean_error(res, "not an imatrix file")
+    d = imx.IMatrix(sums={"enc.0.fc.weight": torch.ones(96)}, counts={"enc.0.fc.weight": 10.0}, datasets=["x"])
+    imx.write(im, d)
+    res = run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "--imatrix", im, "-o", o])
+    assert_clean_error(res, "no entry for any tensor")
+    assert other.is_dir() and not o.exists()
+
+
+def test_rows_not_multiple_of_32(tmp_path):
+    """hidden 72: llama.cpp stores such tensors F16 (no 32-block fits); gptq-int export refuses."""
+    src = build_tiny(tmp_path / "odd", hidden=72, ffn=160)
+    out = tmp_path / "odd.gguf"
+    res = run(["quantize", src, "--method", "kquant", "--type", "Q4_K_M", "-o", out])
+    assert res.exit_code == 0, res.output
+    types = {t.name: t.tensor_type.name for t in _reader(out).tensors}
+    # 72 columns fit no block: F16; ffn_down's 160 columns fit 32-blocks: Q4_K -> Q5_0
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.ffn_down.weight"] == "Q5_0"
+    ck = tmp_path / "ck"
+    assert run(["quantize", src, "--bits", "4", "--group-size", "-1", "--sym", "-o", ck]).exit_code == 0
+    assert_clean_error(run(["export", "gguf", ck, "-o", tmp_path / "x.gguf"]), "not a multiple of 32")
+    assert_clean_error(run(["imatrix", src, "--nsamples", 1, "--seqlen", 16, "-o", tmp_path / "i.gguf"],
+                           env={"COMPRESS_DATA_DIR": str(tmp_path / "none")}), "does not exist")
+
+
+def test_unsupported_architecture_for_gguf(tiny_opt, tmp_path):
+    assert_clean_error(run(["export", "gguf", tiny_opt, "-o", tmp_path / "o.gguf"]), "llama architecture", "opt")
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp itself, when its tools are built (~/.cache/compress/llamacpp/build/bin)
+# --------------------------------------------------------------------------------------------
+
+def _llama_bin(name: str) -> Path | None:
+    root = Path(os.environ.get("COMPRESS_CACHE_DIR", Path.home() / ".cache" / "compress"))
+    p = root / "llamacpp" / "build" / "bin" / name
+    return p if p.is_file() and os.access(p, os.X_OK) else None
+
+
+@pytest.fixture(scope="module")
+def llama_quantize():
+    p = _llama_bin("llama-quantize")
+    if p is None:
+        pytest.skip("llama.cpp's llama-quantize is not built (docs/GGUF.md says how)")
+    return p
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_M", "Q2_K"])
+def test_llama_quantize_loads_our_file_and_our_imatrix(llama_quantize, f32_gguf, imatrix_file, tmp_path, mix):
+    """llama-quantize reads our F32 GGUF and our imatrix, and picks the types our plan picks."""
+    from compress.methods.kquant import select_types
+    out = tmp_path / f"lc-{mix}.gguf"
+    p = subprocess.run([str(llama_quantize), "--imatrix", str(imatrix_file), str(f32_gguf), str(out), mix],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "loaded 14 importance matrix entries" in (p.stdout + p.stderr)
+    r = _reader(out)
+    got = {t.name: t.tensor_type.name for t in r.tensors}
+    plan = select_types([(t.name, tuple(int(x) for x in reversed(t.shape.tolist()))) for t in r.tensors], mix,
+                        n_layer=2, n_head=4, n_head_kv=2, has_imatrix=True)
+    assert got == {n: c.type for n, c in plan.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# the real model (slow)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_q4_k_m(smollm2, real_data, tmp_path):
+    """`compress quantize smollm2-135m --method kquant --type Q4_K_M`, then eval ppl on 2 windows.
+    The file's metadata equals the original GGUF's (tokenizer included) except the file type."""
+    from compress import models
+    out = tmp_path / "x.gguf"
+    res = run(["quantize", "smollm2-135m", "--method", "kquant", "--type", "Q4_K_M", "-o", out])
+    assert res.exit_code == 0, res.output
+    r = _reader(out)
+    counts = {}
+    for t in r.tensors:
+        if len(t.shape) == 2:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    assert counts == {"Q5_0": 166, "Q8_0": 15, "Q6_K": 14, "Q4_K": 16}
+    src = _reader(models.source_gguf("smollm2-135m"))
+    for k, f in src.fields.items():
+        if k.startswith("GGUF.") or k == "general.file_type":
+            continue
+        assert k in r.fields, k
+        assert r.fields[k].contents() == f.contents() and r.fields[k].types == f.types, k
+    assert r.fields["general.file_type"].contents() == 15
+    assert {t.name for t in r.tensors} == {t.name for t in src.tensors}
+    js = tmp_path / "r.json"
+    res = run(["eval", "ppl", out, "--base", "smollm2-135m", "--max-windows", 2, "--data-dir", real_data, "--json", js])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(js.read_text())
+    assert rep["kind"] == "gguf" and rep["windows"] == 2
+    assert 0 < rep["kld"] < 0.15 and rep["ppl"] < 1.2 * rep["base_ppl"]
+    assert 6.0 < rep["bits_per_weight"] < 6.3
+
+
+@pytest.mark.slow
+def test_smollm2_llama_cpp_runs_our_gguf(smollm2, real_data, tmp_path):
+    """llama.cpp's own evaluator loads and runs a GGUF we wrote (when its tools are built)."""
+    lp = _llama_bin("llama-perplexity")
+    if lp is None:
+        pytest.skip("llama.cpp's llama-perplexity is not built")
+    out = tmp_path / "q8.gguf"
+    assert run(["quantize", "smollm2-135m", "--method", "kquant", "--type", "Q8_0", "--pure", "-o", out]).exit_code == 0
+    p = subprocess.run([str(lp), "-m", str(out), "-f", str(real_data / "wikitext-2-raw" / "test.joined.txt"),
+                        "-c", "512", "--chunks", "2"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-2000:]
+    import re
+    ppl = float(re.search(r"Final estimate: PPL = ([\d.]+)", p.stdout + p.stderr).group(1))
+    assert 10 < ppl < 60
