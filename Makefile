@@ -20,7 +20,7 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/compress models fetch $(MODEL)
 	$(BIN)/compress quantize $(MODEL) --method rtn --bits 4 --group-size 128 --sym -o $(DEMO_OUT)/rtn-int4-g128
-	$(BIN)/compress inspect $(DEMO_OUT)/rtn-int4-g128 | head -8
+	$(BIN)/compress inspect $(DEMO_OUT)/rtn-int4-g128
 	$(BIN)/compress eval ppl $(MODEL) --json $(DEMO_OUT)/base.json
 	$(BIN)/compress eval ppl $(DEMO_OUT)/rtn-int4-g128 --base $(MODEL) --json $(DEMO_OUT)/rtn-int4-g128.json
 	$(BIN)/compress report $(DEMO_OUT)/base.json $(DEMO_OUT)/rtn-int4-g128.json -o $(DEMO_OUT)/report.md
