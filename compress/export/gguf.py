@@ -238,8 +238,9 @@ def tokenizer_from_folder(folder: Path, config, vocab: int) -> list[KV]:
 
     Token types: added special tokens CONTROL, other added tokens USER_DEFINED, the rest NORMAL;
     ids the tokenizer does not cover (vocab padding) become ``[PAD<id>]`` UNUSED, as llama.cpp's
-    converter does. The pre-tokenizer is ``default`` (llama.cpp names pre-tokenizers by a hash of
-    the tokenizer's behaviour; a model with its original GGUF gets that GGUF's keys instead).
+    converter does. The pre-tokenizer is ``gpt-2`` for a lone byte-level pre-tokenizer with GPT-2's
+    regex, else ``default`` (llama.cpp names pre-tokenizers by a hash of the tokenizer's behaviour;
+    a model with its original GGUF gets that GGUF's keys instead).
     """
     from gguf import GGUFValueType, TokenType
     tj_path = Path(folder) / "tokenizer.json"
@@ -278,7 +279,7 @@ def tokenizer_from_folder(folder: Path, config, vocab: int) -> list[KV]:
         except json.JSONDecodeError:
             tc = {}
     kvs = [KV("tokenizer.ggml.model", "gpt2", GGUFValueType.STRING),
-           KV("tokenizer.ggml.pre", "default", GGUFValueType.STRING),
+           KV("tokenizer.ggml.pre", _pre_name(tj.get("pre_tokenizer") or {}, folder), GGUFValueType.STRING),
            KV("tokenizer.ggml.tokens", tokens, GGUFValueType.ARRAY, GGUFValueType.STRING),
            KV("tokenizer.ggml.token_type", ttypes, GGUFValueType.ARRAY, GGUFValueType.INT32)]
     if merges:
@@ -306,6 +307,18 @@ def tokenizer_from_folder(folder: Path, config, vocab: int) -> list[KV]:
     if isinstance(template, str) and template:
         kvs.append(KV("tokenizer.chat_template", template, GGUFValueType.STRING))
     return kvs
+
+
+def _pre_name(pre: dict, folder) -> str:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json pre-tokenizer: a lone byte-level
+    pre-tokenizer with GPT-2's split regex is llama.cpp's ``gpt-2``; anything else gets
+    ``default`` (llama.cpp's generic regex), with a warning."""
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if len(parts) == 1 and parts[0].get("type") == "ByteLevel" and parts[0].get("use_regex", True):
+        return "gpt-2"
+    log.warning("%s: pre-tokenizer %s has no llama.cpp name here; writing 'default' (llama.cpp may split "
+                "text differently from transformers)", folder, pre.get("type"))
+    return "default"
 
 
 def model_metadata(hp: HParams, file_type: int, name: str, general: list[KV] | None = None,

@@ -62,7 +62,7 @@ def test_f32_export_layout(f32_gguf, tiny_llama):
     assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"])
     # tokenizer derived from tokenizer.json: byte-level BPE
     tj = json.loads((tiny_llama / "tokenizer.json").read_text())
-    assert f["tokenizer.ggml.model"] == "gpt2"
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
     toks = f["tokenizer.ggml.tokens"]
     assert len(toks) == 320 and toks[:300] == sorted(tj["model"]["vocab"], key=tj["model"]["vocab"].get)
     assert toks[300] == "[PAD300]" and f["tokenizer.ggml.token_type"][300] == 5
@@ -414,6 +414,32 @@ def llama_quantize():
     return p
 
 
+def test_llama_imatrix_file_reads_and_matches_ours(f32_gguf, tiny_llama, tmp_path):
+    """llama-imatrix on our GGUF: we read its file, and its sums equal ours on the same tokens
+    (its tokenizer, from our GGUF's keys, splits the text as transformers does)."""
+    from compress import imatrix as imx
+    from compress import models
+    from tests.conftest import synthetic_text
+    li = _llama_bin("llama-imatrix")
+    if li is None:
+        pytest.skip("llama.cpp's llama-imatrix is not built")
+    text = synthetic_text(3000, seed=5)
+    (tmp_path / "t.txt").write_text(text)
+    p = subprocess.run([str(li), "-m", str(f32_gguf), "-f", str(tmp_path / "t.txt"), "-c", "64", "--chunks", "3",
+                        "-o", str(tmp_path / "lc.gguf")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-2000:]
+    lc = imx.read(tmp_path / "lc.gguf")
+    assert len(lc.sums) == 14 and lc.chunk_count == 3 and lc.chunk_size == 64
+    m = models.load(str(tiny_llama))
+    ids = m.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ours = imx.collect(m, torch.tensor(ids[:192]).view(3, 64), progress=False)
+    assert set(ours.sums) == set(lc.sums)
+    for k in lc.sums:
+        assert lc.counts[k] == ours.counts[k] == 192
+        a, b = lc.sums[k], ours.sums[k]
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-2, k
+
+
 @pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_M", "Q2_K"])
 def test_llama_quantize_loads_our_file_and_our_imatrix(llama_quantize, f32_gguf, imatrix_file, tmp_path, mix):
     """llama-quantize reads our F32 GGUF and our imatrix, and picks the types our plan picks."""
@@ -479,3 +505,39 @@ def test_smollm2_llama_cpp_runs_our_gguf(smollm2, real_data, tmp_path):
     import re
     ppl = float(re.search(r"Final estimate: PPL = ([\d.]+)", p.stdout + p.stderr).group(1))
     assert 10 < ppl < 60
+
+
+@pytest.mark.slow
+def test_smollm2_types_equal_llama_quantize_dry_run(tmp_path):
+    """On SmolLM2's 272 tensors, every mix (plain, --pure, with an imatrix) picks exactly the
+    types `llama-quantize --dry-run` picks (when llama.cpp's tools are built)."""
+    import re
+
+    from compress import imatrix as imx
+    from compress import models
+    from compress.methods.kquant import select_types
+    lq = _llama_bin("llama-quantize")
+    src = models.source_gguf("smollm2-135m")
+    if lq is None or src is None:
+        pytest.skip("needs llama.cpp's llama-quantize and the cached SmolLM2 source GGUF")
+    r = _reader(src)
+    tensors = [(t.name, tuple(int(x) for x in reversed(t.shape.tolist()))) for t in r.tensors]
+    im = tmp_path / "ones.gguf"        # any imatrix with every block linear (only its presence matters)
+    names = [n for n, s in tensors if n.startswith("blk.") and len(s) == 2]
+    shapes = dict(tensors)
+    imx.write(im, imx.IMatrix(sums={n: torch.ones(shapes[n][1]) for n in names}, counts={n: 1.0 for n in names},
+                              datasets=["ones"], chunk_count=1, chunk_size=1))
+    for mix in ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0",
+                "Q4_0", "Q4_1", "Q5_0", "Q5_1"]:
+        for pure, use_im in ((False, False), (True, False), (False, True)):
+            cmd = [str(lq), "--allow-requantize", "--dry-run"] + (["--pure"] if pure else []) \
+                + (["--imatrix", str(im)] if use_im else []) + [str(src), str(tmp_path / "x.gguf"), mix]
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            assert p.returncode == 0, (p.stdout + p.stderr)[-1000:]
+            got = {}
+            for line in (p.stdout + p.stderr).splitlines():
+                m = re.match(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- .*type =\s*(\w+),.*?(?:\((\w+)\))?\s*$", line)
+                if m:
+                    got[m.group(1)] = (m.group(3) or m.group(2)).upper()
+            plan = select_types(tensors, mix, n_layer=30, n_head=9, n_head_kv=3, pure=pure, has_imatrix=use_im)
+            assert got == {n: c.type for n, c in plan.items()}, (mix, pure, use_im)
