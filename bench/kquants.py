@@ -158,7 +158,6 @@ def main(argv=None) -> int:
     return 0
 
 
-
 # ================================================================================================
 # Model level: llama.cpp type mixes on SmolLM2 (perplexity, KL divergence, size)
 #
@@ -377,7 +376,7 @@ def model_level(argv) -> int:
             cmd = [str(lq)] + (["--pure"] if pure else []) + (["--imatrix", str(im_path)] if use_im else []) \
                 + [str(f32), str(out), mix]
             p = subprocess.run(cmd, capture_output=True, text=True)
-            rec = {"label": label, "command": " ".join(cmd)}
+            rec = {"label": label, "command": " ".join(cmd), "file": str(out)}
             if p.returncode != 0:
                 rec["error"] = (p.stdout + p.stderr)[-500:]
             else:
@@ -415,8 +414,31 @@ def model_level(argv) -> int:
         tgt = LLAMA_CPP_TARGETS.get(r["label"])
         print(f"| {r['label']} | {r['bits_per_weight_matrices']:.3f} | {r['size_bytes'] / 2**20:.1f} | {r['ppl']:.4f} | "
               f"{r['kld']:.5f} | {100 * r['top1']:.2f}% | {'-' if tgt is None else tgt} |")
+    if llama is not None:
+        print(f"\nllama.cpp's evaluator (llama-perplexity -c 512 --chunks {args.llama_chunks}, KLD vs the F32 GGUF):")
+        print("| variant | KLD, our file | KLD, llama-quantize's file | files byte-identical |")
+        print("|---|---|---|---|")
+        for r in records:
+            theirs = llama["llama_cpp_quantize"].get(r["label"], {})
+            same = _same_tensors(Path(r["file"]), Path(theirs["file"])) if theirs.get("file") and "error" not in theirs else None
+            theirs["byte_identical_to_ours"] = same
+            kl_t = (theirs.get("llama_cpp_eval") or {}).get("kld")
+            print(f"| {r['label']} | {r['llama_cpp_eval'].get('kld')} | {'-' if kl_t is None else kl_t} | "
+                  f"{'-' if same is None else same} |")
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        os.replace(tmp, args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    """Whether two GGUFs hold the same tensors (names, types, bytes)."""
+    import numpy as np
+    from gguf import GGUFReader
+    ta = {t.name: t for t in GGUFReader(str(a)).tensors}
+    tb = {t.name: t for t in GGUFReader(str(b)).tensors}
+    return set(ta) == set(tb) and all(ta[n].tensor_type == tb[n].tensor_type
+                                      and np.array_equal(np.array(ta[n].data), np.array(tb[n].data)) for n in ta)
 
 
 if __name__ == "__main__":

@@ -441,8 +441,10 @@ def test_llama_imatrix_file_reads_and_matches_ours(f32_gguf, tiny_llama, tmp_pat
 
 
 @pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_M", "Q2_K"])
-def test_llama_quantize_loads_our_file_and_our_imatrix(llama_quantize, f32_gguf, imatrix_file, tmp_path, mix):
-    """llama-quantize reads our F32 GGUF and our imatrix, and picks the types our plan picks."""
+def test_llama_quantize_loads_our_file_and_our_imatrix(llama_quantize, f32_gguf, imatrix_file, tiny_llama, tmp_path,
+                                                        mix):
+    """llama-quantize reads our F32 GGUF and our imatrix, picks the types our plan picks, and writes
+    tensors byte-identical to `compress quantize --method kquant` with the same imatrix."""
     from compress.methods.kquant import select_types
     out = tmp_path / f"lc-{mix}.gguf"
     p = subprocess.run([str(llama_quantize), "--imatrix", str(imatrix_file), str(f32_gguf), str(out), mix],
@@ -454,6 +456,12 @@ def test_llama_quantize_loads_our_file_and_our_imatrix(llama_quantize, f32_gguf,
     plan = select_types([(t.name, tuple(int(x) for x in reversed(t.shape.tolist()))) for t in r.tensors], mix,
                         n_layer=2, n_head=4, n_head_kv=2, has_imatrix=True)
     assert got == {n: c.type for n, c in plan.items()}
+    ours = tmp_path / "ours.gguf"
+    res = run(["quantize", tiny_llama, "--method", "kquant", "--type", mix, "--imatrix", imatrix_file, "-o", ours])
+    assert res.exit_code == 0, res.output
+    mine = {t.name: np.array(t.data) for t in _reader(ours).tensors}
+    for t in r.tensors:
+        assert np.array_equal(np.array(t.data), mine[t.name]), t.name
 
 
 # --------------------------------------------------------------------------------------------
