@@ -274,6 +274,9 @@ def model_level(argv) -> int:
     ap.add_argument("--llama-cpp-bin", type=Path, default=None,
                     help="folder with llama-perplexity and llama-quantize: score with llama.cpp too")
     ap.add_argument("--llama-chunks", type=int, default=64)
+    ap.add_argument("--llama-imatrix-chunks", type=int, default=None,
+                    help="also run llama-imatrix (-c 512, this many chunks of wikitext-2/valid.txt) and quantize "
+                         "the +imatrix variants with llama-quantize and that file: llama.cpp end to end")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kquants-smollm2.json")
     args = ap.parse_args(argv)
 
@@ -362,7 +365,8 @@ def model_level(argv) -> int:
         f32 = workdir / f"{args.model}-f32.gguf"
         if not (args.reuse and f32.is_file()):
             api.export_gguf(args.model, f32, "F32", progress=False)
-        text_file = data_dir(args.data_dir) / proto.file
+        # llama.cpp's evaluator reads the raw file (the reference numbers were measured on it)
+        text_file = data_dir(args.data_dir) / "wikitext-2-raw" / "wiki.test.raw"
         base_kld = workdir / f"{args.model}-f32-c512-{args.llama_chunks}.kld"
         llama = {"base": _llama_perplexity(lp, f32, text_file, base_kld, args.llama_chunks, make_base=True),
                  "ours": {}, "llama_cpp_quantize": {}}
@@ -385,6 +389,8 @@ def model_level(argv) -> int:
                            type_counts=g["type_counts"],
                            llama_cpp_eval=_llama_perplexity(lp, out, text_file, base_kld, args.llama_chunks, False))
             llama["llama_cpp_quantize"][label] = rec
+        if args.llama_imatrix_chunks:
+            llama["llama_cpp_imatrix"] = _llama_cpp_end_to_end(args, variants, f32, lp, text_file, base_kld, workdir)
 
     result = {
         "benchmark": "kquants-smollm2", "model": args.model, "protocol": args.protocol,
@@ -425,10 +431,50 @@ def model_level(argv) -> int:
             kl_t = (theirs.get("llama_cpp_eval") or {}).get("kld")
             print(f"| {r['label']} | {r['llama_cpp_eval'].get('kld')} | {'-' if kl_t is None else kl_t} | "
                   f"{'-' if same is None else same} |")
+        e2e = llama.get("llama_cpp_imatrix")
+        if e2e and "error" not in e2e:
+            print(f"\nllama.cpp end to end (llama-imatrix --chunks {args.llama_imatrix_chunks}, llama-quantize):")
+            for label, rec in e2e["variants"].items():
+                print(f"| {label} | {(rec.get('llama_cpp_eval') or {}).get('kld')} |")
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
         os.replace(tmp, args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+def _llama_cpp_end_to_end(args, variants, f32: Path, lp: Path, text_file: Path, base_kld: Path, workdir: Path):
+    """llama-imatrix on the calibration text, then llama-quantize with its file, scored by llama-perplexity."""
+    import subprocess
+
+    from compress.export.gguf import inspect_gguf
+    from evals.data import data_dir
+    li, lq = args.llama_cpp_bin / "llama-imatrix", args.llama_cpp_bin / "llama-quantize"
+    im = workdir / f"{args.model}-llama-imatrix-c512-{args.llama_imatrix_chunks}.gguf"
+    calib_text = data_dir(args.data_dir) / "wikitext-2" / "valid.txt"
+    cmd = [str(li), "-m", str(f32), "-f", str(calib_text), "-c", "512", "--chunks", str(args.llama_imatrix_chunks),
+           "-o", str(im), "-t", str(max(1, os.cpu_count() or 2))]
+    print("llama-imatrix ...", flush=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    out = {"imatrix_command": " ".join(cmd), "imatrix_seconds": time.perf_counter() - t0, "variants": {}}
+    if p.returncode != 0:
+        out["error"] = (p.stdout + p.stderr)[-500:]
+        return out
+    for label, mix, pure, use_im, method in variants:
+        if method != "kquant" or not use_im:
+            continue
+        dest = workdir / f"{args.model}-{_slug(label)}-llamacpp-own-imatrix.gguf"
+        q = [str(lq)] + (["--pure"] if pure else []) + ["--imatrix", str(im), str(f32), str(dest), mix]
+        r = subprocess.run(q, capture_output=True, text=True)
+        rec = {"command": " ".join(q), "file": str(dest)}
+        if r.returncode != 0:
+            rec["error"] = (r.stdout + r.stderr)[-500:]
+        else:
+            g = inspect_gguf(dest)
+            rec.update(size_bytes=g["size_bytes"], bits_per_weight_matrices=g["bits_per_weight_matrices"],
+                       llama_cpp_eval=_llama_perplexity(lp, dest, text_file, base_kld, args.llama_chunks, False))
+        out["variants"][label] = rec
+    return out
 
 
 def _same_tensors(a: Path, b: Path) -> bool:

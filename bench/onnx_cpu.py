@@ -48,6 +48,8 @@ VARIANTS = [
     # lm_head (tied embedding) quantized at export, 8-bit blocks of 32; its node runs at accuracy level 4
     ("onnx int4 g128 acc0 +lm_head int8", "int4-g128", dict(fmt="matmulnbits", accuracy_level=0, lm_head_bits=8)),
     ("onnx int4 g128 acc4 +lm_head int8", "int4-g128", dict(fmt="matmulnbits", accuracy_level=4, lm_head_bits=8)),
+    # everything 4-bit: the lm_head too (4-bit blocks of 32)
+    ("onnx int4 g128 acc4 +lm_head int4", "int4-g128", dict(fmt="matmulnbits", accuracy_level=4, lm_head_bits=4)),
     ("onnx int4 g128 qdq", "int4-g128", dict(fmt="qdq")),
     ("onnx int8 g128 acc0", "int8-g128", dict(fmt="matmulnbits", accuracy_level=0)),
     ("onnx int8 g128 acc4", "int8-g128", dict(fmt="matmulnbits", accuracy_level=4)),

@@ -62,36 +62,30 @@ def _desc(bits: int, group: int, sym: bool) -> str:
 
 
 def _gptq_suite():
+    """RTN and GPTQ with act-order at every setting and grid; GPTQ without act-order at 4-bit g128."""
     rows = []
     for bits, group, grids in _GPTQ_SETTINGS:
         for sym in grids:
             kw = dict(bits=bits, group_size=group, sym=sym)
             rows.append((f"rtn {_desc(bits, group, sym)}", "rtn", kw, {}))
-            for act_order in (False, True):
+            orders = (False, True) if (bits, group, sym) == (4, 128, False) else (True,)
+            for act_order in orders:
                 rows.append((f"gptq {_desc(bits, group, sym)}{' act-order' if act_order else ''}", "gptq",
                              dict(kw, act_order=act_order), {"gptq": dict(damp=0.01)}))
     return rows
 
 
 SUITES["gptq"] = _gptq_suite()
+# compared with the gptq suite's rows of the same settings (same windows, same calibration draw)
 SUITES["awq"] = [
-    ("rtn int4 g128 asym", "rtn", dict(bits=4, group_size=128, sym=False), {}),
-    ("gptq int4 g128 asym act-order", "gptq", dict(bits=4, group_size=128, sym=False, act_order=True),
-     {"gptq": dict(damp=0.01)}),
     ("awq int4 g128 asym", "awq", dict(bits=4, group_size=128, sym=False), {"awq": dict(objective="module")}),
-    ("rtn int3 g128 asym", "rtn", dict(bits=3, group_size=128, sym=False), {}),
-    ("gptq int3 g128 asym act-order", "gptq", dict(bits=3, group_size=128, sym=False, act_order=True),
-     {"gptq": dict(damp=0.01)}),
     ("awq int3 g128 asym", "awq", dict(bits=3, group_size=128, sym=False), {"awq": dict(objective="module")}),
+    ("awq+gptq int4 g128 asym act-order", "awq+gptq", dict(bits=4, group_size=128, sym=False, act_order=True),
+     {"awq": dict(objective="module"), "gptq": dict(damp=0.01)}),
     ("awq+gptq int3 g128 asym act-order", "awq+gptq", dict(bits=3, group_size=128, sym=False, act_order=True),
      {"awq": dict(objective="module"), "gptq": dict(damp=0.01)}),
-    # AWQ's clipping before GPTQ (off by default for awq+gptq)
-    ("awq+gptq int3 g128 asym act-order clip", "awq+gptq", dict(bits=3, group_size=128, sym=False, act_order=True),
-     {"awq": dict(objective="module", clip=True), "gptq": dict(damp=0.01)}),
     # the faster objective (linear outputs through the Hessian): what it costs in quality
     ("awq int4 g128 asym linear-objective", "awq", dict(bits=4, group_size=128, sym=False),
-     {"awq": dict(objective="linear")}),
-    ("awq int3 g128 asym linear-objective", "awq", dict(bits=3, group_size=128, sym=False),
      {"awq": dict(objective="linear")}),
 ]
 SUITES["smoothquant"] = [

@@ -123,6 +123,19 @@ class BlockInputs:
                 handle.remove()
         return outs
 
+    def group_hessian(self, block: torch.nn.Module, linears: list[str]):
+        """Run ``block`` as far as the last of ``linears`` and return the
+        :class:`~calib.stats.HessianAccumulator` of the input they share (that of the first)."""
+        from calib.stats import HessianAccumulator
+        first = block.get_submodule(linears[0])
+        acc = HessianAccumulator(first.in_features)
+        handle = first.register_forward_hook(acc.hook)
+        try:
+            self.run(block, stop_at=block.get_submodule(linears[-1]))
+        finally:
+            handle.remove()
+        return acc
+
     @torch.no_grad()
     def advance(self, block: torch.nn.Module) -> None:
         """Replace the stored inputs by ``block``'s outputs (the next block's inputs)."""

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from . import __version__, models
 from .checkpoint import quantization_config, read_quant_meta, save_packed
 from .errors import CompressError
+from .fileio import atomic_text
 from .methods import rtn
 from .qlinear import QuantLinear, W8A8Linear, set_submodule
 from .scheme import IntScheme, W8A8Scheme
@@ -221,11 +222,7 @@ def eval_ppl(model_spec: str, protocol: str = "wt2-quick", max_windows: int | No
 
 
 def write_json(data: dict, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------- generation

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import CompressError
+from .fileio import publish_mode
 from .formats import gptq_int, w8a8
 from .qlinear import QuantLinear, W8A8Linear, set_submodule
 from .scheme import FORMAT_VERSION, IntScheme, W8A8Scheme
@@ -48,11 +49,9 @@ class AtomicFolder:
         return self.tmp
 
     def _publish_modes(self):
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)
+        publish_mode(self.tmp, directory=True)
         for f in self.tmp.rglob("*"):
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+            publish_mode(f, directory=f.is_dir())
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:

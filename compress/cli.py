@@ -413,15 +413,13 @@ def report(results, out, max_ppl_increase):
     from evals import report as rep
 
     from .api import write_json
+    from .fileio import atomic_text
     if max_ppl_increase is not None and max_ppl_increase < 0:
         raise click.BadParameter("must be >= 0", param_hint="--max-ppl-increase")
     runs = [rep.read_run(p) for p in results]
     data = rep.build(runs)
     md = rep.markdown(data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(md)
-    tmp.replace(out)
+    atomic_text(out, md)
     write_json(data, out.with_suffix(".json"))
     click.echo(md, nl=False)
     if max_ppl_increase is not None:

@@ -24,7 +24,6 @@ and never for tied embeddings; ``process_output=True`` does the same here.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from .errors import CompressError
+from .fileio import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -145,27 +145,6 @@ def collect(loaded, windows: torch.Tensor, process_output: bool = False, device:
 # writing
 # --------------------------------------------------------------------------------------------
 
-def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    if path.exists() and path.is_dir():
-        raise CompressError(f"{path} exists and is a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def write_gguf(path: Path, im: IMatrix) -> Path:
     """llama.cpp's GGUF imatrix layout (see the module docstring); entries in name order."""
     import gguf
@@ -191,7 +170,7 @@ def write_gguf(path: Path, im: IMatrix) -> Path:
         w.write_tensors_to_file()
         w.close()
 
-    return _atomic(path, write)
+    return atomic_file(path, write)
 
 
 def write_legacy(path: Path, im: IMatrix) -> Path:
@@ -216,7 +195,7 @@ def write_legacy(path: Path, im: IMatrix) -> Path:
             ds = (im.datasets[-1] if im.datasets else "").encode()
             f.write(struct.pack("<i", len(ds)) + ds)
 
-    return _atomic(path, write)
+    return atomic_file(path, write)
 
 
 def write(path: Path, im: IMatrix, fmt: str | None = None) -> Path:

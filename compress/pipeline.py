@@ -104,13 +104,7 @@ def gptq_model(loaded, scheme: IntScheme, windows: torch.Tensor | None, opts: GP
 
         def process(i, block, inputs):
             for g in arch.groups:
-                first = block.get_submodule(g.linears[0])
-                acc = HessianAccumulator(first.in_features)
-                h = first.register_forward_hook(acc.hook)
-                try:
-                    inputs.run(block, stop_at=block.get_submodule(g.linears[-1]))
-                finally:
-                    h.remove()
+                acc = inputs.group_hessian(block, g.linears)
                 key = group_key(arch, i, g)
                 if save_stats_path is not None:
                     stats[key] = acc
@@ -283,14 +277,7 @@ def _awq_quantize_block(i: int, block, inputs, arch, scheme: IntScheme, opts: AW
                         skip: set, search: AWQSearch, rec: RunRecord, keep_hessians: bool) -> None:
     for g in arch.groups:
         key = group_key(arch, i, g)
-        first = block.get_submodule(g.linears[0])
-        acc = HessianAccumulator(first.in_features)
-        h = first.register_forward_hook(acc.hook)
-        try:
-            inputs.run(block, stop_at=block.get_submodule(g.linears[-1]))
-        finally:
-            h.remove()
-        H = acc.hessian()
+        H = inputs.group_hessian(block, g.linears).hessian()
         if keep_hessians:
             search.hessians[key] = H.cpu()
         for name in g.linears:

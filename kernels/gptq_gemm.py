@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from .reference import check_gptq_args, gptq_linear_ref
-from .tiling import grouped_tile
+from .tiling import grouped_tile, split_k_range
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 16   # M up to this uses the decode (split-K) kernel
@@ -178,6 +178,27 @@ def _uniform(meta) -> bool:
     return bool(meta["NATURAL"]) and meta["group_size"] % meta["BLOCK_K"] == 0
 
 
+@triton.jit
+def _k_loop(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, rows, m_mask, offs_n, n_mask, kb_start, kb_end, K, group_size,
+            stride_xm, stride_xk, stride_qw, stride_qz, stride_s,
+            BITS: tl.constexpr, FP32_DOT: tl.constexpr, UNIFORM: tl.constexpr,
+            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc += x[rows, K blocks kb_start..kb_end) @ dequant(W)[those K, offs_n] (the main loop of both kernels)."""
+    for kb in range(kb_start, kb_end):
+        k0 = kb * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, k_mask, n_mask, k0, K, group_size,
+                          stride_qw, stride_qz, stride_s, BITS, UNIFORM, BLOCK_K, BLOCK_N)
+        if FP32_DOT:
+            acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w.to(a.dtype), acc)
+    return acc
+
+
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "BITS", "NATURAL"])
 @triton.heuristics({"UNIFORM": _uniform})
 @triton.jit
@@ -197,18 +218,9 @@ def _gptq_gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr,
     n_mask = offs_n < N
     rows64 = offs_m.to(tl.int64)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        a = tl.load(x_ptr + rows64[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, k_mask, n_mask, k0, K, group_size,
-                          stride_qw, stride_qz, stride_s, BITS, UNIFORM, BLOCK_K, BLOCK_N)
-        if FP32_DOT:
-            acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w.to(a.dtype), acc)
+    acc = _k_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr,
+                  rows64, m_mask, offs_n, n_mask, 0, tl.cdiv(K, BLOCK_K), K, group_size,
+                  stride_xm, stride_xk, stride_qw, stride_qz, stride_s, BITS, FP32_DOT, UNIFORM, BLOCK_K, BLOCK_N)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -235,24 +247,10 @@ def _gptq_decode_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr,
     m_mask = offs_m < M
     n_mask = offs_n < N
 
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb_start = pid_k * per_split
-    kb_end = tl.minimum(kb_start + per_split, k_blocks)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(kb_start, kb_end):
-        k0 = kb * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, k_mask, n_mask, k0, K, group_size,
-                          stride_qw, stride_qz, stride_s, BITS, UNIFORM, BLOCK_K, BLOCK_N)
-        if FP32_DOT:
-            acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w.to(a.dtype), acc)
+    kb_start, kb_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    acc = _k_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr,
+                  offs_m, m_mask, offs_n, n_mask, kb_start, kb_end, K, group_size,
+                  stride_xm, stride_xk, stride_qw, stride_qz, stride_s, BITS, FP32_DOT, UNIFORM, BLOCK_K, BLOCK_N)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)

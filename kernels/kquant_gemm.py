@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from .reference import GGUF_BLOCK_TYPES, check_kquant_args, kquant_linear_ref
-from .tiling import grouped_tile
+from .tiling import grouped_tile, split_k_range
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 16   # M up to this uses the decode (split-K) kernel
@@ -213,6 +213,24 @@ def _decode_configs():
             for bn, bk, sk, w, s in shapes]
 
 
+@triton.jit
+def _k_loop(acc, x_ptr, w_ptr, rows, m_mask, offs_n, n_mask, kb_start, kb_end, K, stride_xm, stride_xk, stride_w,
+            QTYPE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc (the y tile transposed, (BLOCK_N, BLOCK_M)) += dequant(W)[offs_n, K blocks kb_start..kb_end)
+    @ x[rows, those K].T (the main loop of both kernels)."""
+    for kb in range(kb_start, kb_end):
+        k0 = kb * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + rows[None, :] * stride_xm + offs_k[:, None] * stride_xk,
+                     mask=(offs_k < K)[:, None] & m_mask[None, :], other=0.0)   # (BLOCK_K, BLOCK_M)
+        w = _dequant_tile(w_ptr, offs_n, n_mask, stride_w, k0 // 16, K, QTYPE, BLOCK_N, BLOCK_K)
+        if FP32_DOT:
+            acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
+    return acc
+
+
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "QTYPE"])
 @triton.jit
 def _kquant_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
@@ -231,16 +249,9 @@ def _kquant_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     n_mask = offs_n < N
     rows64 = offs_m.to(tl.int64)
 
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)         # y tile, transposed
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + rows64[None, :] * stride_xm + offs_k[:, None] * stride_xk,
-                     mask=(offs_k < K)[:, None] & m_mask[None, :], other=0.0)   # (BLOCK_K, BLOCK_M)
-        w = _dequant_tile(w_ptr, offs_n, n_mask, stride_w, k0 // 16, K, QTYPE, BLOCK_N, BLOCK_K)
-        if FP32_DOT:
-            acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w.to(xt.dtype), xt, acc)
+    acc = _k_loop(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),          # y tile, transposed
+                  x_ptr, w_ptr, rows64, m_mask, offs_n, n_mask, 0, tl.cdiv(K, BLOCK_K), K,
+                  stride_xm, stride_xk, stride_w, QTYPE, FP32_DOT, BLOCK_N, BLOCK_K)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -266,22 +277,10 @@ def _kquant_decode_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     m_mask = offs_m < M
     n_mask = offs_n < N
 
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_blocks, SPLIT_K)
-    kb_start = pid_k * per_split
-    kb_end = tl.minimum(kb_start + per_split, k_blocks)
-
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for kb in range(kb_start, kb_end):
-        k0 = kb * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None] * stride_xk,
-                     mask=(offs_k < K)[:, None] & m_mask[None, :], other=0.0)
-        w = _dequant_tile(w_ptr, offs_n, n_mask, stride_w, k0 // 16, K, QTYPE, BLOCK_N, BLOCK_K)
-        if FP32_DOT:
-            acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w.to(xt.dtype), xt, acc)
+    kb_start, kb_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    acc = _k_loop(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
+                  x_ptr, w_ptr, offs_m, m_mask, offs_n, n_mask, kb_start, kb_end, K,
+                  stride_xm, stride_xk, stride_w, QTYPE, FP32_DOT, BLOCK_N, BLOCK_K)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)

@@ -1,4 +1,4 @@
-"""Launch-order helpers shared by the tiled GEMM kernels."""
+"""Launch-order and K-range helpers shared by the GEMM kernels."""
 import triton
 import triton.language as tl
 
@@ -15,3 +15,12 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     pid_m = first_m + (pid % per_group) % rows
     pid_n = (pid % per_group) // rows
     return pid_m, pid_n
+
+
+@triton.jit
+def split_k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The K blocks (of BLOCK_K) that split ``pid_k`` of SPLIT_K sums over: [start, end)."""
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    start = pid_k * per_split
+    return start, tl.minimum(start + per_split, k_blocks)

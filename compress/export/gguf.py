@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from .. import __version__
 from ..errors import CompressError
+from ..fileio import atomic_file
 from ..methods.kquant import (CODECS, FLOAT_TYPES, GGMLModel, GGMLTensor, MIXES, TensorChoice, get_mix,
                               pack_codes, select_types)
 
@@ -389,11 +389,8 @@ def write_gguf(path: Path, kvs: list[KV], tensors: list[GGMLTensor], hp: HParams
     path = Path(path)
     if path.suffix != ".gguf":
         raise CompressError(f"GGUF output must end with .gguf, got {path}")
-    if path.exists() and path.is_dir():
-        raise CompressError(f"{path} exists and is a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), GGUF_ARCH)
         for kv in kvs:
             if kv.key == "general.architecture":
@@ -414,17 +411,8 @@ def write_gguf(path: Path, kvs: list[KV], tensors: list[GGMLTensor], hp: HParams
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=progress)
         w.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+
+    return atomic_file(path, write)
 
 
 def inspect_gguf(path: Path) -> dict:

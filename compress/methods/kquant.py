@@ -674,7 +674,6 @@ def quantize_model_gptq(loaded, plan: dict[str, TensorChoice], windows: torch.Te
     losses and fallbacks.
     """
     from calib.runner import run_sequential
-    from calib.stats import HessianAccumulator
 
     model, arch = loaded.model, loaded.arch
     done: dict[str, GGMLTensor] = {}
@@ -683,14 +682,7 @@ def quantize_model_gptq(loaded, plan: dict[str, TensorChoice], windows: torch.Te
 
     def process(i, block, inputs):
         for g in arch.groups:
-            first = block.get_submodule(g.linears[0])
-            acc = HessianAccumulator(first.in_features)
-            hdl = first.register_forward_hook(acc.hook)
-            try:
-                inputs.run(block, stop_at=block.get_submodule(g.linears[-1]))
-            finally:
-                hdl.remove()
-            H = acc.hessian()
+            H = inputs.group_hessian(block, g.linears).hessian()
             for lname in g.linears:
                 lin = block.get_submodule(lname)
                 gname = to_gguf_name(f"{arch.blocks}.{i}.{lname}.weight")
@@ -710,7 +702,7 @@ def quantize_model_gptq(loaded, plan: dict[str, TensorChoice], windows: torch.Te
                     rec["fallbacks"][gname] = res.fallback
                     log.warning("%s: %s", gname, res.fallback)
                 lin.weight.data = res.weight.to(w.device, w.dtype)
-            del acc, H
+            del H
 
     run_sequential(model, arch, windows, process, device=device, progress=progress, desc="gptq-gguf")
     rec["seconds"] = time.perf_counter() - t0
