@@ -134,20 +134,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, scheme: IntScheme, damp: float 
         w = w[:, perm]
         h = h[perm][:, perm]
 
-    mean_diag = float(torch.diagonal(h).mean())
-    cur = float(damp)
-    u = None
-    tries = 0
-    for attempt in range(max_damp_tries + 1):
-        tries = attempt + 1
-        hd = h.clone()
-        hd.diagonal().add_(cur * mean_diag)
-        u = _inverse_cholesky(hd)
-        if u is not None:
-            break
-        if attempt < max_damp_tries:
-            logger.warning("GPTQ: Cholesky failed with relative dampening %g; retrying with %g", cur, cur * 10)
-            cur *= 10
+    u, cur, tries = damped_inverse_cholesky(h, damp, max_damp_tries, "GPTQ")
     info = {"dead_columns": n_dead, "damp_tries": tries, "perm": perm}
 
     if u is None:
@@ -170,6 +157,25 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, scheme: IntScheme, damp: float 
     fallback = f"damp-increased:{cur:g}" if tries > 1 else None
     return GPTQResult(q=q, scales=scales, zeros=zeros, g_idx=g_idx, loss=loss, damp=cur,
                       fallback=fallback, info=info)
+
+
+def damped_inverse_cholesky(h: torch.Tensor, damp: float, max_tries: int, what: str):
+    """Upper Cholesky factor of the inverse of ``h`` plus ``damp`` times its mean diagonal; when the
+    factorisation fails the dampening is multiplied by 10, up to ``max_tries`` more times (each retry
+    logged). Returns ``(factor or None, last dampening, attempts)``."""
+    mean_diag = float(torch.diagonal(h).mean())
+    cur, u, tries = float(damp), None, 0
+    for attempt in range(max_tries + 1):
+        tries = attempt + 1
+        hd = h.clone()
+        hd.diagonal().add_(cur * mean_diag)
+        u = _inverse_cholesky(hd)
+        if u is not None:
+            break
+        if attempt < max_tries:
+            logger.warning("%s: Cholesky failed with relative dampening %g; retrying with %g", what, cur, cur * 10)
+            cur *= 10
+    return u, cur, tries
 
 
 def _solve_columns(w: torch.Tensor, u: torch.Tensor, scheme: IntScheme, gs: int, group_cols: bool,

@@ -37,7 +37,7 @@ import torch
 
 from ..errors import CompressError
 from ..formats import kquants
-from .gptq import _inverse_cholesky, output_error
+from .gptq import damped_inverse_cholesky, output_error
 
 log = logging.getLogger(__name__)
 
@@ -517,18 +517,7 @@ def _gptq_kquant_solve(W, H, type_name, damp, block_size, max_damp_tries, import
         w[:, dead] = 0.0
     imp = _importance(h_given, importance)
 
-    mean_diag = float(torch.diagonal(h).mean())
-    cur, u, tries = float(damp), None, 0
-    for attempt in range(max_damp_tries + 1):
-        tries = attempt + 1
-        hd = h.clone()
-        hd.diagonal().add_(cur * mean_diag)
-        u = _inverse_cholesky(hd)
-        if u is not None:
-            break
-        if attempt < max_damp_tries:
-            log.warning("GPTQ-%s: Cholesky failed with relative dampening %g; retrying with %g", type_name, cur, cur * 10)
-            cur *= 10
+    u, cur, tries = damped_inverse_cholesky(h, damp, max_damp_tries, f"GPTQ-{type_name}")
     info = {"dead_columns": int(dead.sum()), "damp_tries": tries}
     if u is None:
         log.warning("GPTQ-%s: Cholesky failed after %d tries; falling back to importance-weighted rounding",
