@@ -18,6 +18,25 @@ from .errors import CompressError
 GROUP_HELP = "Input columns per scale: -1 (per-channel), or a positive size such as 32, 64, 128."
 
 
+def _calib_options(nsamples_help: str, seqlen_help: str):
+    """The calibration-set options shared by the calibrated commands."""
+    opts = [
+        click.option("--calib", "calib_source", default="wikitext2", show_default=True,
+                     help="Calibration text: a named set (wikitext2) or a UTF-8 text file."),
+        click.option("--nsamples", type=int, default=128, show_default=True, help=nsamples_help),
+        click.option("--seqlen", type=int, default=512, show_default=True, help=seqlen_help),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the window draw."),
+        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                     help="Folder holding the named calibration sets (default: $COMPRESS_DATA_DIR)."),
+    ]
+
+    def apply(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return apply
+
+
 def _user_errors():
     from calib.data import CalibError
     from evals.data import DataError
@@ -108,13 +127,7 @@ def models_fetch(name, force):
                    "or of the linears themselves (faster)  [default: module]")
 @click.option("--awq-clip/--no-awq-clip", default=None,
               help="AWQ: search and apply weight clipping  [default: on for awq, off for awq+gptq]")
-@click.option("--calib", "calib_source", default="wikitext2", show_default=True,
-              help="Calibration text: a named set (wikitext2) or a UTF-8 text file.")
-@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
-@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration window.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the window draw.")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Folder holding the named calibration sets (default: $COMPRESS_DATA_DIR).")
+@_calib_options("Calibration windows.", "Tokens per calibration window.")
 @click.option("--save-stats", type=click.Path(path_type=Path), default=None,
               help="Save the calibration statistics (safetensors) for reuse.")
 @click.option("--load-stats", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
@@ -256,13 +269,7 @@ def _quantize_gguf(model, method, gguf_type, imatrix, pure, damp, calib_source, 
 
 @cli.command()
 @click.argument("model")
-@click.option("--calib", "calib_source", default="wikitext2", show_default=True,
-              help="Calibration text: a named set (wikitext2) or a UTF-8 text file.")
-@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows (chunks).")
-@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per window (llama.cpp's -c).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the window draw.")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Folder holding the named calibration sets (default: $COMPRESS_DATA_DIR).")
+@_calib_options("Calibration windows (chunks).", "Tokens per window (llama.cpp's -c).")
 @click.option("--process-output", is_flag=True,
               help="Also collect output.weight (llama-imatrix --process-output; not for tied embeddings).")
 @click.option("--output-format", "fmt", type=click.Choice(["gguf", "dat"]), default=None,

@@ -567,6 +567,18 @@ def _rms_norm_std(g: _Graph, x: str, weight: np.ndarray, eps: float, name: str) 
     return g.op("Mul", [y, g.array(name + ".weight", weight.astype(np.float32))])
 
 
+def _add_rms_norm(g: _Graph, x: str, residual: str, weight: np.ndarray, eps: float, name: str,
+                  contrib: bool) -> tuple[str, str]:
+    """``residual + x`` then RMSNorm: returns (normalised, new residual); one fused
+    ``SkipSimplifiedLayerNormalization`` with the contrib ops, standard ops otherwise."""
+    if contrib:
+        outs = g.op("SkipSimplifiedLayerNormalization", [x, residual, g.array(name + ".weight", weight)],
+                    n_out=4, domain="com.microsoft", epsilon=eps)
+        return outs[0], outs[3]
+    residual = g.op("Add", [residual, x])
+    return _rms_norm_std(g, residual, weight, eps, name), residual
+
+
 def _rotate_std(g: _Graph, x: str, cos: str, sin: str, half: int, dim: int) -> str:
     x1 = g.op("Slice", [x, g.const_i64([0]), g.const_i64([half]), g.const_i64([-1])])
     x2 = g.op("Slice", [x, g.const_i64([half]), g.const_i64([dim]), g.const_i64([-1])])
@@ -692,13 +704,8 @@ def _build_llama(g: _Graph, loaded, opt: _Options, kv_cache: bool, lm_head_bits:
         if residual is None:
             h = _rms_norm_std(g, x, in_w, d.eps, f"{pre}.input_layernorm")
             residual = x
-        elif opt.contrib:
-            h, residual = g.op("SkipSimplifiedLayerNormalization",
-                               [pending, residual, g.array(f"{pre}.input_layernorm.weight", in_w)],
-                               n_out=4, domain="com.microsoft", epsilon=d.eps)[0::3]
         else:
-            residual = g.op("Add", [residual, pending])
-            h = _rms_norm_std(g, residual, in_w, d.eps, f"{pre}.input_layernorm")
+            h, residual = _add_rms_norm(g, pending, residual, in_w, d.eps, f"{pre}.input_layernorm", opt.contrib)
         # ---- attention
         q_l = _linear(f"{pre}.self_attn.q_proj", attn.q_proj)
         k_l = _linear(f"{pre}.self_attn.k_proj", attn.k_proj)
@@ -743,13 +750,8 @@ def _build_llama(g: _Graph, loaded, opt: _Options, kv_cache: bool, lm_head_bits:
         attn_out = _emit_linear(g, a, _linear(f"{pre}.self_attn.o_proj", attn.o_proj), opt)
         # ---- post-attention norm (+ residual add)
         post_w = blk.post_attention_layernorm.weight.detach().to(torch.float32).numpy()
-        if opt.contrib:
-            h, residual = g.op("SkipSimplifiedLayerNormalization",
-                               [attn_out, residual, g.array(f"{pre}.post_attention_layernorm.weight", post_w)],
-                               n_out=4, domain="com.microsoft", epsilon=d.eps)[0::3]
-        else:
-            residual = g.op("Add", [residual, attn_out])
-            h = _rms_norm_std(g, residual, post_w, d.eps, f"{pre}.post_attention_layernorm")
+        h, residual = _add_rms_norm(g, attn_out, residual, post_w, d.eps, f"{pre}.post_attention_layernorm",
+                                    opt.contrib)
         # ---- MLP
         gate_l = _linear(f"{pre}.mlp.gate_proj", mlp.gate_proj)
         up_l = _linear(f"{pre}.mlp.up_proj", mlp.up_proj)
@@ -763,11 +765,7 @@ def _build_llama(g: _Graph, loaded, opt: _Options, kv_cache: bool, lm_head_bits:
 
     # ---- final norm and lm_head
     norm_w = model.get_submodule(arch.final_norm).weight.detach().to(torch.float32).numpy()
-    if opt.contrib:
-        h = g.op("SkipSimplifiedLayerNormalization", [pending, residual, g.array("model.norm.weight", norm_w)],
-                 n_out=4, domain="com.microsoft", epsilon=d.eps)[0]
-    else:
-        h = _rms_norm_std(g, g.op("Add", [residual, pending]), norm_w, d.eps, "model.norm")
+    h, _ = _add_rms_norm(g, pending, residual, norm_w, d.eps, "model.norm", opt.contrib)
     if head_q is not None:
         ins = [h, head_b, g.array("lm_head.scales", head_q.scales)]
         if head_q.zero_points is not None:
