@@ -574,20 +574,34 @@ def _legacy_weights(x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> 
     return qw * _sqrtf(sigma2.unsqueeze(1) + x * x)
 
 
+def _legacy_sym_quants(x: torch.Tensor, qw, sigma2, half: int):
+    """Scales and quants of Q4_0 (``half`` 8) and Q5_0 (16): ``quantize_row_q{4,5}_0_ref``
+    without importance weights, ``quantize_row_q{4,5}_0_impl`` with them."""
+    if qw is None:
+        _, mx = _first_absmax(x, 1)
+        d = mx / -float(half)
+        inv = torch.where(d != 0, _cdiv(1.0, d), torch.zeros_like(d))
+        # MIN(2*half - 1, (int8_t)(x*id + half + 0.5f)) stored in a uint8_t
+        q = _int8(_c_cast_low_byte((x * inv.unsqueeze(1)) + (half + 0.5))).clamp_max_(2 * half - 1) & 0xFF
+        return d, q
+    w = _legacy_weights(x, qw, sigma2)
+    d, L = _make_qx_quants(x.t().contiguous(), half, w.t().contiguous())
+    return d, L.t().to(torch.int64)
+
+
+def _legacy_asym_impl(x: torch.Tensor, qw, sigma2, nmax: int):
+    """Scales, minimums and quants of ``quantize_row_q{4,5}_1_impl`` (``nmax`` 15 or 31)."""
+    w = _legacy_weights(x, qw, sigma2)
+    d, the_min, L = _make_qkx_quants(x.t().contiguous(), w.t().contiguous(), nmax,
+                                     -0.9, 0.05, 36, use_mad=False, qkx3=True)
+    return d, -the_min, L.t().to(torch.int64)
+
+
 class Q4_0(KQuantType, name="Q4_0", type_id=2, block_size=32, type_size=18):
     row_sigma2 = True
 
     def quantize_blocks(self, x, qw, sigma2):
-        if qw is None:      # quantize_row_q4_0_ref
-            _, mx = _first_absmax(x, 1)
-            d = mx / -8.0
-            inv = torch.where(d != 0, _cdiv(1.0, d), torch.zeros_like(d))
-            # MIN(15, (int8_t)(x*id + 8.5f)) stored in a uint8_t
-            q = _int8(_c_cast_low_byte((x * inv.unsqueeze(1)) + 8.5)).clamp_max_(15) & 0xFF
-        else:               # quantize_row_q4_0_impl
-            w = _legacy_weights(x, qw, sigma2)
-            d, L = _make_qx_quants(x.t().contiguous(), 8, w.t().contiguous())
-            q = L.t().to(torch.int64)
+        d, q = _legacy_sym_quants(x, qw, sigma2, 8)
         return torch.cat([_fp16_bytes(d), _or_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
     def dequantize_blocks(self, data):
@@ -607,11 +621,7 @@ class Q4_1(KQuantType, name="Q4_1", type_id=3, block_size=32, type_size=20):
             q = _int8(_c_cast_low_byte((x - mn.unsqueeze(1)) * inv.unsqueeze(1) + 0.5)).clamp_max_(15) & 0xFF
             m = mn
         else:               # quantize_row_q4_1_impl
-            w = _legacy_weights(x, qw, sigma2)
-            d, the_min, L = _make_qkx_quants(x.t().contiguous(), w.t().contiguous(), 15,
-                                             -0.9, 0.05, 36, use_mad=False, qkx3=True)
-            q = L.t().to(torch.int64)
-            m = -the_min
+            d, m, q = _legacy_asym_impl(x, qw, sigma2, 15)
         return torch.cat([_fp16_bytes(d), _fp16_bytes(m), _or_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
     def dequantize_blocks(self, data):
@@ -625,15 +635,7 @@ class Q5_0(KQuantType, name="Q5_0", type_id=6, block_size=32, type_size=22):
     row_sigma2 = True
 
     def quantize_blocks(self, x, qw, sigma2):
-        if qw is None:      # quantize_row_q5_0_ref
-            _, mx = _first_absmax(x, 1)
-            d = mx / -16.0
-            inv = torch.where(d != 0, _cdiv(1.0, d), torch.zeros_like(d))
-            q = _int8(_c_cast_low_byte((x * inv.unsqueeze(1)) + 16.5)).clamp_max_(31) & 0xFF
-        else:               # quantize_row_q5_0_impl
-            w = _legacy_weights(x, qw, sigma2)
-            d, L = _make_qx_quants(x.t().contiguous(), 16, w.t().contiguous())
-            q = L.t().to(torch.int64)
+        d, q = _legacy_sym_quants(x, qw, sigma2, 16)
         return torch.cat([_fp16_bytes(d), _pack_q5_high(q), _pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
     def dequantize_blocks(self, data):
@@ -654,11 +656,7 @@ class Q5_1(KQuantType, name="Q5_1", type_id=7, block_size=32, type_size=24):
             q = _c_cast_low_byte((x - mn.unsqueeze(1)) * inv.unsqueeze(1) + 0.5)
             m = mn
         else:               # quantize_row_q5_1_impl
-            w = _legacy_weights(x, qw, sigma2)
-            d, the_min, L = _make_qkx_quants(x.t().contiguous(), w.t().contiguous(), 31,
-                                             -0.9, 0.05, 36, use_mad=False, qkx3=True)
-            q = L.t().to(torch.int64)
-            m = -the_min
+            d, m, q = _legacy_asym_impl(x, qw, sigma2, 31)
         return torch.cat([_fp16_bytes(d), _fp16_bytes(m), _pack_q5_high(q),
                           _pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
