@@ -39,7 +39,6 @@ The function must equal :func:`kernels.reference.gptq_linear_ref` (see the end o
 """
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -47,9 +46,9 @@ import triton
 import triton.language as tl
 
 from .reference import check_gptq_args, gptq_linear_ref
-from .tiling import grouped_tile, split_k_range
+from .tiling import (INTERPRET, decode_configs, decode_output, gemm_configs, grouped_tile, split_k_range,
+                     tiled_output)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 16   # M up to this uses the decode (split-K) kernel
 _GROUP_PAD = 512    # per-channel (G = 1): a "group size" >= K that every BLOCK_K divides
 
@@ -150,28 +149,24 @@ def _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, offs_k, offs_n, k_mask, n_mask, 
     return w
 
 
+_GEMM_SHAPES = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+    (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
+    (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4),
+    (32, 64, 64, 4, 4), (32, 128, 128, 4, 3),
+]
+_DECODE_SHAPES = [  # BLOCK_N, BLOCK_K, SPLIT_K, warps, stages
+    (64, 128, 1, 4, 4), (128, 128, 1, 4, 4), (64, 128, 2, 4, 4), (128, 64, 4, 4, 4),
+    (64, 256, 4, 4, 3), (128, 128, 4, 4, 3), (64, 128, 8, 4, 4), (128, 128, 8, 4, 3),
+    (256, 64, 8, 8, 3), (64, 64, 16, 4, 4), (32, 128, 16, 2, 4),
+]
+
+
 def _gemm_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8})]
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
-        (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4),
-        (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4),
-        (32, 64, 64, 4, 4), (32, 128, 128, 4, 3),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+    return gemm_configs(_GEMM_SHAPES, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64})
 
 
 def _decode_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 2})]
-    shapes = [  # BLOCK_N, BLOCK_K, SPLIT_K, warps, stages
-        (64, 128, 1, 4, 4), (128, 128, 1, 4, 4), (64, 128, 2, 4, 4), (128, 64, 4, 4, 4),
-        (64, 256, 4, 4, 3), (128, 128, 4, 4, 3), (64, 128, 8, 4, 4), (128, 128, 8, 4, 3),
-        (256, 64, 8, 8, 3), (64, 64, 16, 4, 4), (32, 128, 16, 2, 4),
-    ]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
-            for bn, bk, sk, w, s in shapes]
+    return decode_configs(_DECODE_SHAPES, {"BLOCK_N": 128, "BLOCK_K": 32, "SPLIT_K": 2})
 
 
 def _uniform(meta) -> bool:
@@ -333,8 +328,7 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     common = dict(BITS=bits, NATURAL=natural, HAS_BIAS=bias is not None, FP32_DOT=fp32_dot)
 
     if path_for(m) == "decode":
-        ws = torch.zeros((m, n), device=x.device, dtype=torch.float32)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+        ws, grid = decode_output(m, n, x.device)
         _gptq_decode_kernel[grid](
             x, qweight, qzeros, scales, g_idx, bias if bias is not None else ws, ws,
             m, n, k, group_size,
@@ -342,12 +336,7 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
             BLOCK_M=DECODE_MAX_M, **common)
         return ws if x.dtype == torch.float32 else ws.to(x.dtype)
 
-    # the interpreter truncates float32 -> bfloat16 in stores (a GPU rounds to nearest): store
-    # float32 there and let torch round
-    store_dtype = torch.float32 if (INTERPRET and x.dtype == torch.bfloat16) else x.dtype
-    y = torch.empty((m, n), device=x.device, dtype=store_dtype)
-    m_bucket = min(triton.next_power_of_2(m), 4096)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    y, m_bucket, grid = tiled_output(m, n, x.dtype, x.device)
     _gptq_gemm_kernel[grid](
         x, qweight, qzeros, scales, g_idx, bias if bias is not None else y, y,
         m, n, k, m_bucket, group_size,

@@ -15,16 +15,14 @@ The function must equal :func:`kernels.reference.int8_linear_ref` (see the end o
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .reference import check_int8_args, int8_linear_ref
-from .tiling import grouped_tile
+from .tiling import INTERPRET, gemm_configs, grouped_tile, tiled_output
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -32,15 +30,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ----------------------------------------------------------------------------------------------
 
 def _configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8})]
     shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
         (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 3), (128, 128, 64, 4, 4),
         (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (32, 128, 128, 4, 4),
         (16, 128, 256, 4, 3), (16, 64, 256, 4, 4),
     ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+    return gemm_configs(shapes, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64})
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])
@@ -97,14 +92,10 @@ def int8_linear_triton(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tens
                          "TRITON_INTERPRET=1 before importing kernels, or use int8_linear_ref")
     if m == 0 or n == 0:
         return torch.empty((m, n), device=x_q.device, dtype=out_dtype)
-    # the interpreter truncates float32 -> bfloat16 in stores (a GPU rounds to nearest)
-    store_dtype = torch.float32 if (INTERPRET and out_dtype == torch.bfloat16) else out_dtype
-    y = torch.empty((m, n), device=x_q.device, dtype=store_dtype)
+    y, m_bucket, grid = tiled_output(m, n, out_dtype, x_q.device)
     x_scale = x_scale.contiguous()
     w_scale = w_scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    m_bucket = min(triton.next_power_of_2(m), 4096)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _int8_gemm_kernel[grid](
         x_q, w_q, x_scale, w_scale, bias if bias is not None else y, y,
         m, n, k, m_bucket,

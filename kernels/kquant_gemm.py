@@ -46,16 +46,15 @@ The function must equal :func:`kernels.reference.kquant_linear_ref` (see the end
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .reference import GGUF_BLOCK_TYPES, check_kquant_args, kquant_linear_ref
-from .tiling import grouped_tile, split_k_range
+from .tiling import (INTERPRET, decode_configs, decode_output, gemm_configs, grouped_tile, split_k_range,
+                     tiled_output)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 16   # M up to this uses the decode (split-K) kernel
 
 #: ggml type ids: the kernels' QTYPE constexpr.
@@ -187,8 +186,6 @@ def _dequant_tile(w_ptr, offs_n, n_mask, stride_w, g0, K,
 
 
 def _gemm_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8})]
     # the decode is per weight: a program decodes BLOCK_N x BLOCK_K weights per K step. Kept to
     # <= 64 weights and <= 64 accumulators per thread: offline sm_90 builds of larger tiles
     # (triton 3.8, ptxas) spilled registers for Q3_K/Q5_0/Q6_K
@@ -197,20 +194,16 @@ def _gemm_configs():
         (128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (32, 128, 64, 4, 4), (64, 256, 32, 8, 3),
         (32, 64, 64, 4, 4),
     ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+    return gemm_configs(shapes, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128})
 
 
 def _decode_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2})]
     shapes = [  # BLOCK_N, BLOCK_K, SPLIT_K, warps, stages (<= 64 decoded weights per thread)
         (64, 128, 1, 4, 4), (128, 64, 1, 4, 4), (64, 64, 1, 4, 4), (128, 128, 1, 8, 3),
         (64, 128, 2, 4, 4), (64, 64, 4, 4, 4), (128, 64, 4, 4, 4), (128, 128, 4, 8, 3),
         (64, 128, 8, 4, 4), (32, 128, 8, 4, 4), (32, 64, 16, 2, 4), (16, 128, 4, 2, 4),
     ]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
-            for bn, bk, sk, w, s in shapes]
+    return decode_configs(shapes, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2})
 
 
 @triton.jit
@@ -325,8 +318,7 @@ def kquant_linear_triton(x: torch.Tensor, data: torch.Tensor, qtype: str,
     common = dict(QTYPE=QTYPE_IDS[qtype], HAS_BIAS=bias is not None, FP32_DOT=fp32_dot)
 
     if path_for(m) == "decode":
-        ws = torch.zeros((m, n), device=x.device, dtype=torch.float32)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+        ws, grid = decode_output(m, n, x.device)
         _kquant_decode_kernel[grid](
             x, data, bias if bias is not None else ws, ws,
             m, n, k,
@@ -334,12 +326,7 @@ def kquant_linear_triton(x: torch.Tensor, data: torch.Tensor, qtype: str,
             BLOCK_M=DECODE_MAX_M, **common)
         return ws if x.dtype == torch.float32 else ws.to(x.dtype)
 
-    # the interpreter truncates float32 -> bfloat16 in stores (a GPU rounds to nearest): store
-    # float32 there and let torch round
-    store_dtype = torch.float32 if (INTERPRET and x.dtype == torch.bfloat16) else x.dtype
-    y = torch.empty((m, n), device=x.device, dtype=store_dtype)
-    m_bucket = min(triton.next_power_of_2(m), 4096)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    y, m_bucket, grid = tiled_output(m, n, x.dtype, x.device)
     _kquant_gemm_kernel[grid](
         x, data, bias if bias is not None else y, y,
         m, n, k, m_bucket,
