@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-out
 MODEL ?= smollm2-135m
 export COMPRESS_DATA_DIR := $(abspath $(DATA))
 
-.PHONY: setup demo test test-fast bench-rtn clean
+.PHONY: setup demo test test-fast bench-rtn bench-ptq clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test-fast: setup
 
 bench-rtn: setup
 	$(BIN)/python bench/ptq.py --suite rtn --out bench/results/ptq-rtn-smollm2.json
+
+# The README's method comparison (GPTQ, AWQ, awq+gptq, SmoothQuant; about 3 CPU-hours on 2 cores).
+bench-ptq: setup
+	$(BIN)/python bench/ptq.py --suite compare-gptq --eval-chunk 8 --out bench/results/ptq-compare-gptq-smollm2.json
+	$(BIN)/python bench/ptq.py --suite compare-awq-sq --eval-chunk 8 --out bench/results/ptq-compare-awq-sq-smollm2.json
+	$(BIN)/python bench/ptq.py --table bench/results/ptq-rtn-smollm2.json bench/results/ptq-compare-*.json
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

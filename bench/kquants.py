@@ -195,7 +195,7 @@ MODEL_VARIANTS = [
 ]
 # (Q8_0 ignores an importance matrix in llama.cpp, so "Q8_0 pure +imatrix" would repeat "Q8_0 pure".)
 
-LLAMA_CPP_TARGETS = {   # llama.cpp's own KLD vs F32 (llama-perplexity -c 512 --chunks 64), from the task brief
+LLAMA_CPP_TARGETS = {   # llama.cpp's own KLD vs F32 (llama-perplexity -c 512 --chunks 64), measured on this model with its own tools
     "Q4_K_M": 0.0563, "Q4_K_M +imatrix": 0.0351, "Q3_K_M": 0.1429, "Q3_K_M +imatrix": 0.0902,
     "Q2_K": 0.4305, "Q2_K +imatrix": 0.2765, "Q3_K_M gptq": 0.0767}
 
@@ -274,6 +274,8 @@ def model_level(argv) -> int:
     ap.add_argument("--llama-cpp-bin", type=Path, default=None,
                     help="folder with llama-perplexity and llama-quantize: score with llama.cpp too")
     ap.add_argument("--llama-chunks", type=int, default=64)
+    ap.add_argument("--no-ours", action="store_true",
+                    help="skip our evaluator (with --llama-cpp-bin: llama.cpp's scores only)")
     ap.add_argument("--llama-imatrix-chunks", type=int, default=None,
                     help="also run llama-imatrix (-c 512, this many chunks of wikitext-2/valid.txt) and quantize "
                          "the +imatrix variants with llama-quantize and that file: llama.cpp end to end")
@@ -344,7 +346,7 @@ def model_level(argv) -> int:
     limit = proto.max_windows if args.max_windows is None else min(args.max_windows, proto.max_windows or args.max_windows)
     wins = windows(tokens, proto.seqlen, limit)
     base_ppl = None
-    for i in range(0, len(records), args.eval_chunk):
+    for i in range(0, 0 if args.no_ours else len(records), args.eval_chunk):
         chunk = records[i:i + args.eval_chunk]
         print(f"evaluate {', '.join(r['label'] for r in chunk)} on {wins.shape[0]} windows ...", flush=True)
         mods = {r["label"]: _load_gguf_model(base.model, Path(r["file"])) for r in chunk}
@@ -396,7 +398,8 @@ def model_level(argv) -> int:
         "benchmark": "kquants-smollm2", "model": args.model, "protocol": args.protocol,
         "protocol_description": proto.description, "windows": int(wins.shape[0]), "max_windows": args.max_windows,
         "quick": args.max_windows is not None and args.max_windows < (proto.max_windows or 10**9),
-        "evaluator": "ours: fp32 activations, GGUF weights decoded bit-exactly; KLD = mean KL(fp32 || quantized)",
+        "evaluator": None if args.no_ours else
+        "ours: fp32 activations, GGUF weights decoded bit-exactly; KLD = mean KL(fp32 || quantized)",
         "base_ppl": base_ppl,
         "imatrix": None if im_path is None else {"file": im_path.name, "nsamples": args.imatrix_nsamples,
                                                  "seqlen": args.imatrix_seqlen, "seed": args.seed,
@@ -413,13 +416,15 @@ def model_level(argv) -> int:
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     os.replace(tmp, args.out)
-    print(f"base (fp32) ppl {base_ppl:.4f} on {wins.shape[0]} windows")
+    if base_ppl is not None:
+        print(f"base (fp32) ppl {base_ppl:.4f} on {wins.shape[0]} windows")
     print("| variant | bpw (matrices) | MiB | ppl | KLD | top-1 | llama.cpp target KLD |")
     print("|---|---|---|---|---|---|---|")
     for r in records:
         tgt = LLAMA_CPP_TARGETS.get(r["label"])
-        print(f"| {r['label']} | {r['bits_per_weight_matrices']:.3f} | {r['size_bytes'] / 2**20:.1f} | {r['ppl']:.4f} | "
-              f"{r['kld']:.5f} | {100 * r['top1']:.2f}% | {'-' if tgt is None else tgt} |")
+        ours = (f"{r['ppl']:.4f} | {r['kld']:.5f} | {100 * r['top1']:.2f}%" if "ppl" in r else "- | - | -")
+        print(f"| {r['label']} | {r['bits_per_weight_matrices']:.3f} | {r['size_bytes'] / 2**20:.1f} | {ours} | "
+              f"{'-' if tgt is None else tgt} |")
     if llama is not None:
         print(f"\nllama.cpp's evaluator (llama-perplexity -c 512 --chunks {args.llama_chunks}, KLD vs the F32 GGUF):")
         print("| variant | KLD, our file | KLD, llama-quantize's file | files byte-identical |")

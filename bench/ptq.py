@@ -8,15 +8,20 @@ a JSON results file and prints a Markdown table. Calibrated methods draw ``--nsa
 wall time (calibration and solve; ``wall_seconds`` adds loading and writing the checkpoint).
 
     python bench/ptq.py --suite rtn --out bench/results/ptq-rtn-smollm2.json
-    python bench/ptq.py --suite gptq --out bench/results/ptq-gptq-smollm2.json
-    python bench/ptq.py --suite awq --out bench/results/ptq-awq-smollm2.json
-    python bench/ptq.py --suite smoothquant --out bench/results/ptq-smoothquant-smollm2.json
+    python bench/ptq.py --suite compare-gptq --eval-chunk 8 --out bench/results/ptq-compare-gptq-smollm2.json
+    python bench/ptq.py --suite compare-awq-sq --eval-chunk 8 --out bench/results/ptq-compare-awq-sq-smollm2.json
+    python bench/ptq.py --table bench/results/ptq-rtn-smollm2.json bench/results/ptq-compare-*.json
     python bench/ptq.py --suite awq --only "awq int4" --max-windows 4      # a quick look at some rows
+
+The compare suites hold the rows of the README's comparison (settings of the reference table the
+rtn suite does not cover); the gptq, awq and smoothquant suites sweep more settings and options.
+With ``--workdir DIR --reuse`` the checkpoints are kept and an interrupted run resumes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -98,7 +103,44 @@ SUITES["smoothquant"] = [
     ("smoothquant w8a8 static a0.8 smooth-down", "smoothquant", dict(act_scheme="static"),
      {"smoothquant": dict(alpha=0.8, smooth_linear_prev=True)}),
 ]
+# the rows of the README's method comparison: every setting of the reference table that the rtn
+# suite does not already cover, each calibrated method at the settings it is compared at
+SUITES["compare-gptq"] = [
+    ("rtn int4 per-channel asym", "rtn", dict(bits=4, group_size=-1, sym=False), {}),
+    ("gptq int4 per-channel asym act-order", "gptq", dict(bits=4, group_size=-1, sym=False, act_order=True),
+     {"gptq": dict(damp=0.01)}),
+    ("gptq int4 g128 asym act-order", "gptq", dict(bits=4, group_size=128, sym=False, act_order=True),
+     {"gptq": dict(damp=0.01)}),
+    ("gptq int4 g128 asym", "gptq", dict(bits=4, group_size=128, sym=False, act_order=False),
+     {"gptq": dict(damp=0.01)}),
+    ("gptq int4 g128 sym act-order", "gptq", dict(bits=4, group_size=128, sym=True, act_order=True),
+     {"gptq": dict(damp=0.01)}),
+    ("gptq int3 g128 asym act-order", "gptq", dict(bits=3, group_size=128, sym=False, act_order=True),
+     {"gptq": dict(damp=0.01)}),
+    ("rtn int2 g64 asym", "rtn", dict(bits=2, group_size=64, sym=False), {}),
+    ("gptq int2 g64 asym act-order", "gptq", dict(bits=2, group_size=64, sym=False, act_order=True),
+     {"gptq": dict(damp=0.01)}),
+]
+SUITES["compare-awq-sq"] = [
+    ("awq int4 g128 asym", "awq", dict(bits=4, group_size=128, sym=False), {"awq": dict(objective="module")}),
+    ("awq int3 g128 asym", "awq", dict(bits=3, group_size=128, sym=False), {"awq": dict(objective="module")}),
+    ("awq+gptq int3 g128 asym act-order", "awq+gptq", dict(bits=3, group_size=128, sym=False, act_order=True),
+     {"awq": dict(objective="module"), "gptq": dict(damp=0.01)}),
+    ("smoothquant w8a8 dynamic a0.5", "smoothquant", dict(act_scheme="dynamic"), {"smoothquant": dict(alpha=0.5)}),
+]
 SUITES["all"] = list({r[0]: r for name in ("rtn", "gptq", "awq", "smoothquant") for r in SUITES[name]}.values())
+
+# perplexities measured on this model with the same protocol and calibration by the GPTQ authors'
+# code (RTN: their quantizer; GPTQ: their algorithm), by row label
+REFERENCE_PPL = {
+    "rtn int8 per-channel sym": 30.00,
+    "rtn int4 per-channel asym": 52.10, "rtn int4 per-channel sym": 60.02,
+    "gptq int4 per-channel asym act-order": 40.99,
+    "rtn int4 g128 asym": 39.66, "rtn int4 g128 sym": 45.87,
+    "gptq int4 g128 asym act-order": 37.40, "gptq int4 g128 asym": 38.73, "gptq int4 g128 sym act-order": 38.60,
+    "rtn int3 g128 asym": 145.90, "rtn int3 g128 sym": 622.9, "gptq int3 g128 asym act-order": 79.96,
+    "rtn int2 g64 asym": 483212, "gptq int2 g64 asym act-order": 12343,
+}
 
 _OPTIONS = {"gptq": GPTQOptions, "awq": AWQOptions, "smoothquant": SmoothQuantOptions}
 
@@ -121,9 +163,21 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw")
     ap.add_argument("--only", action="append", default=None,
                     help="keep the rows whose label contains this text (repeatable)")
-    ap.add_argument("--eval-chunk", type=int, default=6, help="variants evaluated (held in memory) per pass")
+    ap.add_argument("--eval-chunk", type=int, default=6,
+                    help="rows quantized, then evaluated together (held in memory), per pass; results are "
+                         "written after every pass")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the checkpoints here (default: a temporary folder)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --workdir: reuse checkpoints (and their timings) written by an earlier run")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="RESULTS.json",
+                    help="print one Markdown table of earlier results files (rows merged, with the reference "
+                         "perplexities) and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(merged_table(args.table))
+        return
     torch.manual_seed(0)
     suite = [r for r in SUITES[args.suite] if not args.only or any(o in r[0] for o in args.only)]
     if not suite:
@@ -137,52 +191,97 @@ def main(argv=None):
     limit = proto.max_windows if args.max_windows is None else args.max_windows
     wins = windows(tokens, proto.seqlen, limit)
 
-    rows = []
-    outs = {}
-    results = {}
+    command = "python bench/ptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, method, kw, opts in suite:
-            scheme, method_kwargs = build(method, kw, opts)
-            if method in api.CALIBRATED:
-                method_kwargs.update(calib=calib, data_dir=data_dir(args.data_dir))
-            out = Path(tmp) / label.replace(" ", "_").replace("+", "-")
-            t0 = time.perf_counter()
-            info = api.quantize_to_folder(args.model, scheme, out, method=method, progress=False, **method_kwargs)
-            wall = time.perf_counter() - t0
-            outs[label] = out
-            rows.append({"label": label, "method": method, "scheme": scheme.to_dict(), "options": opts,
-                         "calibration": calib.to_dict() if method in api.CALIBRATED else None,
-                         "quantize_seconds": info["seconds"], "wall_seconds": round(wall, 3),
-                         "fallbacks": len(info.get("fallbacks") or {}),
-                         "size_bytes": (out / "model.safetensors").stat().st_size})
-            print(f"quantized {label} in {info['seconds']:.1f} s", file=sys.stderr)
+        work = args.workdir or Path(tmp)
         chunk = max(1, args.eval_chunk)
-        for start in range(0, len(rows), chunk):
+        for start in range(0, len(suite), chunk):
+            part = [quantize_row(row, args, calib, work) for row in suite[start:start + chunk]]
             variants = {}
-            for r in rows[start:start + chunk]:
-                loaded = models.load(str(outs[r["label"]]))
+            for r in part:
+                loaded = models.load(r.pop("_path"))
                 variants[r["label"]] = loaded.model
                 r["bits_per_weight"] = api.weight_stats(loaded.model)["bits_per_weight"]
             res = evaluate_many(variants, wins, base.model)
             results.setdefault("__base__", res.pop("__base__"))
-            results.update(res)
             del variants
-    b = results.pop("__base__")
-    for r in rows:
-        res = results[r["label"]]
-        r.update(ppl=res.ppl, kld=res.kld, kld_max=res.kld_max, top1=res.top1, eval_seconds=res.seconds)
-    data = {
+            for r in part:
+                p = res[r["label"]]
+                r.update(ppl=p.ppl, kld=p.kld, kld_max=p.kld_max, top1=p.top1, eval_seconds=p.seconds)
+            rows += part
+            data = _result(args, results["__base__"], rows, command)
+            if args.out:      # after every pass, so a long run keeps what it has measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(data, indent=2) + "\n")
+    print(table(data))
+
+
+def quantize_row(row, args, calib: CalibSpec, work: Path) -> dict:
+    """Quantize one suite row into ``work`` (or reuse it there): the row's record, with its path."""
+    label, method, kw, opts = row
+    scheme, method_kwargs = build(method, kw, opts)
+    if method in api.CALIBRATED:
+        method_kwargs.update(calib=calib, data_dir=data_dir(args.data_dir))
+    out = work / label.replace(" ", "_").replace("+", "-")
+    side = out.with_name(out.name + ".row.json")
+    if args.reuse and side.is_file() and (out / "model.safetensors").is_file():
+        rec = json.loads(side.read_text())
+        print(f"reused {label} ({rec['quantize_seconds']:.1f} s when quantized)", file=sys.stderr)
+    else:
+        t0 = time.perf_counter()
+        info = api.quantize_to_folder(args.model, scheme, out, method=method, progress=False, **method_kwargs)
+        wall = time.perf_counter() - t0
+        rec = {"label": label, "method": method, "scheme": scheme.to_dict(), "options": opts,
+               "calibration": calib.to_dict() if method in api.CALIBRATED else None,
+               "quantize_seconds": info["seconds"], "wall_seconds": round(wall, 3),
+               "load_average": os.getloadavg(), "fallbacks": len(info.get("fallbacks") or {}),
+               "size_bytes": (out / "model.safetensors").stat().st_size}
+        side.write_text(json.dumps(rec, indent=2))
+        print(f"quantized {label} in {info['seconds']:.1f} s", file=sys.stderr, flush=True)
+    return dict(rec, _path=str(out))
+
+
+def _result(args, b, rows: list, command: str) -> dict:
+    return {
         "model": args.model, "protocol": args.protocol, "windows": b.windows, "tokens": b.tokens,
         "base": {"label": "fp32", "ppl": b.ppl, "eval_seconds": b.seconds},
         "rows": rows, "package_version": __version__, "torch": torch.__version__,
         "machine": platform.machine(), "threads": torch.get_num_threads(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "python bench/ptq.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
     }
-    print(table(data))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _order(r: dict):
+    sc = r["scheme"]
+    method_rank = {"rtn": 0, "gptq": 1, "awq": 2, "awq+gptq": 3, "smoothquant": 4}[r["method"]]
+    if r["method"] == "smoothquant":
+        return (1, 0, 0, 0, method_rank, r["label"])
+    return (0, -sc["bits"], sc["group_size"] != -1, sc["group_size"], method_rank, r["label"])
+
+
+def merged_table(paths) -> str:
+    """The rows of several results files (same model and protocol) in one table, by setting."""
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    ref = files[0]
+    for f in files[1:]:
+        if (f["model"], f["protocol"], f["windows"]) != (ref["model"], ref["protocol"], ref["windows"]):
+            raise SystemExit(f"results files disagree on model/protocol/windows: {paths}")
+    rows = {}
+    for f in files:
+        for r in f["rows"]:
+            rows.setdefault(r["label"], r)
+    lines = [f"{ref['model']}, {ref['protocol']} ({ref['windows']} windows, {ref['tokens']} tokens); "
+             f"from {', '.join(Path(p).name for p in paths)}", "",
+             "| setting | ppl | reference ppl | KLD | top-1 agree | bits/weight | quantize s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+             f"| fp32 | {ref['base']['ppl']:.2f} | 29.93 | | | 32 | |"]
+    for r in sorted(rows.values(), key=_order):
+        want = REFERENCE_PPL.get(r["label"])
+        qs = f"{r['quantize_seconds']:.1f}"
+        lines.append(f"| {r['label']} | {r['ppl']:,.2f} | {'' if want is None else f'{want:,.2f}'} | {r['kld']:.4f} | "
+                     f"{100 * r['top1']:.1f}% | {r['bits_per_weight']:.3f} | {qs} |")
+    return "\n".join(lines)
 
 
 def table(data: dict) -> str:
