@@ -285,8 +285,7 @@ def model_level(argv) -> int:
     from calib.data import CalibSpec
     from compress import api, models
     from compress.export.gguf import inspect_gguf
-    from evals.data import PROTOCOLS, data_dir, read_text
-    from evals.perplexity import evaluate_many, tokenize, windows
+    from evals.data import PROTOCOLS, data_dir
 
     variants = MODEL_VARIANTS
     if args.only:
@@ -340,22 +339,7 @@ def model_level(argv) -> int:
 
     # our evaluator: fp32 activations, the GGUF weights decoded exactly
     proto = PROTOCOLS[args.protocol]
-    base = models.load(args.model)
-    text = read_text(data_dir(args.data_dir) / proto.file)
-    tokens = tokenize(base.tokenizer, text)
-    limit = proto.max_windows if args.max_windows is None else min(args.max_windows, proto.max_windows or args.max_windows)
-    wins = windows(tokens, proto.seqlen, limit)
-    base_ppl = None
-    for i in range(0, 0 if args.no_ours else len(records), args.eval_chunk):
-        chunk = records[i:i + args.eval_chunk]
-        print(f"evaluate {', '.join(r['label'] for r in chunk)} on {wins.shape[0]} windows ...", flush=True)
-        mods = {r["label"]: _load_gguf_model(base.model, Path(r["file"])) for r in chunk}
-        res = evaluate_many(mods, wins, base.model, progress=False)
-        for r in chunk:
-            p = res[r["label"]]
-            r.update(ppl=p.ppl, kld=p.kld, kld_max=p.kld_max, top1=p.top1, eval_seconds=p.seconds)
-            base_ppl = p.base_ppl
-        del mods
+    n_windows, base_ppl = (None, None) if args.no_ours else _evaluate_ours(args, records, proto)
 
     # llama.cpp's evaluator and quantizer, when built
     llama = None
@@ -396,7 +380,7 @@ def model_level(argv) -> int:
 
     result = {
         "benchmark": "kquants-smollm2", "model": args.model, "protocol": args.protocol,
-        "protocol_description": proto.description, "windows": int(wins.shape[0]), "max_windows": args.max_windows,
+        "protocol_description": proto.description, "windows": n_windows, "max_windows": args.max_windows,
         "quick": args.max_windows is not None and args.max_windows < (proto.max_windows or 10**9),
         "evaluator": None if args.no_ours else
         "ours: fp32 activations, GGUF weights decoded bit-exactly; KLD = mean KL(fp32 || quantized)",
@@ -417,7 +401,7 @@ def model_level(argv) -> int:
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     os.replace(tmp, args.out)
     if base_ppl is not None:
-        print(f"base (fp32) ppl {base_ppl:.4f} on {wins.shape[0]} windows")
+        print(f"base (fp32) ppl {base_ppl:.4f} on {n_windows} windows")
     print("| variant | bpw (matrices) | MiB | ppl | KLD | top-1 | llama.cpp target KLD |")
     print("|---|---|---|---|---|---|---|")
     for r in records:
@@ -480,6 +464,31 @@ def _llama_cpp_end_to_end(args, variants, f32: Path, lp: Path, text_file: Path, 
                        llama_cpp_eval=_llama_perplexity(lp, dest, text_file, base_kld, args.llama_chunks, False))
         out["variants"][label] = rec
     return out
+
+
+def _evaluate_ours(args, records: list[dict], proto) -> tuple[int, float]:
+    """Our evaluator on every record (fp32 activations, the GGUF weights decoded exactly), in
+    groups of --eval-chunk models sharing one pass of the base model: (windows, base ppl)."""
+    from compress import models
+    from evals.data import data_dir, read_text
+    from evals.perplexity import evaluate_many, tokenize, windows
+
+    base = models.load(args.model)
+    tokens = tokenize(base.tokenizer, read_text(data_dir(args.data_dir) / proto.file))
+    limit = proto.max_windows if args.max_windows is None else min(args.max_windows, proto.max_windows or args.max_windows)
+    wins = windows(tokens, proto.seqlen, limit)
+    base_ppl = None
+    for i in range(0, len(records), args.eval_chunk):
+        chunk = records[i:i + args.eval_chunk]
+        print(f"evaluate {', '.join(r['label'] for r in chunk)} on {wins.shape[0]} windows ...", flush=True)
+        mods = {r["label"]: _load_gguf_model(base.model, Path(r["file"])) for r in chunk}
+        res = evaluate_many(mods, wins, base.model, progress=False)
+        for r in chunk:
+            p = res[r["label"]]
+            r.update(ppl=p.ppl, kld=p.kld, kld_max=p.kld_max, top1=p.top1, eval_seconds=p.seconds)
+            base_ppl = p.base_ppl
+        del mods
+    return int(wins.shape[0]), base_ppl
 
 
 def _same_tensors(a: Path, b: Path) -> bool:

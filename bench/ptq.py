@@ -267,31 +267,28 @@ def merged_table(paths) -> str:
     for f in files[1:]:
         if (f["model"], f["protocol"], f["windows"]) != (ref["model"], ref["protocol"], ref["windows"]):
             raise SystemExit(f"results files disagree on model/protocol/windows: {paths}")
+    return table(files, f"; from {', '.join(Path(p).name for p in paths)}")
+
+
+def table(files, source: str = "") -> str:
+    """Markdown table of one results dict or several (rows merged by label), with the reference
+    perplexities, ordered by setting."""
+    files = [files] if isinstance(files, dict) else files
+    ref = files[0]
     rows = {}
     for f in files:
         for r in f["rows"]:
             rows.setdefault(r["label"], r)
-    lines = [f"{ref['model']}, {ref['protocol']} ({ref['windows']} windows, {ref['tokens']} tokens); "
-             f"from {', '.join(Path(p).name for p in paths)}", "",
+    # the reference numbers are for the whole wt2-quick protocol only
+    refs = REFERENCE_PPL if (ref["protocol"], ref["windows"]) == ("wt2-quick", 64) else {}
+    lines = [f"{ref['model']}, {ref['protocol']} ({ref['windows']} windows, {ref['tokens']} tokens){source}", "",
              "| setting | ppl | reference ppl | KLD | top-1 agree | bits/weight | quantize s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-             f"| fp32 | {ref['base']['ppl']:.2f} | 29.93 | | | 32 | |"]
+             f"| fp32 | {ref['base']['ppl']:.2f} | {'29.93' if refs else ''} | | | 32 | |"]
     for r in sorted(rows.values(), key=_order):
-        want = REFERENCE_PPL.get(r["label"])
-        qs = f"{r['quantize_seconds']:.1f}"
+        want = refs.get(r["label"])
         lines.append(f"| {r['label']} | {r['ppl']:,.2f} | {'' if want is None else f'{want:,.2f}'} | {r['kld']:.4f} | "
-                     f"{100 * r['top1']:.1f}% | {r['bits_per_weight']:.3f} | {qs} |")
-    return "\n".join(lines)
-
-
-def table(data: dict) -> str:
-    lines = [f"{data['model']}, {data['protocol']} ({data['windows']} windows, {data['tokens']} tokens)", "",
-             "| setting | ppl | KLD | top-1 agree | bits/weight | quantize s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |",
-             f"| fp32 | {data['base']['ppl']:.2f} | | | 32 | |"]
-    for r in data["rows"]:
-        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {r['kld']:.4f} | {100 * r['top1']:.1f}% | "
-                     f"{r['bits_per_weight']:.3f} | {r['quantize_seconds']:.1f} |")
+                     f"{100 * r['top1']:.1f}% | {r['bits_per_weight']:.3f} | {r['quantize_seconds']:.1f} |")
     return "\n".join(lines)
 
 

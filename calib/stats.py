@@ -190,16 +190,21 @@ def save_stats(path, stats: dict[str, _Accumulator]) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
+def check_header(meta: dict, fmt: str, version: int, what: str, path) -> None:
+    """Refuse a safetensors side file whose metadata is not ``fmt`` at ``version``."""
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} is not {what} (format {meta.get('format')!r}, expected {fmt!r})")
+    if meta.get("version") != str(version):
+        raise ValueError(f"{path}: unsupported {what} version {meta.get('version')}; this version reads {version}")
+
+
 def load_stats(path, device=None) -> dict[str, _Accumulator]:
     """Read a file written by :func:`save_stats` back into accumulators (which can keep accumulating)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
-        if meta.get("format") != STATS_FORMAT:
-            raise ValueError(f"{path} is not a statistics file (format {meta.get('format')!r}, expected {STATS_FORMAT!r})")
-        if meta.get("version") != str(STATS_VERSION):
-            raise ValueError(f"{path}: unsupported statistics version {meta.get('version')}; this version reads {STATS_VERSION}")
+        check_header(meta, STATS_FORMAT, STATS_VERSION, "a statistics file", path)
         entries = json.loads(meta["entries"])
         keys = set(f.keys())
         out: dict[str, _Accumulator] = {}

@@ -83,18 +83,16 @@ def quantization_config(scheme: IntScheme, method: str, modules: list[str], extr
         "true_sequential": True,
         "damp_percent": extra.get("damp", 0.01),
         "checkpoint_format": "gptq",
-        "compress": {
-            "format": gptq_int.FORMAT_ID,
-            "format_version": FORMAT_VERSION,
-            "method": method,
-            "scheme": scheme.to_dict(),
-            "label": f"{method} {scheme.describe()}",
-            "quantized_modules": modules,
-            "package_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **{k: v for k, v in extra.items() if k not in ("static_groups",)},
-        },
+        "compress": _suite_meta(gptq_int.FORMAT_ID, FORMAT_VERSION, scheme, method, modules,
+                                {k: v for k, v in extra.items() if k not in ("static_groups",)}),
     }
+
+
+def _suite_meta(fmt: str, version, scheme, method: str, modules: list[str], extra: dict) -> dict:
+    """The ``compress`` section both formats carry in their ``quantization_config``."""
+    return {"format": fmt, "format_version": version, "method": method, "scheme": scheme.to_dict(),
+            "label": f"{method} {scheme.describe()}", "quantized_modules": modules, "package_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
 
 
 def _w8a8_config(scheme: W8A8Scheme, method: str, modules: list[str], extra: dict) -> dict:
@@ -105,17 +103,7 @@ def _w8a8_config(scheme: W8A8Scheme, method: str, modules: list[str], extra: dic
         "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
         "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": dynamic,
                               "strategy": "token" if dynamic else "tensor"},
-        "compress": {
-            "format": w8a8.FORMAT_ID,
-            "format_version": w8a8.FORMAT_VERSION,
-            "method": method,
-            "scheme": scheme.to_dict(),
-            "label": f"{method} {scheme.describe()}",
-            "quantized_modules": modules,
-            "package_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **extra,
-        },
+        "compress": _suite_meta(w8a8.FORMAT_ID, w8a8.FORMAT_VERSION, scheme, method, modules, extra),
     }
 
 

@@ -309,12 +309,11 @@ def save_search(path, res: AWQSearch) -> None:
 def load_search(path) -> AWQSearch:
     from safetensors import safe_open
 
+    from calib.stats import check_header
+
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
-        if meta.get("format") != SEARCH_FORMAT:
-            raise ValueError(f"not an AWQ search file (format {meta.get('format')!r}, expected {SEARCH_FORMAT!r})")
-        if meta.get("version") != str(SEARCH_VERSION):
-            raise ValueError(f"unsupported AWQ search version {meta.get('version')}; this version reads {SEARCH_VERSION}")
+        check_header(meta, SEARCH_FORMAT, SEARCH_VERSION, "an AWQ search file", path)
         res = AWQSearch(scheme=json.loads(meta["scheme"]), alphas=json.loads(meta.get("alphas", "{}")),
                         options=json.loads(meta.get("options", "{}")))
         for key in f.keys():
