@@ -34,10 +34,12 @@ test-fast: setup
 bench-rtn: setup
 	$(BIN)/python bench/ptq.py --suite rtn --out bench/results/ptq-rtn-smollm2.json
 
-# The README's method comparison (GPTQ, AWQ, awq+gptq, SmoothQuant; about 3 CPU-hours on 2 cores).
+# The README's method comparison (GPTQ, AWQ, awq+gptq, SmoothQuant, both GPTQ grids; about 4 CPU-hours on 2 cores).
 bench-ptq: setup
 	$(BIN)/python bench/ptq.py --suite compare-gptq --eval-chunk 8 --out bench/results/ptq-compare-gptq-smollm2.json
 	$(BIN)/python bench/ptq.py --suite compare-awq-sq --eval-chunk 8 --out bench/results/ptq-compare-awq-sq-smollm2.json
+	$(BIN)/python bench/ptq.py --suite compare-gptq-mse --eval-chunk 8 --out bench/results/ptq-compare-gptq-mse-smollm2.json
+	$(BIN)/python bench/ptq.py --suite compare-awq-mse --eval-chunk 8 --out bench/results/ptq-compare-awq-mse-smollm2.json
 	$(BIN)/python bench/ptq.py --table bench/results/ptq-rtn-smollm2.json bench/results/ptq-compare-*.json
 
 clean:

@@ -1,8 +1,8 @@
 """ONNX Runtime on CPU: prefill time, decode speed, file size and parity of exported models.
 
-Quantizes the model with round-to-nearest (through the API the CLI uses), exports ONNX variants
-(fp32, 4-bit g128 at accuracy levels 0 and 4, with and without a quantized lm_head, the qdq format,
-8-bit g128) and measures them side by side with torch fp32 eager in one run, at batch 1 on
+Quantizes the model with round-to-nearest and, for a checkpoint that is 4-bit throughout, with
+GPTQ and ``--lm-head`` (through the API the CLI uses), exports ONNX variants (fp32, 4-bit g128 at
+accuracy levels 0 and 4, with and without a quantized lm_head, the qdq format, 8-bit g128) and measures them side by side with torch fp32 eager in one run, at batch 1 on
 ``--threads`` threads. Timings are interleaved (every variant once per round, ``--rounds`` rounds,
 median reported) because the CPU is shared. Also measures perplexity on a few wt2-quick windows for
 each ONNX model next to the torch model of the same checkpoint, and the KL divergence between them.
@@ -28,17 +28,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from calib.data import CalibSpec  # noqa: E402
 from compress import __version__, api, models  # noqa: E402
 from compress.export.onnx import export_onnx, file_sizes  # noqa: E402
 from compress.runtime_onnx import OnnxCausalLM  # noqa: E402
+from compress.pipeline import GPTQOptions  # noqa: E402
 from compress.scheme import IntScheme  # noqa: E402
 from evals.data import PROTOCOLS, data_dir, read_text  # noqa: E402
 from evals.perplexity import evaluate_many, tokenize, windows  # noqa: E402
 
-CHECKPOINTS = {   # name -> RTN scheme (None: the unquantized model)
+CHECKPOINTS = {   # name -> (method, scheme, api.quantize options); None: the unquantized model
     "fp32": None,
-    "int4-g128": IntScheme(bits=4, group_size=128, sym=False),
-    "int8-g128": IntScheme(bits=8, group_size=128, sym=True),
+    "int4-g128": ("rtn", IntScheme(bits=4, group_size=128, sym=False), {}),
+    "int8-g128": ("rtn", IntScheme(bits=8, group_size=128, sym=True), {}),
+    # everything 4-bit in the checkpoint: GPTQ (act-order with static groups, so g_idx stays in natural
+    # order and the export needs no column gathers) on every linear and on the lm_head (--lm-head)
+    "gptq-int4-g128-head": ("gptq", IntScheme(bits=4, group_size=128, sym=False, act_order=True),
+                            {"gptq": GPTQOptions(static_groups=True, grid="mse"), "lm_head": True,
+                             "calib": CalibSpec("wikitext2", 32, 512, 0)}),
 }
 # (label, checkpoint, export kwargs)
 VARIANTS = [
@@ -51,6 +58,9 @@ VARIANTS = [
     # everything 4-bit: the lm_head too (4-bit blocks of 32)
     ("onnx int4 g128 acc4 +lm_head int4", "int4-g128", dict(fmt="matmulnbits", accuracy_level=4, lm_head_bits=4)),
     ("onnx int4 g128 qdq", "int4-g128", dict(fmt="qdq")),
+    # the checkpoint's own 4-bit lm_head (GPTQ against the final norm's output), exported as it is
+    ("onnx int4 g128 gptq+lm_head acc0", "gptq-int4-g128-head", dict(fmt="matmulnbits", accuracy_level=0)),
+    ("onnx int4 g128 gptq+lm_head acc4", "gptq-int4-g128-head", dict(fmt="matmulnbits", accuracy_level=4)),
     ("onnx int8 g128 acc0", "int8-g128", dict(fmt="matmulnbits", accuracy_level=0)),
     ("onnx int8 g128 acc4", "int8-g128", dict(fmt="matmulnbits", accuracy_level=4)),
 ]
@@ -75,14 +85,24 @@ class TorchRunner:
 
 
 class OrtRunner:
-    def __init__(self, model: OnnxCausalLM):
+    """ONNX Runtime with the KV cache updated in place (``OnnxCausalLM.decoder``, what ``generate``
+    uses) when the export allows it and ``in_place``; otherwise past in, longer present out."""
+
+    def __init__(self, model: OnnxCausalLM, room: int, in_place: bool = True):
         self.model = model
+        self.room = room            # positions kept free after the prompt
+        self.in_place = in_place and model.in_place_kv
 
     def prefill(self, ids):
+        if self.in_place:
+            dec = self.model.decoder(ids.shape[1] + self.room)
+            return torch.from_numpy(dec(ids)[:, -1].argmax(-1)[:, None]), dec
         out = self.model(input_ids=ids, use_cache=True)
         return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
 
     def step(self, tok, past):
+        if self.in_place:
+            return torch.from_numpy(past(tok)[:, -1].argmax(-1)[:, None]), past
         out = self.model(input_ids=tok, use_cache=True, past_key_values=past)
         return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
 
@@ -110,6 +130,9 @@ def main(argv=None):
     ap.add_argument("--decode", type=int, default=64, help="tokens generated per decode timing")
     ap.add_argument("--short-prompt", type=int, default=16, help="prompt length before the short-context decode")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--kv", choices=["in-place", "concat"], default="in-place",
+                    help="ONNX KV cache during decode: one buffer updated in place (GroupQueryAttention exports), "
+                         "or past in / longer present out (a copy of the cache per token)")
     ap.add_argument("--ppl-windows", type=int, default=4, help="wt2-quick windows for ORT-vs-torch perplexity")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--workdir", type=Path, default=None, help="keep checkpoints and exports here (default: temp)")
@@ -146,13 +169,16 @@ def main(argv=None):
     # ---- checkpoints and exports
     loaded = {"fp32": base}
     torch_sizes = {"fp32": sum(f.stat().st_size for f in Path(base.path).glob("*.safetensors"))}
-    for name, scheme in CHECKPOINTS.items():
-        if scheme is None or not any(v[1] == name for v in variants):
+    for name, spec in CHECKPOINTS.items():
+        if spec is None or not any(v[1] == name for v in variants):
             continue
+        method, scheme, opts = spec
+        if "calib" in opts:
+            opts = dict(opts, data_dir=args.data_dir)
         out = work / name
         if not (out / "config.json").exists():
             t0 = time.perf_counter()
-            api.quantize_to_folder(args.model, scheme, out, method="rtn", progress=False)
+            api.quantize_to_folder(args.model, scheme, out, method=method, progress=False, **opts)
             print(f"quantized {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         loaded[name] = models.load(str(out))
         torch_sizes[name] = (out / "model.safetensors").stat().st_size
@@ -167,7 +193,10 @@ def main(argv=None):
                      "attention": info["model"].get("attention")})
 
     # ---- timing, interleaved
-    runners = {r["label"]: OrtRunner(OnnxCausalLM(r["path"], threads=args.threads)) for r in rows}
+    runners = {r["label"]: OrtRunner(OnnxCausalLM(r["path"], threads=args.threads), args.decode + 1,
+                                     args.kv == "in-place") for r in rows}
+    for r in rows:
+        r["kv_cache"] = "in place" if runners[r["label"]].in_place else "concatenated"
     runners[TORCH_LABEL] = TorchRunner(base.model)
     gen = torch.Generator().manual_seed(0)
     long_ids = torch.randint(0, base.model.config.vocab_size, (1, args.prefill), generator=gen)
@@ -230,7 +259,7 @@ def main(argv=None):
                                        "size_0.3x": r["size_vs_onnx_fp32"] <= 0.3}
     data = {
         "model": args.model, "threads": args.threads, "batch": 1, "prefill_tokens": args.prefill,
-        "decode_tokens": args.decode, "short_prompt": args.short_prompt, "rounds": args.rounds,
+        "decode_tokens": args.decode, "short_prompt": args.short_prompt, "rounds": args.rounds, "kv": args.kv,
         "ppl_protocol": f"wt2-quick, first {wins.shape[0]} windows of {proto.seqlen} tokens",
         "ppl_windows": wins.shape[0],
         "rows": rows, "quantized_torch_vs_fp32": quant_vs_fp32, "targets": targets,
@@ -252,7 +281,8 @@ def table(data: dict) -> str:
     lines = [f"{data['model']} on {data['cpu']}, {data['threads']} threads, batch 1; prefill {data['prefill_tokens']} "
              f"tokens; decode {data['decode_tokens']} tokens after a {data['short_prompt']}-token / "
              f"{data['prefill_tokens']}-token prompt; median (best) of {data['rounds']} interleaved rounds; "
-             f"load average {data['loadavg_start'][0]:.1f} -> {data['loadavg_end'][0]:.1f}",
+             f"load average {data['loadavg_start'][0]:.1f} -> {data['loadavg_end'][0]:.1f}; ONNX KV cache "
+             f"{data.get('kv', 'concat')}",
              f"perplexity: {data['ppl_protocol']}; KL(torch || ORT) of the same checkpoint", "",
              "| variant | file MB | x fp32 file | prefill s | decode tok/s (short) | x fp32 | decode tok/s (512) "
              "| x fp32 | ppl | torch ppl | ppl diff | KL vs torch |",

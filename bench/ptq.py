@@ -10,11 +10,13 @@ wall time (calibration and solve; ``wall_seconds`` adds loading and writing the 
     python bench/ptq.py --suite rtn --out bench/results/ptq-rtn-smollm2.json
     python bench/ptq.py --suite compare-gptq --eval-chunk 8 --out bench/results/ptq-compare-gptq-smollm2.json
     python bench/ptq.py --suite compare-awq-sq --eval-chunk 8 --out bench/results/ptq-compare-awq-sq-smollm2.json
+    python bench/ptq.py --suite compare-gptq-mse --eval-chunk 8 --out bench/results/ptq-compare-gptq-mse-smollm2.json
+    python bench/ptq.py --suite compare-awq-mse --eval-chunk 8 --out bench/results/ptq-compare-awq-mse-smollm2.json
     python bench/ptq.py --table bench/results/ptq-rtn-smollm2.json bench/results/ptq-compare-*.json
     python bench/ptq.py --suite awq --only "awq int4" --max-windows 4      # a quick look at some rows
 
 The compare suites hold the rows of the README's comparison (settings of the reference table the
-rtn suite does not cover); the gptq, awq and smoothquant suites sweep more settings and options.
+rtn suite does not cover; the -mse suites repeat the GPTQ and awq+gptq rows with ``--grid mse``); the gptq, awq and smoothquant suites sweep more settings and options.
 With ``--workdir DIR --reuse`` the checkpoints are kept and an interrupted run resumes.
 """
 from __future__ import annotations
@@ -128,6 +130,25 @@ SUITES["compare-awq-sq"] = [
      {"awq": dict(objective="module"), "gptq": dict(damp=0.01)}),
     ("smoothquant w8a8 dynamic a0.5", "smoothquant", dict(act_scheme="dynamic"), {"smoothquant": dict(alpha=0.5)}),
 ]
+# the comparison's GPTQ and awq+gptq settings again with the searched grid (--grid mse)
+SUITES["compare-gptq-mse"] = [
+    ("gptq int4 per-channel asym act-order mse", "gptq", dict(bits=4, group_size=-1, sym=False, act_order=True),
+     {"gptq": dict(damp=0.01, grid="mse")}),
+    ("gptq int4 g128 asym act-order mse", "gptq", dict(bits=4, group_size=128, sym=False, act_order=True),
+     {"gptq": dict(damp=0.01, grid="mse")}),
+    ("gptq int4 g128 asym mse", "gptq", dict(bits=4, group_size=128, sym=False, act_order=False),
+     {"gptq": dict(damp=0.01, grid="mse")}),
+    ("gptq int4 g128 sym act-order mse", "gptq", dict(bits=4, group_size=128, sym=True, act_order=True),
+     {"gptq": dict(damp=0.01, grid="mse")}),
+    ("gptq int3 g128 asym act-order mse", "gptq", dict(bits=3, group_size=128, sym=False, act_order=True),
+     {"gptq": dict(damp=0.01, grid="mse")}),
+    ("gptq int2 g64 asym act-order mse", "gptq", dict(bits=2, group_size=64, sym=False, act_order=True),
+     {"gptq": dict(damp=0.01, grid="mse")}),
+]
+SUITES["compare-awq-mse"] = [
+    ("awq+gptq int3 g128 asym act-order mse", "awq+gptq", dict(bits=3, group_size=128, sym=False, act_order=True),
+     {"awq": dict(objective="module"), "gptq": dict(damp=0.01, grid="mse")}),
+]
 SUITES["all"] = list({r[0]: r for name in ("rtn", "gptq", "awq", "smoothquant") for r in SUITES[name]}.values())
 
 # perplexities measured on this model with the same protocol and calibration by the GPTQ authors'
@@ -141,6 +162,8 @@ REFERENCE_PPL = {
     "rtn int3 g128 asym": 145.90, "rtn int3 g128 sym": 622.9, "gptq int3 g128 asym act-order": 79.96,
     "rtn int2 g64 asym": 483212, "gptq int2 g64 asym act-order": 12343,
 }
+# our GPTQ with the searched grid (--grid mse) against the reference GPTQ of the same setting
+REFERENCE_PPL.update({f"{k} mse": v for k, v in list(REFERENCE_PPL.items()) if k.startswith("gptq ")})
 
 _OPTIONS = {"gptq": GPTQOptions, "awq": AWQOptions, "smoothquant": SmoothQuantOptions}
 

@@ -137,6 +137,16 @@ class BlockInputs:
         return acc
 
     @torch.no_grad()
+    def hessian_after(self, fn: Callable[[torch.Tensor], torch.Tensor], in_features: int):
+        """:class:`~calib.stats.HessianAccumulator` of ``fn(x)`` over the stored inputs (e.g. the
+        final norm applied to the last block's outputs: the input of the lm_head)."""
+        from calib.stats import HessianAccumulator
+        acc = HessianAccumulator(in_features)
+        for _, x in self._batches():
+            acc.add_batch(fn(x))
+        return acc
+
+    @torch.no_grad()
     def advance(self, block: torch.nn.Module) -> None:
         """Replace the stored inputs by ``block``'s outputs (the next block's inputs)."""
         kw = self._kw()
@@ -203,8 +213,10 @@ def capture_first_block_inputs(model, arch, windows: torch.Tensor, budget: int =
 
 def run_sequential(model, arch, windows: torch.Tensor, process_block: Callable[[int, torch.nn.Module, BlockInputs], None],
                    budget: int = DEFAULT_BUDGET, device: torch.device | str = "cpu", progress: bool = True,
-                   desc: str = "calibrate") -> None:
-    """Drive ``process_block(i, block, inputs)`` over the decoder blocks in order (see module doc)."""
+                   desc: str = "calibrate",
+                   process_head: Callable[[BlockInputs], None] | None = None) -> None:
+    """Drive ``process_block(i, block, inputs)`` over the decoder blocks in order (see module doc);
+    then ``process_head(inputs)``, if given, with the last block's outputs as the stored inputs."""
     device = torch.device(device)
     model_device = next(model.parameters()).device
     for name in arch.embeddings + (arch.final_norm,):
@@ -217,6 +229,8 @@ def run_sequential(model, arch, windows: torch.Tensor, process_block: Callable[[
             process_block(i, block, inputs)
             inputs.advance(block)
             blocks[i] = block.to(model_device)
+        if process_head is not None:
+            process_head(inputs)
     finally:
         inputs.store.close()
         for name in arch.embeddings + (arch.final_norm,):

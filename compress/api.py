@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant")
 CALIBRATED = ("gptq", "awq", "awq+gptq", "smoothquant")
 USES_GPTQ = ("gptq", "awq+gptq")      # methods that take GPTQOptions and act-order
+LM_HEAD_METHODS = ("rtn", "gptq")     # methods that can also quantize the lm_head
 
 
-def check_weights(loaded: models.Loaded, scheme: IntScheme) -> list[str]:
-    """Names of the block linears, after checking each is finite and fits the scheme."""
-    names = loaded.arch.linear_names(loaded.model)
+def check_weights(loaded: models.Loaded, scheme: IntScheme, names: list[str] | None = None) -> list[str]:
+    """Names of the block linears (or of ``names``), after checking each is finite and fits the scheme."""
+    names = loaded.arch.linear_names(loaded.model) if names is None else list(names)
     for name in names:
         lin = loaded.model.get_submodule(name)
         if not isinstance(lin, torch.nn.Linear):
@@ -39,8 +40,11 @@ def check_weights(loaded: models.Loaded, scheme: IntScheme) -> list[str]:
 
 def quantize(loaded: models.Loaded, scheme: IntScheme, method: str = "rtn", progress: bool = True,
              calib=None, data_dir=None, gptq=None, save_stats=None, load_stats=None,
-             device: str = "cpu", awq=None, smoothquant=None) -> dict:
+             device: str = "cpu", awq=None, smoothquant=None, lm_head: bool = False) -> dict:
     """Quantize the decoder-block linears of ``loaded.model`` in place; returns run metadata.
+
+    ``lm_head`` (rtn and gptq) quantizes the lm_head too, with the same scheme; a tied input
+    embedding is untied first and stays unquantized (:func:`compress.pipeline.untie_lm_head`).
 
     Calibrated methods take ``calib`` (a :class:`calib.data.CalibSpec`), method options
     (``gptq``: :class:`compress.pipeline.GPTQOptions` for gptq and awq+gptq; ``awq``:
@@ -66,21 +70,28 @@ def quantize(loaded: models.Loaded, scheme: IntScheme, method: str = "rtn", prog
     if method not in CALIBRATED:
         if save_stats or load_stats:
             raise CompressError(f"--save-stats/--load-stats apply to calibrated methods, not {method}")
+    if lm_head and method not in LM_HEAD_METHODS:
+        raise CompressError(f"--lm-head works with {', '.join(LM_HEAD_METHODS)}, not {method}")
     names = check_weights(loaded, scheme)
+    if lm_head:
+        names += check_weights(loaded, scheme, [loaded.arch.lm_head])
     if method in CALIBRATED:
         return _quantize_calibrated(loaded, scheme, method, progress, calib, data_dir, gptq,
-                                    save_stats, load_stats, device, awq, smoothquant)
+                                    save_stats, load_stats, device, awq, smoothquant, lm_head)
     t0 = time.perf_counter()
+    if lm_head:
+        from .pipeline import untie_lm_head
+        untie_lm_head(loaded)
     for name in tqdm(names, desc=f"{method} {scheme.describe()}", unit="layer", disable=not progress, leave=False):
         lin = loaded.model.get_submodule(name)
         packed = rtn.solve(lin.weight.detach(), scheme)
         set_submodule(loaded.model, name, QuantLinear.from_packed(packed, lin.bias))
     seconds = time.perf_counter() - t0
-    return {"modules": names, "seconds": round(seconds, 3), "meta": {}}
+    return {"modules": names, "seconds": round(seconds, 3), "meta": {"lm_head": True} if lm_head else {}}
 
 
 def _quantize_calibrated(loaded, scheme, method, progress, calib, data_dir, gptq, save_stats, load_stats, device,
-                         awq=None, smoothquant=None):
+                         awq=None, smoothquant=None, lm_head=False):
     """Every calibrated method: calibration windows, the sequential runner (compress.pipeline)."""
     from calib.data import CalibSpec, calibration_windows
 
@@ -94,7 +105,7 @@ def _quantize_calibrated(loaded, scheme, method, progress, calib, data_dir, gptq
     windows = None if load_stats else calibration_windows(loaded.tokenizer, calib, data_dir)
     common = dict(save_stats_path=save_stats, load_stats_path=load_stats, device=device, progress=progress)
     if method == "gptq":
-        rec = gptq_model(loaded, scheme, windows, gptq, **common)
+        rec = gptq_model(loaded, scheme, windows, gptq, lm_head=lm_head, **common)
     elif method in ("awq", "awq+gptq"):
         awq = awq or AWQOptions()
         rec = awq_model(loaded, scheme, windows, awq, gptq if method == "awq+gptq" else None, **common)
@@ -105,8 +116,10 @@ def _quantize_calibrated(loaded, scheme, method, progress, calib, data_dir, gptq
     meta = {"calibration": None if load_stats else calib.to_dict(),
             "stats_loaded_from": str(load_stats) if load_stats else None,
             "fallbacks": rec.fallbacks, "total_loss": sum(rec.losses.values()) if rec.losses else None}
+    if lm_head:
+        meta["lm_head"] = True
     if method in USES_GPTQ:
-        meta.update(damp=gptq.damp, block_size=gptq.block_size, static_groups=gptq.static_groups)
+        meta.update(damp=gptq.damp, block_size=gptq.block_size, static_groups=gptq.static_groups, grid=gptq.grid)
     if awq is not None:
         alphas = [a for a in rec.extra.get("awq_alphas", {}).values() if a is not None]
         meta["awq"] = {**rec.extra.get("awq_options", awq.to_dict()), "scaled_groups": len(alphas),

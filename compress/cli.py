@@ -116,6 +116,9 @@ def models_fetch(name, force):
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal (g_idx).")
 @click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids before the column sweep.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ: relative dampening.")
+@click.option("--grid", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
+              help="GPTQ: each group's grid spans its min and max, or the shrunken range with the least "
+                   "loss-weighted rounding error (mse).")
 @click.option("--alpha", type=float, default=None, help="SmoothQuant: migration strength in [0, 1]  [default: 0.5]")
 @click.option("--act-scheme", type=click.Choice(["dynamic", "static"]), default=None,
               help="SmoothQuant: int8 activations per token at run time (dynamic) or with a calibrated "
@@ -127,6 +130,8 @@ def models_fetch(name, force):
                    "or of the linears themselves (faster)  [default: module]")
 @click.option("--awq-clip/--no-awq-clip", default=None,
               help="AWQ: search and apply weight clipping  [default: on for awq, off for awq+gptq]")
+@click.option("--lm-head", is_flag=True,
+              help="rtn, gptq: also quantize the lm_head (a tied input embedding is untied and stays unquantized).")
 @_calib_options("Calibration windows.", "Tokens per calibration window.")
 @click.option("--save-stats", type=click.Path(path_type=Path), default=None,
               help="Save the calibration statistics (safetensors) for reuse.")
@@ -142,9 +147,9 @@ def models_fetch(name, force):
               help="kquant: importance matrix file (llama.cpp GGUF or legacy .dat, e.g. from `compress imatrix`).")
 @click.option("--pure", is_flag=True, help="GGUF output: one type for every tensor (llama-quantize --pure).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
-def quantize(model, method, bits, group_size, sym, act_order, static_groups, damp, alpha, act_scheme,
-             smooth_linear_prev, awq_objective, awq_clip, calib_source, nsamples, seqlen, seed, data_dir, save_stats, load_stats,
-             device, dtype, out, gguf_type=None, imatrix=None, pure=False):
+def quantize(model, method, bits, group_size, sym, act_order, static_groups, damp, grid, alpha, act_scheme,
+             smooth_linear_prev, awq_objective, awq_clip, lm_head, calib_source, nsamples, seqlen, seed, data_dir,
+             save_stats, load_stats, device, dtype, out, gguf_type=None, imatrix=None, pure=False):
     """Quantize MODEL (registered name, HF folder or .gguf) into a packed checkpoint (or a .gguf with --type)."""
     if method == "kquant" or gguf_type is not None:
         return _quantize_gguf(model, method, gguf_type, imatrix, pure, damp, calib_source, nsamples, seqlen, seed,
@@ -154,14 +159,14 @@ def quantize(model, method, bits, group_size, sym, act_order, static_groups, dam
     from .api import CALIBRATED, USES_GPTQ, quantize_to_folder
     scheme = _scheme_for(method, bits, group_size, sym, act_order, act_scheme)
     _check_method_options(method, static_groups, alpha, act_scheme, smooth_linear_prev, awq_objective, awq_clip)
-    kwargs = {}
+    kwargs = {"lm_head": True} if lm_head else {}
     if method in CALIBRATED:
         from calib.data import CalibSpec
-        kwargs = dict(calib=CalibSpec(calib_source, nsamples, seqlen, seed), data_dir=data_dir,
+        kwargs.update(calib=CalibSpec(calib_source, nsamples, seqlen, seed), data_dir=data_dir,
                       save_stats=save_stats, load_stats=load_stats, device=_device(device))
         if method in USES_GPTQ:
             from .pipeline import GPTQOptions
-            kwargs["gptq"] = GPTQOptions(damp=damp, static_groups=static_groups)
+            kwargs["gptq"] = GPTQOptions(damp=damp, static_groups=static_groups, grid=grid)
         if method in ("awq", "awq+gptq"):
             from .methods.awq import AWQOptions
             kwargs["awq"] = AWQOptions(objective=awq_objective or "module", clip=awq_clip)
@@ -208,6 +213,8 @@ def _check_method_options(method, static_groups, alpha, act_scheme, smooth_linea
     from .api import USES_GPTQ
     if method not in USES_GPTQ and method != "rtn" and (static_groups or _given("damp")):
         raise CompressError(f"--static-groups/--damp apply to GPTQ (gptq, awq+gptq), not to {method}")
+    if method not in USES_GPTQ and _given("grid"):
+        raise CompressError(f"--grid applies to GPTQ (gptq, awq+gptq), not to {method}")
     if method != "smoothquant":
         bad = [n for n, v in (("--alpha", alpha is not None), ("--act-scheme", act_scheme is not None),
                               ("--smooth-linear-prev", smooth_linear_prev)) if v]
@@ -243,7 +250,7 @@ def _quantize_gguf(model, method, gguf_type, imatrix, pure, damp, calib_source, 
     if gguf_type is None:
         raise CompressError("--method kquant needs --type (e.g. --type Q4_K_M)")
     bad = [f"--{n.replace('_', '-')}" for n in ("bits", "group_size", "sym", "act_order", "static_groups",
-                                                "save_stats", "load_stats", "dtype", "alpha", "act_scheme",
+                                                "grid", "lm_head", "save_stats", "load_stats", "dtype", "alpha", "act_scheme",
                                                 "smooth_linear_prev", "awq_objective") if _given(n)]
     if method == "kquant":
         bad += [f"--{n.replace('_', '-')}" for n in ("damp", "nsamples", "seqlen", "seed") if _given(n)]

@@ -22,7 +22,7 @@ from .errors import CompressError
 from .formats import gptq_int, w8a8
 from .methods.awq import (AWQOptions, AWQSearch, MeanAbsAccumulator, apply_clip, clip_search, hessian_error,
                           load_search, save_search, search_scale)
-from .methods.gptq import gptq_solve, output_error
+from .methods.gptq import GRIDS, gptq_solve, output_error
 from .methods.scaling import apply_scale, can_scale
 from .methods.smoothquant import SmoothQuantOptions, smooth_scales
 from .quantizer import dequantize_values, quantize_rtn
@@ -37,8 +37,11 @@ class GPTQOptions:
     damp: float = 0.01
     block_size: int = 128
     static_groups: bool = False
+    grid: str = "minmax"
 
     def __post_init__(self):
+        if self.grid not in GRIDS:
+            raise CompressError(f"--grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
         if not 0 < self.damp < 1:
             raise CompressError(f"--damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:
@@ -65,7 +68,7 @@ def _solve_into(block, name: str, full: str, H: torch.Tensor, scheme: IntScheme,
     lin = block.get_submodule(name)
     w = lin.weight.data
     res = gptq_solve(w.to(torch.float32), H.to(w.device, torch.float32), scheme, damp=opts.damp,
-                     block_size=opts.block_size, static_groups=opts.static_groups)
+                     block_size=opts.block_size, static_groups=opts.static_groups, grid=opts.grid)
     rec.packed[full] = gptq_int.pack(res.q.cpu(), res.scales.cpu(), res.zeros.cpu(), res.g_idx.cpu(), scheme.bits)
     rec.losses[full] = float(res.loss)
     if res.fallback:
@@ -77,12 +80,17 @@ def _solve_into(block, name: str, full: str, H: torch.Tensor, scheme: IntScheme,
 
 def gptq_model(loaded, scheme: IntScheme, windows: torch.Tensor | None, opts: GPTQOptions,
                save_stats_path: Path | None = None, load_stats_path: Path | None = None,
-               device: str = "cpu", budget: int = DEFAULT_BUDGET, progress: bool = True) -> RunRecord:
-    """GPTQ over every decoder-block linear; replaces them by QuantLinear modules in place."""
+               device: str = "cpu", budget: int = DEFAULT_BUDGET, progress: bool = True,
+               lm_head: bool = False) -> RunRecord:
+    """GPTQ over every decoder-block linear (and the lm_head with ``lm_head``, against the Hessian
+    of the final norm's output; see :func:`untie_lm_head`); replaces them by QuantLinear modules
+    in place."""
     model, arch = loaded.model, loaded.arch
     rec = RunRecord()
     t0 = time.perf_counter()
     stats = {}
+    if lm_head:
+        untie_lm_head(loaded)
     if load_stats_path is not None:
         try:
             stats = load_stats(load_stats_path)
@@ -90,6 +98,7 @@ def gptq_model(loaded, scheme: IntScheme, windows: torch.Tensor | None, opts: GP
             raise CompressError(f"cannot load statistics from {load_stats_path}: {e}") from None
         nblocks = len(arch.get_blocks(model))
         need = [group_key(arch, i, g) for i in range(nblocks) for g in arch.groups]
+        need += [arch.lm_head] if lm_head else []
         missing = [k for k in need if k not in stats]
         if missing:
             raise CompressError(f"{load_stats_path} has no statistics for {missing[0]} (and {len(missing) - 1} more)")
@@ -98,6 +107,8 @@ def gptq_model(loaded, scheme: IntScheme, windows: torch.Tensor | None, opts: GP
                 H = stats[group_key(arch, i, g)].hessian()
                 for name in g.linears:
                     _solve_into(block, name, f"{arch.blocks}.{i}.{name}", H, scheme, opts, rec)
+        if lm_head:
+            _solve_into(model, arch.lm_head, arch.lm_head, stats[arch.lm_head].hessian(), scheme, opts, rec)
     else:
         if windows is None:
             raise CompressError("GPTQ needs calibration windows")
@@ -113,12 +124,40 @@ def gptq_model(loaded, scheme: IntScheme, windows: torch.Tensor | None, opts: GP
                 if save_stats_path is None:
                     del acc
 
-        run_sequential(model, arch, windows, process, budget=budget, device=device, progress=progress, desc="gptq")
+        def process_head(inputs):
+            head = model.get_submodule(arch.lm_head)
+            norm = model.get_submodule(arch.final_norm)
+            acc = inputs.hessian_after(norm, head.in_features)
+            if save_stats_path is not None:
+                stats[arch.lm_head] = acc
+            _solve_into(model, arch.lm_head, arch.lm_head, acc.hessian().to(head.weight.device), scheme, opts, rec)
+
+        run_sequential(model, arch, windows, process, budget=budget, device=device, progress=progress, desc="gptq",
+                       process_head=process_head if lm_head else None)
         if save_stats_path is not None:
             save_stats(save_stats_path, stats)
     replace_with_packed(model, rec)
     rec.seconds = time.perf_counter() - t0
     return rec
+
+
+def untie_lm_head(loaded) -> None:
+    """Give the lm_head its own weight when it shares the input embedding's, so that it can be
+    quantized while the embedding lookup keeps the unquantized table (the checkpoint then stores
+    both: the embedding in the storage dtype, the lm_head packed). No-op when already separate."""
+    model, arch = loaded.model, loaded.arch
+    head = model.get_submodule(arch.lm_head)
+    if not isinstance(head, torch.nn.Linear):
+        raise CompressError(f"{arch.lm_head} is a {type(head).__name__}, not a linear layer")
+    emb = model.get_input_embeddings()
+    if head.weight.data_ptr() == emb.weight.data_ptr() or getattr(model.config, "tie_word_embeddings", False):
+        new = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                              device=head.weight.device, dtype=head.weight.dtype)
+        new.weight.data = head.weight.data.clone()
+        if head.bias is not None:
+            new.bias.data = head.bias.data.clone()
+        set_submodule(model, arch.lm_head, new)
+        model.config.tie_word_embeddings = False
 
 
 def replace_with_packed(model: torch.nn.Module, rec: RunRecord) -> None:

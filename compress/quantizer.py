@@ -17,10 +17,15 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
 
     Returns float32 scales (already float16-representable) and float32 integer zeros.
     """
-    maxq = (1 << bits) - 1
     w = w.to(torch.float32)
-    xmin = torch.clamp(w.amin(dim=1), max=0)
-    xmax = torch.clamp(w.amax(dim=1), min=0)
+    return grid_from_range(w.amin(dim=1), w.amax(dim=1), bits, sym)
+
+
+def grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid :func:`grid_params` builds for rows whose weights span ``[xmin, xmax]``."""
+    maxq = (1 << bits) - 1
+    xmin = torch.clamp(xmin.to(torch.float32), max=0)
+    xmax = torch.clamp(xmax.to(torch.float32), min=0)
     if sym:
         amax = torch.maximum(xmin.abs(), xmax)
         scale = 2 * amax / maxq
@@ -41,6 +46,39 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
         zero = torch.where(low, torch.ones_like(zero), zero)
     zero = torch.clamp(zero, 1, maxq)
     return scale, zero
+
+
+def grid_search(w: torch.Tensor, bits: int, sym: bool, col_weight: torch.Tensor | None = None,
+                steps: int = 100, max_shrink: float = 0.8, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`grid_params`, but each row's range ``[min, max]`` is shrunk to ``p * [min, max]``
+    for ``p`` in ``1, 1 - 1/steps, ..., 1 - max_shrink`` (exclusive) and the ``p`` with the smallest
+    rounding error ``sum_c col_weight[c] * |w - dequant(quant(w))|^norm`` is kept per row (``p = 1``
+    on ties, so the result is never worse than the min-max grid by that measure).
+    ``col_weight (C,)`` defaults to ones.
+    """
+    w = w.to(torch.float32)
+    maxq = (1 << bits) - 1
+    xmin, xmax = w.amin(dim=1), w.amax(dim=1)
+    best_s, best_z = grid_from_range(xmin, xmax, bits, sym)
+    if steps < 1 or max_shrink <= 0:
+        return best_s, best_z
+    cw = None if col_weight is None else col_weight.to(device=w.device, dtype=torch.float32)[None, :]
+
+    def err(s, z):
+        d = (quantize_values(w, s[:, None], z[:, None], maxq) - z[:, None]) * s[:, None] - w
+        e = d.abs_().pow_(norm)
+        return (e * cw if cw is not None else e).sum(dim=1)
+
+    best = err(best_s, best_z)
+    for i in range(1, int(max_shrink * steps)):
+        p = 1.0 - i / steps
+        s, z = grid_from_range(p * xmin, p * xmax, bits, sym)
+        e = err(s, z)
+        better = e < best
+        best = torch.where(better, e, best)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return best_s, best_z
 
 
 def _fp16_round(s: torch.Tensor) -> torch.Tensor:

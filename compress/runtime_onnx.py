@@ -90,6 +90,8 @@ class OnnxCausalLM:
         self.head_dim = int(meta.get("head_dim", 0))
         self.vocab_size = int(meta.get("vocab_size", 0))
         self.max_positions = int(meta.get("max_position_embeddings", 1 << 30))
+        # GroupQueryAttention writes into a past buffer bound as its own present output
+        self.in_place_kv = self.kv_cache and meta.get("attention") == "GroupQueryAttention"
         self._tokenizer = None
 
     # ---- compatibility with the evaluators
@@ -163,6 +165,11 @@ class OnnxCausalLM:
         names = ["logits"] + (self.present_names if self.kv_cache else [])
         return self.session.run_with_ort_values(names, values)
 
+    def decoder(self, max_len: int) -> "InPlaceDecoder":
+        """A batch-1 decoder whose KV cache is one preallocated buffer per layer of ``max_len``
+        positions, updated in place (exports with GroupQueryAttention only)."""
+        return InPlaceDecoder(self, max_len)
+
     # ---- generation
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int = 32, greedy: bool = True, temperature: float = 1.0,
@@ -184,8 +191,11 @@ class OnnxCausalLM:
         seq = ids
         past = None
         step_ids = ids
+        dec = self.decoder(ids.shape[1] + max_new_tokens) if self.in_place_kv and max_new_tokens else None
         for _ in range(max_new_tokens):
-            if self.kv_cache:
+            if dec is not None:
+                out = OnnxOutput(logits=torch.from_numpy(dec(step_ids.numpy())))
+            elif self.kv_cache:
                 out = self(input_ids=step_ids, use_cache=True, past_key_values=past)
                 past = out.past_key_values
             else:
@@ -197,6 +207,57 @@ class OnnxCausalLM:
             if eos_token_id is not None and int(nxt) == eos_token_id:
                 break
         return seq
+
+
+class InPlaceDecoder:
+    """Token-by-token decoding of batch 1 without copying the KV cache at every step.
+
+    Each layer's past key and value is one ``(1, kv_heads, max_len, head_dim)`` buffer bound (IO
+    binding) both as the ``past_key_values.*`` input and as the ``present.*`` output: ONNX
+    Runtime's GroupQueryAttention then sees the same memory on both sides and appends the new
+    positions in place (it reads the valid length from the attention mask), where the default path
+    allocates a longer present tensor and copies the whole cache at every token. Same logits as
+    ``model(..., past_key_values=...)``. ``decoder(ids)`` takes the next ``(1, t)`` token ids
+    (the prompt first) and returns float32 logits ``(1, t, vocab)``.
+    """
+
+    def __init__(self, model: OnnxCausalLM, max_len: int):
+        if not model.in_place_kv:
+            raise CompressError(f"{model.path}: in-place KV decoding needs a KV-cache export with "
+                                "GroupQueryAttention attention")
+        if max_len < 1 or max_len > model.max_positions:
+            raise CompressError(f"max_len must be in [1, {model.max_positions}], got {max_len}")
+        ort = model._ort
+        self.model = model
+        self.max_len = int(max_len)
+        shape = (1, model.num_kv_heads, self.max_len, model.head_dim)
+        self._kv = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in model.past_names]
+        self._io = model.session.io_binding()
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def __call__(self, ids) -> np.ndarray:
+        ids = np.ascontiguousarray(_as_numpy(ids).astype(np.int64))
+        if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise CompressError(f"in-place KV decoding takes (1, t) token ids, got shape {ids.shape}")
+        total = self.length + ids.shape[1]
+        if total > self.max_len:
+            raise CompressError(f"{total} tokens exceed the decoder's {self.max_len} positions")
+        io = self._io
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+        io.bind_cpu_input("position_ids", np.arange(self.length, total, dtype=np.int64)[None])
+        io.bind_output("logits")
+        for past, present, buf in zip(self.model.past_names, self.model.present_names, self._kv):
+            io.bind_ortvalue_input(past, buf)
+            io.bind_ortvalue_output(present, buf)
+        self.model.session.run_with_iobinding(io)
+        self.length = total
+        return io.get_outputs()[0].numpy()
 
 
 def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int | None, gen) -> torch.Tensor:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CompressError
-from ..quantizer import dequantize_values, grid_params, quantize_rtn, quantize_values
+from ..quantizer import dequantize_values, grid_params, grid_search, quantize_rtn, quantize_values
 from ..scheme import IntScheme
 
 logger = logging.getLogger(__name__)
@@ -82,14 +82,16 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor | None:
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, scheme: IntScheme, damp: float = 0.01,
                block_size: int = 128, static_groups: bool = False,
-               max_damp_tries: int = 5) -> GPTQResult:
+               max_damp_tries: int = 5, grid: str = "minmax") -> GPTQResult:
     """Quantize ``W (N, K)`` with GPTQ against the Hessian ``H (K, K)`` (e.g. ``2/n X^T X``).
 
     Works in float32 on ``W``'s device; ``W`` and ``H`` are not modified. ``damp`` is relative to
     ``mean(diag(H))``. ``max_damp_tries`` is the number of tenfold increases allowed after the
     first attempt fails. ``static_groups`` (only meaningful with a group size and act-order)
     fixes every group's grid up front on the natural column order so that ``g_idx`` stays
-    ``k // group_size``.
+    ``k // group_size``. ``grid``: ``"minmax"`` spans each group's current min and max (the
+    reference quantizer); ``"mse"`` shrinks that range where it lowers GPTQ's own per-column loss
+    weights ``1 / U[i, i]^2`` times the squared rounding error (:func:`grid_search`).
     """
     if W.dim() != 2:
         raise CompressError(f"GPTQ expects a 2-D weight (out_features, in_features), got shape {tuple(W.shape)}")
@@ -103,6 +105,8 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, scheme: IntScheme, damp: float 
     if max_damp_tries < 0:
         raise CompressError(f"max_damp_tries must be >= 0, got {max_damp_tries}")
     scheme.check_layer(k)
+    if grid not in GRIDS:
+        raise CompressError(f"unknown GPTQ grid {grid!r}; choose one of {', '.join(GRIDS)}")
 
     dev = W.device
     w0 = W.detach().to(torch.float32)
@@ -119,16 +123,9 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, scheme: IntScheme, damp: float 
 
     gs = scheme.effective_group(k)
     group_cols = scheme.group_size != -1
-    # grids fixed before the loop: per-channel always, every group with static_groups
-    fixed_scale = fixed_zero = None
-    if not group_cols:
-        s, z = grid_params(w, scheme.bits, scheme.sym)
-        fixed_scale, fixed_zero = s[None], z[None]                               # (1, N)
-    elif static_groups:
-        _, s, z, _ = quantize_rtn(w, scheme)                                    # (G, N) on natural order
-        fixed_scale, fixed_zero = s, z.to(torch.float32)
 
     perm = None
+    w_nat = w
     if scheme.act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w = w[:, perm]
@@ -136,6 +133,23 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, scheme: IntScheme, damp: float 
 
     u, cur, tries = damped_inverse_cholesky(h, damp, max_damp_tries, "GPTQ")
     info = {"dead_columns": n_dead, "damp_tries": tries, "perm": perm}
+
+    # column weights of the "mse" grid: GPTQ's loss per column, visiting order
+    col_w = None
+    if grid == "mse" and u is not None:
+        col_w = torch.diagonal(u).reciprocal().square()
+    # grids fixed before the loop (natural column order): per-channel always, every group with static_groups
+    fixed_scale = fixed_zero = None
+    if u is not None and (not group_cols or static_groups):
+        nat_w = None
+        if col_w is not None:
+            nat_w = torch.empty_like(col_w)
+            nat_w[perm if perm is not None else slice(None)] = col_w
+        starts = range(0, k, gs) if group_cols else [0]
+        ss, zs = zip(*(_grid(w_nat[:, c:c + gs if group_cols else k],
+                             None if nat_w is None else nat_w[c:c + gs if group_cols else k], scheme, grid)
+                       for c in starts))
+        fixed_scale, fixed_zero = torch.stack(ss), torch.stack(zs)              # (G, N)
 
     if u is None:
         logger.warning("GPTQ: Cholesky failed after %d tries (last relative dampening %g); "
@@ -147,7 +161,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, scheme: IntScheme, damp: float 
                           damp=cur, fallback="rtn", info=info)
 
     q_perm, scales, zeros, g_idx, loss = _solve_columns(w, u, scheme, gs, group_cols, perm,
-                                                        fixed_scale, fixed_zero, block_size)
+                                                        fixed_scale, fixed_zero, block_size, grid, col_w)
     q = torch.empty_like(q_perm)
     if perm is not None:
         q[:, perm] = q_perm
@@ -180,7 +194,8 @@ def damped_inverse_cholesky(h: torch.Tensor, damp: float, max_tries: int, what: 
 
 def _solve_columns(w: torch.Tensor, u: torch.Tensor, scheme: IntScheme, gs: int, group_cols: bool,
                    perm: torch.Tensor | None, fixed_scale: torch.Tensor | None,
-                   fixed_zero: torch.Tensor | None, block_size: int):
+                   fixed_zero: torch.Tensor | None, block_size: int, grid: str = "minmax",
+                   col_w: torch.Tensor | None = None):
     """The column loop over ``w (N, K)`` (already permuted) with ``u = chol(H^-1)`` (upper).
 
     Returns ``q`` in the visiting order, scales/zeros ``(G, N)``, g_idx over original columns, loss.
@@ -218,7 +233,9 @@ def _solve_columns(w: torch.Tensor, u: torch.Tensor, scheme: IntScheme, gs: int,
             if g != cur_group:
                 cur_group = g
                 if dynamic:
-                    scale, zero = _group_grid(wt, w1, errt, u, i, i1, i2, min(i + gs, k), scheme)
+                    end = min(i + gs, k)
+                    scale, zero = _group_grid(wt, w1, errt, u, i, i1, i2, end, scheme, grid,
+                                              None if col_w is None else col_w[i:end])
                     scales[g], zeros[g] = scale, zero
                 else:
                     scale, zero = scales[g], zeros[g]
@@ -244,7 +261,17 @@ def _solve_columns(w: torch.Tensor, u: torch.Tensor, scheme: IntScheme, gs: int,
     return q.contiguous(), scales.contiguous(), zeros.to(torch.int32).contiguous(), g_idx, loss
 
 
-def _group_grid(wt, w1, errt, u, i, i1, i2, end, scheme):
+GRIDS = ("minmax", "mse")
+
+
+def _grid(w: torch.Tensor, col_w: torch.Tensor | None, scheme: IntScheme, grid: str):
+    """Scale and zero per row of ``w (R, C)`` for the chosen grid."""
+    if grid == "mse":
+        return grid_search(w, scheme.bits, scheme.sym, col_weight=col_w)
+    return grid_params(w, scheme.bits, scheme.sym)
+
+
+def _group_grid(wt, w1, errt, u, i, i1, i2, end, scheme, grid="minmax", col_w=None):
     """Scale and zero of the group covering visited columns ``[i, end)``, on their current weights.
 
     Columns inside the current block are current in ``w1``; columns past the block have not yet
@@ -258,4 +285,4 @@ def _group_grid(wt, w1, errt, u, i, i1, i2, end, scheme):
         cols = torch.cat([inside, outside], dim=0)
     else:
         cols = inside
-    return grid_params(cols.t(), scheme.bits, scheme.sym)
+    return _grid(cols.t(), col_w, scheme, grid)

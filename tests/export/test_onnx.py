@@ -315,6 +315,40 @@ def test_kv_cache_equals_recomputation(tiny_gqa, ckpt, tmp_path, fmt):
     assert torch.equal(kv.generate(prompt, 24), plain.generate(prompt, 24))
 
 
+def test_in_place_kv_decoder_equals_past_present(tiny_gqa, tiny_llama, ckpt, tmp_path):
+    """One buffer per layer bound as past and present (GroupQueryAttention appends in place):
+    the same logits as passing the growing past tensors back, chunk by chunk, and the buffer
+    holds exactly the keys the other path returns."""
+    loaded = models.load(str(ckpt(tiny_gqa, 4, 128, False)))
+    xo.export_onnx(loaded, tmp_path / "kv")
+    kv = OnnxCausalLM(tmp_path / "kv")
+    assert kv.in_place_kv
+    ids = fresh_ids(31, 30)
+    dec = kv.decoder(40)
+    past = None
+    for a, b in ((0, 13), (13, 14), (14, 22), (22, 23), (23, 30)):
+        o = kv(input_ids=ids[:, a:b], use_cache=True, past_key_values=past)
+        past = o.past_key_values
+        got = dec(ids[:, a:b])
+        assert got.shape == (1, b - a, VOCAB) and dec.length == b
+        assert rel_err(torch.from_numpy(got), o.logits) < 1e-6
+    buf = dec._kv[0].numpy()
+    assert buf.shape == (1, 2, 40, 48)
+    assert np.array_equal(buf[:, :, :30], past[0].numpy()) and not buf[:, :, 30:].any()
+    with pytest.raises(CompressError, match="exceed the decoder's 40 positions"):
+        dec(ids[:, :11])
+    dec.reset()
+    assert rel_err(torch.from_numpy(dec(ids[:, :5])), kv(input_ids=ids[:, :5]).logits) < 1e-6
+    with pytest.raises(CompressError, match=r"\(1, t\) token ids"):
+        dec(np.zeros((2, 3), np.int64))
+    # standard-op attention (head_dim 24) keeps the concatenating cache
+    xo.export_onnx(models.load(str(ckpt(tiny_llama, 4, 32, False))), tmp_path / "std")
+    std = OnnxCausalLM(tmp_path / "std")
+    assert std.kv_cache and not std.in_place_kv
+    with pytest.raises(CompressError, match="GroupQueryAttention"):
+        std.decoder(16)
+
+
 @pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
 def test_greedy_generation_matches_torch_8bit(tiny_gqa, ckpt, tmp_path, fmt):
     loaded = models.load(str(ckpt(tiny_gqa, 8, 128, False)))
@@ -502,6 +536,31 @@ def test_smollm2_4bit_perplexity_and_8bit_generation(smollm2, real_data, tmp_pat
     prompt = torch.tensor([loaded8.tokenizer("The history of the city of", add_special_tokens=False)["input_ids"]])
     got = OnnxCausalLM(tmp_path / "q8-onnx", threads=2).generate(prompt, max_new_tokens=32)
     assert torch.equal(got, torch_greedy(loaded8.model, prompt, 32))
+
+
+@pytest.mark.slow
+def test_smollm2_4bit_with_lm_head(smollm2, real_data, tmp_path):
+    """A checkpoint 4-bit throughout (--lm-head): MatMulNBits lm_head, file well under 0.3x, the
+    same perplexity as its torch model, and in-place KV generation equal to the concatenating one."""
+    from evals.data import PROTOCOLS, read_text
+    from evals.perplexity import evaluate, tokenize, windows
+
+    proto = PROTOCOLS["wt2-quick"]
+    q4 = tmp_path / "q4h"
+    api.quantize_to_folder("smollm2-135m", IntScheme(bits=4, group_size=128, sym=False), q4, progress=False,
+                           lm_head=True)
+    loaded = models.load(str(q4))
+    info = xo.export_onnx(loaded, tmp_path / "onnx")
+    assert info["quantized_linears"] == 211 and info["model"]["lm_head"] == "quantized (checkpoint)"
+    assert info["size_bytes"] < 0.3 * (smollm2 / "model.safetensors").stat().st_size
+    ort_model = OnnxCausalLM(tmp_path / "onnx", threads=2)
+    tokens = tokenize(loaded.tokenizer, read_text(real_data / proto.file))
+    r = evaluate(ort_model, windows(tokens, proto.seqlen, 2), base=loaded.model, progress=False)
+    assert abs(r.ppl / r.base_ppl - 1) < 0.005 and r.kld < 1e-4
+    prompt = tokens[None, :40]
+    got = ort_model.generate(prompt, max_new_tokens=24)
+    ort_model.in_place_kv = False
+    assert torch.equal(got, ort_model.generate(prompt, max_new_tokens=24))
 
 
 # --------------------------------------------------------------------------- what the CLI calls
