@@ -127,6 +127,10 @@ def gptq_model(loaded, scheme: IntScheme, windows: torch.Tensor | None, opts: GP
         def process_head(inputs):
             head = model.get_submodule(arch.lm_head)
             norm = model.get_submodule(arch.final_norm)
+            width = norm.weight.shape[0] if getattr(norm, "weight", None) is not None else head.in_features
+            if width != head.in_features:
+                raise CompressError(f"--lm-head with GPTQ: {arch.lm_head} does not read {arch.final_norm}'s output "
+                                    f"({head.in_features} vs {width} features; a projection sits between)")
             acc = inputs.hessian_after(norm, head.in_features)
             if save_stats_path is not None:
                 stats[arch.lm_head] = acc

@@ -136,3 +136,24 @@ def test_cli_gptq_mse_grid_with_lm_head(tiny_llama, tiny_data, tmp_path):
     # shrunken ranges: smaller scales on average
     assert float(a["model.layers.0.mlp.down_proj.scales"].float().mean()) < float(
         b["model.layers.0.mlp.down_proj.scales"].float().mean())
+
+
+def test_gptq_lm_head_refuses_a_projected_head(tiny_data, tmp_path):
+    """OPT with word_embed_proj_dim != hidden: a projection sits between the final norm and the
+    lm_head, so the final norm's output is not the lm_head's input: a clear error (RTN works)."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from tests.conftest import _tokenizer
+    cfg = OPTConfig(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4,
+                    max_position_embeddings=256, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0,
+                    pad_token_id=0)
+    folder = tmp_path / "opt"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder, safe_serialization=True)
+    _tokenizer().save_pretrained(folder)
+    scheme = IntScheme(bits=4, group_size=32, sym=False)
+    with pytest.raises(Exception, match="does not read model.decoder.final_layer_norm's output"):
+        api.quantize(models.load(str(folder)), scheme, "gptq", progress=False, lm_head=True,
+                     calib=CalibSpec(nsamples=4, seqlen=32), data_dir=str(tiny_data))
+    rtn = models.load(str(folder))
+    api.quantize(rtn, scheme, "rtn", progress=False, lm_head=True)
+    assert isinstance(rtn.model.lm_head, QuantLinear)
