@@ -2,8 +2,8 @@
 
 Quantizes the model with round-to-nearest and, for a checkpoint that is 4-bit throughout, with
 GPTQ and ``--lm-head`` (through the API the CLI uses), exports ONNX variants (fp32, 4-bit g128 at
-accuracy levels 0 and 4, with and without a quantized lm_head, the qdq format, 8-bit g128) and measures them side by side with torch fp32 eager in one run, at batch 1 on
-``--threads`` threads. Timings are interleaved (every variant once per round, ``--rounds`` rounds,
+accuracy levels 0 and 4, with and without a quantized lm_head, the qdq format, 8-bit g128) and
+measures them side by side with torch fp32 eager in one run, at batch 1 on ``--threads`` threads. Timings are interleaved (every variant once per round, ``--rounds`` rounds,
 median reported) because the CPU is shared. Also measures perplexity on a few wt2-quick windows for
 each ONNX model next to the torch model of the same checkpoint, and the KL divergence between them.
 Writes a JSON results file and prints a Markdown table.

@@ -16,7 +16,8 @@ wall time (calibration and solve; ``wall_seconds`` adds loading and writing the 
     python bench/ptq.py --suite awq --only "awq int4" --max-windows 4      # a quick look at some rows
 
 The compare suites hold the rows of the README's comparison (settings of the reference table the
-rtn suite does not cover; the -mse suites repeat the GPTQ and awq+gptq rows with ``--grid mse``); the gptq, awq and smoothquant suites sweep more settings and options.
+rtn suite does not cover; the -mse suites repeat their GPTQ and awq+gptq rows with ``--grid mse``);
+the gptq, awq and smoothquant suites sweep more settings and options.
 With ``--workdir DIR --reuse`` the checkpoints are kept and an interrupted run resumes.
 """
 from __future__ import annotations
@@ -130,25 +131,17 @@ SUITES["compare-awq-sq"] = [
      {"awq": dict(objective="module"), "gptq": dict(damp=0.01)}),
     ("smoothquant w8a8 dynamic a0.5", "smoothquant", dict(act_scheme="dynamic"), {"smoothquant": dict(alpha=0.5)}),
 ]
+
+
+def _with_mse_grid(rows):
+    """The GPTQ-solved rows of ``rows`` again with the searched grid (``--grid mse``), labels + " mse"."""
+    return [(f"{label} mse", method, kw, dict(opts, gptq=dict(opts["gptq"], grid="mse")))
+            for label, method, kw, opts in rows if "gptq" in opts]
+
+
 # the comparison's GPTQ and awq+gptq settings again with the searched grid (--grid mse)
-SUITES["compare-gptq-mse"] = [
-    ("gptq int4 per-channel asym act-order mse", "gptq", dict(bits=4, group_size=-1, sym=False, act_order=True),
-     {"gptq": dict(damp=0.01, grid="mse")}),
-    ("gptq int4 g128 asym act-order mse", "gptq", dict(bits=4, group_size=128, sym=False, act_order=True),
-     {"gptq": dict(damp=0.01, grid="mse")}),
-    ("gptq int4 g128 asym mse", "gptq", dict(bits=4, group_size=128, sym=False, act_order=False),
-     {"gptq": dict(damp=0.01, grid="mse")}),
-    ("gptq int4 g128 sym act-order mse", "gptq", dict(bits=4, group_size=128, sym=True, act_order=True),
-     {"gptq": dict(damp=0.01, grid="mse")}),
-    ("gptq int3 g128 asym act-order mse", "gptq", dict(bits=3, group_size=128, sym=False, act_order=True),
-     {"gptq": dict(damp=0.01, grid="mse")}),
-    ("gptq int2 g64 asym act-order mse", "gptq", dict(bits=2, group_size=64, sym=False, act_order=True),
-     {"gptq": dict(damp=0.01, grid="mse")}),
-]
-SUITES["compare-awq-mse"] = [
-    ("awq+gptq int3 g128 asym act-order mse", "awq+gptq", dict(bits=3, group_size=128, sym=False, act_order=True),
-     {"awq": dict(objective="module"), "gptq": dict(damp=0.01, grid="mse")}),
-]
+SUITES["compare-gptq-mse"] = _with_mse_grid(SUITES["compare-gptq"])
+SUITES["compare-awq-mse"] = _with_mse_grid(SUITES["compare-awq-sq"])
 SUITES["all"] = list({r[0]: r for name in ("rtn", "gptq", "awq", "smoothquant") for r in SUITES[name]}.values())
 
 # perplexities measured on this model with the same protocol and calibration by the GPTQ authors'
@@ -215,7 +208,7 @@ def main(argv=None):
     wins = windows(tokens, proto.seqlen, limit)
 
     command = "python bench/ptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    rows, results = [], {}
+    rows, base_res = [], None
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         chunk = max(1, args.eval_chunk)
@@ -227,13 +220,13 @@ def main(argv=None):
                 variants[r["label"]] = loaded.model
                 r["bits_per_weight"] = api.weight_stats(loaded.model)["bits_per_weight"]
             res = evaluate_many(variants, wins, base.model)
-            results.setdefault("__base__", res.pop("__base__"))
+            base_res = base_res or res["__base__"]
             del variants
             for r in part:
                 p = res[r["label"]]
                 r.update(ppl=p.ppl, kld=p.kld, kld_max=p.kld_max, top1=p.top1, eval_seconds=p.seconds)
             rows += part
-            data = _result(args, results["__base__"], rows, command)
+            data = _result(args, base_res, rows, command)
             if args.out:      # after every pass, so a long run keeps what it has measured
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(data, indent=2) + "\n")

@@ -134,7 +134,7 @@ def gptq_model(loaded, scheme: IntScheme, windows: torch.Tensor | None, opts: GP
             acc = inputs.hessian_after(norm, head.in_features)
             if save_stats_path is not None:
                 stats[arch.lm_head] = acc
-            _solve_into(model, arch.lm_head, arch.lm_head, acc.hessian().to(head.weight.device), scheme, opts, rec)
+            _solve_into(model, arch.lm_head, arch.lm_head, acc.hessian(), scheme, opts, rec)
 
         run_sequential(model, arch, windows, process, budget=budget, device=device, progress=progress, desc="gptq",
                        process_head=process_head if lm_head else None)

@@ -248,9 +248,8 @@ class InPlaceDecoder:
         io = self._io
         io.clear_binding_inputs()
         io.clear_binding_outputs()
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
-        io.bind_cpu_input("position_ids", np.arange(self.length, total, dtype=np.int64)[None])
+        for name, value in self.model._feeds(ids, self.length, None, None).items():
+            io.bind_cpu_input(name, value)
         io.bind_output("logits")
         for past, present, buf in zip(self.model.past_names, self.model.present_names, self._kv):
             io.bind_ortvalue_input(past, buf)

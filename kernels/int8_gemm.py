@@ -15,14 +15,12 @@ The function must equal :func:`kernels.reference.int8_linear_ref` (see the end o
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
 from .reference import check_int8_args, int8_linear_ref
 from .tiling import INTERPRET, gemm_configs, grouped_tile, tiled_output
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ from ..scheme import IntScheme
 
 logger = logging.getLogger(__name__)
 
+GRIDS = ("minmax", "mse")      # how a group's scale and zero are chosen (see gptq_solve)
+
 
 @dataclass
 class GPTQResult:
@@ -138,17 +140,13 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, scheme: IntScheme, damp: float 
     col_w = None
     if grid == "mse" and u is not None:
         col_w = torch.diagonal(u).reciprocal().square()
-    # grids fixed before the loop (natural column order): per-channel always, every group with static_groups
+    # grids fixed before the loop (natural column order): per-channel always (gs == k), every group
+    # with static_groups
     fixed_scale = fixed_zero = None
     if u is not None and (not group_cols or static_groups):
-        nat_w = None
-        if col_w is not None:
-            nat_w = torch.empty_like(col_w)
-            nat_w[perm if perm is not None else slice(None)] = col_w
-        starts = range(0, k, gs) if group_cols else [0]
-        ss, zs = zip(*(_grid(w_nat[:, c:c + gs if group_cols else k],
-                             None if nat_w is None else nat_w[c:c + gs if group_cols else k], scheme, grid)
-                       for c in starts))
+        nat_w = col_w if col_w is None or perm is None else col_w[torch.argsort(perm)]
+        ss, zs = zip(*(_grid(w_nat[:, c:c + gs], None if nat_w is None else nat_w[c:c + gs], scheme, grid)
+                       for c in range(0, k, gs)))
         fixed_scale, fixed_zero = torch.stack(ss), torch.stack(zs)              # (G, N)
 
     if u is None:
@@ -259,9 +257,6 @@ def _solve_columns(w: torch.Tensor, u: torch.Tensor, scheme: IntScheme, gs: int,
     else:
         g_idx = g_perm.to(torch.int32)
     return q.contiguous(), scales.contiguous(), zeros.to(torch.int32).contiguous(), g_idx, loss
-
-
-GRIDS = ("minmax", "mse")
 
 
 def _grid(w: torch.Tensor, col_w: torch.Tensor | None, scheme: IntScheme, grid: str):
