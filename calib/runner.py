@@ -214,21 +214,35 @@ def capture_first_block_inputs(model, arch, windows: torch.Tensor, budget: int =
 def run_sequential(model, arch, windows: torch.Tensor, process_block: Callable[[int, torch.nn.Module, BlockInputs], None],
                    budget: int = DEFAULT_BUDGET, device: torch.device | str = "cpu", progress: bool = True,
                    desc: str = "calibrate",
-                   process_head: Callable[[BlockInputs], None] | None = None) -> None:
+                   process_head: Callable[[BlockInputs], None] | None = None, start: int = 0,
+                   saved_inputs: list[torch.Tensor] | None = None,
+                   after_block: Callable[[int, BlockInputs], None] | None = None) -> None:
     """Drive ``process_block(i, block, inputs)`` over the decoder blocks in order (see module doc);
-    then ``process_head(inputs)``, if given, with the last block's outputs as the stored inputs."""
+    then ``process_head(inputs)``, if given, with the last block's outputs as the stored inputs.
+
+    Resuming: ``start`` skips the blocks before it, whose outputs ``saved_inputs`` holds (one tensor
+    per window); ``after_block(i, inputs)`` is called once block ``i``'s outputs are stored.
+    """
     device = torch.device(device)
     model_device = next(model.parameters()).device
     for name in arch.embeddings + (arch.final_norm,):
         model.get_submodule(name).to(device)
     inputs = capture_first_block_inputs(model, arch, windows, budget, device)
     try:
+        if saved_inputs is not None:
+            if len(saved_inputs) != len(inputs):
+                raise ValueError(f"{len(saved_inputs)} saved block inputs for {len(inputs)} windows")
+            for j, t in enumerate(saved_inputs):
+                inputs.store[j] = t
         blocks = arch.get_blocks(model)
-        for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress, leave=False):
+        for i in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress, leave=False,
+                      initial=start, total=len(blocks)):
             block = blocks[i].to(device)
             process_block(i, block, inputs)
             inputs.advance(block)
             blocks[i] = block.to(model_device)
+            if after_block is not None:
+                after_block(i, inputs)
         if process_head is not None:
             process_head(inputs)
     finally:

@@ -7,7 +7,13 @@ forward hook: ``linear.register_forward_hook(acc.hook)``.
 - :class:`HessianAccumulator`: ``H = 2/n * sum x x^T`` (GPTQ), kept as a running average.
 - :class:`ImportanceAccumulator`: per input column ``sum x^2`` and a count; the importance is
   their ratio, the mean square (llama.cpp imatrix semantics).
-- :class:`AbsMaxAccumulator`: per input column ``max |x|`` (SmoothQuant, AWQ).
+- :class:`AbsMaxAccumulator`: per input column ``max |x|`` (SmoothQuant).
+- :class:`MeanAbsAccumulator`: per input column ``sum |x|`` and a count; ``mean()`` is their ratio (AWQ).
+
+Every accumulator has ``state()`` (its tensors), ``load_state(tensors, nsamples)`` and
+``merge(other)``: accumulating two halves of the rows and merging gives what accumulating all of
+them gives (exactly for the maxima and sums of integers, up to float rounding for sums), which is
+what lets a run resume and statistics be summed across processes.
 
 :func:`save_stats` / :func:`load_stats` store a ``{name: accumulator}`` dict in one safetensors
 file (tensors plus a JSON description in the metadata; no pickle), and loading gives back
@@ -59,7 +65,34 @@ class _Accumulator:
     def state(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state(self, tensors: dict[str, torch.Tensor], nsamples: int) -> None:
+        """Replace this accumulator's state by ``tensors`` (as :meth:`state` gives them) and ``nsamples``."""
+        for key, empty in self.state().items():
+            if key not in tensors:
+                raise ValueError(f"{self.kind} state needs tensor {key!r}")
+            if tuple(tensors[key].shape) != tuple(empty.shape):
+                raise ValueError(f"{self.kind} state tensor {key!r} has shape {tuple(tensors[key].shape)}, "
+                                 f"expected {tuple(empty.shape)}")
+        self._set(tensors)
+        self.nsamples = int(nsamples)
+
+    def _set(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def merge(self, other: "_Accumulator") -> "_Accumulator":
+        """Fold ``other`` (the same kind and width, other rows) into this one; returns self."""
+        if type(other) is not type(self) or other.in_features != self.in_features:
+            raise ValueError(f"cannot merge {other.kind} statistics of width {other.in_features} into "
+                             f"{self.kind} statistics of width {self.in_features}")
+        if other.nsamples:
+            if self.device is None:
+                self.device = other.device if other.device is not None else torch.device("cpu")
+                self._to(self.device)
+            self._merge({k: v.to(self.device, self.dtype) for k, v in other.state().items()}, other.nsamples)
+            self.nsamples += other.nsamples
+        return self
+
+    def _merge(self, tensors: dict[str, torch.Tensor], nsamples: int) -> None:
         raise NotImplementedError
 
 
@@ -97,8 +130,12 @@ class HessianAccumulator(_Accumulator):
     def state(self) -> dict[str, torch.Tensor]:
         return {"H": self.H}
 
-    def _load_state(self, tensors):
+    def _set(self, tensors):
         self.H = tensors["H"].to(self.dtype)
+
+    def _merge(self, tensors, nsamples):
+        total = self.nsamples + nsamples
+        self.H.mul_(self.nsamples / total).add_(tensors["H"], alpha=nsamples / total)
 
 
 class ImportanceAccumulator(_Accumulator):
@@ -134,8 +171,11 @@ class ImportanceAccumulator(_Accumulator):
     def state(self) -> dict[str, torch.Tensor]:
         return {"sum_sq": self.sum_sq}
 
-    def _load_state(self, tensors):
+    def _set(self, tensors):
         self.sum_sq = tensors["sum_sq"].to(self.dtype)
+
+    def _merge(self, tensors, nsamples):
+        self.sum_sq.add_(tensors["sum_sq"])
 
 
 class AbsMaxAccumulator(_Accumulator):
@@ -163,24 +203,64 @@ class AbsMaxAccumulator(_Accumulator):
     def state(self) -> dict[str, torch.Tensor]:
         return {"max_abs": self.max_abs}
 
-    def _load_state(self, tensors):
+    def _set(self, tensors):
         self.max_abs = tensors["max_abs"].to(self.dtype)
 
+    def _merge(self, tensors, nsamples):
+        torch.maximum(self.max_abs, tensors["max_abs"], out=self.max_abs)
 
-_KINDS = {c.kind: c for c in (HessianAccumulator, ImportanceAccumulator, AbsMaxAccumulator)}
+
+class MeanAbsAccumulator(_Accumulator):
+    """Per input column ``sum |x|`` and the number of rows seen; ``mean() = sum / count`` (AWQ)."""
+
+    kind = "meanabs"
+
+    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(in_features, dtype, device)
+        self.sum_abs = torch.zeros(self.in_features, dtype=dtype, device=self.device)
+
+    def _to(self, device) -> None:
+        self.sum_abs = self.sum_abs.to(device)
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = _rows(x, self.in_features, self.dtype, self._dev(x))
+        self.sum_abs.add_(x.abs().sum(dim=0))
+        self.nsamples += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        if not self.nsamples:
+            raise ValueError("no samples accumulated yet")
+        return self.sum_abs / self.nsamples
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"sum_abs": self.sum_abs}
+
+    def _set(self, tensors):
+        self.sum_abs = tensors["sum_abs"].to(self.dtype)
+
+    def _merge(self, tensors, nsamples):
+        self.sum_abs.add_(tensors["sum_abs"])
+
+
+_KINDS = {c.kind: c for c in (HessianAccumulator, ImportanceAccumulator, AbsMaxAccumulator, MeanAbsAccumulator)}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16}
 
 
-def save_stats(path, stats: dict[str, _Accumulator]) -> None:
-    """Write ``{name: accumulator}`` to a safetensors file (tensors on CPU, description in metadata)."""
+def save_stats(path, stats: dict) -> None:
+    """Write ``{name: accumulator or tensor}`` to a safetensors file (tensors on CPU, description in
+    metadata). Plain tensors hold results of a search (e.g. AWQ's scales) next to the statistics."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     entries = {}
     for name, acc in stats.items():
+        if isinstance(acc, torch.Tensor):
+            entries[name] = {"kind": "tensor"}
+            tensors[f"{name}/value"] = acc.detach().cpu().contiguous()
+            continue
         if not isinstance(acc, _Accumulator):
-            raise TypeError(f"stats[{name!r}] is a {type(acc).__name__}, not a statistics accumulator")
+            raise TypeError(f"stats[{name!r}] is a {type(acc).__name__}, not a statistics accumulator or a tensor")
         dtype_name = str(acc.dtype).removeprefix("torch.")
         entries[name] = {"kind": acc.kind, "in_features": acc.in_features, "nsamples": acc.nsamples,
                          "dtype": dtype_name}
@@ -198,7 +278,7 @@ def check_header(meta: dict, fmt: str, version: int, what: str, path) -> None:
         raise ValueError(f"{path}: unsupported {what} version {meta.get('version')}; this version reads {version}")
 
 
-def load_stats(path, device=None) -> dict[str, _Accumulator]:
+def load_stats(path, device=None) -> dict:
     """Read a file written by :func:`save_stats` back into accumulators (which can keep accumulating)."""
     from safetensors import safe_open
 
@@ -209,21 +289,25 @@ def load_stats(path, device=None) -> dict[str, _Accumulator]:
         keys = set(f.keys())
         out: dict[str, _Accumulator] = {}
         for name, e in entries.items():
+            if e["kind"] == "tensor":
+                if f"{name}/value" not in keys:
+                    raise ValueError(f"{path}: tensor {name + '/value'!r} is missing")
+                out[name] = f.get_tensor(f"{name}/value")
+                continue
             cls = _KINDS.get(e["kind"])
             if cls is None:
                 raise ValueError(f"{path}: unknown accumulator kind {e['kind']!r} for {name!r}")
             acc = cls(e["in_features"], dtype=_DTYPES[e["dtype"]], device=device)
             tensors = {}
-            for field, empty in acc.state().items():
+            for field in acc.state():
                 key = f"{name}/{field}"
                 if key not in keys:
                     raise ValueError(f"{path}: tensor {key!r} is missing")
-                t = f.get_tensor(key)
-                if t.shape != empty.shape:
-                    raise ValueError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(empty.shape)}")
-                tensors[field] = t
-            acc._load_state(tensors)
-            acc.nsamples = int(e["nsamples"])
+                tensors[field] = f.get_tensor(key)
+            try:
+                acc.load_state(tensors, int(e["nsamples"]))
+            except ValueError as err:
+                raise ValueError(f"{path}: {name}: {err}") from None
             acc._to(acc.device if acc.device is not None else torch.device("cpu"))
             out[name] = acc
     return out

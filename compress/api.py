@@ -7,139 +7,74 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import __version__, models
-from .checkpoint import quantization_config, read_quant_meta, save_packed
+from .checkpoint import read_quant_meta
 from .errors import CompressError
 from .fileio import atomic_text
-from .methods import rtn
-from .qlinear import QuantLinear, W8A8Linear, set_submodule
-from .scheme import IntScheme, W8A8Scheme
+from .qlinear import QuantLinear, W8A8Linear
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant")
-CALIBRATED = ("gptq", "awq", "awq+gptq", "smoothquant")
-USES_GPTQ = ("gptq", "awq+gptq")      # methods that take GPTQOptions and act-order
-LM_HEAD_METHODS = ("rtn", "gptq")     # methods that can also quantize the lm_head
 
 
-def check_weights(loaded: models.Loaded, scheme: IntScheme, names: list[str] | None = None) -> list[str]:
-    """Names of the block linears (or of ``names``), after checking each is finite and fits the scheme."""
-    names = loaded.arch.linear_names(loaded.model) if names is None else list(names)
-    for name in names:
-        lin = loaded.model.get_submodule(name)
-        if not isinstance(lin, torch.nn.Linear):
-            raise CompressError(f"{name} is a {type(lin).__name__}, not a linear layer")
-        if not torch.isfinite(lin.weight).all():
-            raise CompressError(f"{name} has NaN or Inf weights")
-        scheme.check_layer(lin.in_features, name)
-    return names
+def make_step(method: str = "rtn", targets=(), ignore=(), overrides=(), lm_head: bool = False, **options):
+    """One compression step: ``method`` from the registry with its ``options`` (validated by the
+    method's config; an option of another method is refused), ``targets``/``ignore`` (names or
+    ``re:`` patterns) and ``overrides`` (``[{"targets": [...], "bits": 8, ...}]``)."""
+    from .recipe import Step
+    d = {"method": method, **options}
+    if targets:
+        d["targets"] = list(targets)
+    if ignore:
+        d["ignore"] = list(ignore)
+    if overrides:
+        d["overrides"] = list(overrides)
+    if lm_head:
+        d["lm_head"] = True
+    return Step.from_dict(d, "quantize")
 
 
-def quantize(loaded: models.Loaded, scheme: IntScheme, method: str = "rtn", progress: bool = True,
-             calib=None, data_dir=None, gptq=None, save_stats=None, load_stats=None,
-             device: str = "cpu", awq=None, smoothquant=None, lm_head: bool = False) -> dict:
-    """Quantize the decoder-block linears of ``loaded.model`` in place; returns run metadata.
+def make_recipe(steps, calib=None, save_stats=None, load_stats=None, device: str = "cpu", dtype: str = "float16",
+                model: str | None = None, post=()):
+    from .recipe import Recipe
+    if not isinstance(steps, (list, tuple)):
+        steps = [steps]
+    calibrated = any(s.cls.calibrated for s in steps)
+    cal = calib.to_dict() if (calib is not None and calibrated) else {}
+    if calib is not None and not calibrated:
+        raise CompressError(f"calibration options apply to calibrated methods, not to "
+                            f"{', '.join(s.method for s in steps)}")
+    return Recipe(tuple(steps), tuple(post), model, cal, dtype, device,
+                  str(save_stats) if save_stats else None, str(load_stats) if load_stats else None)
 
-    ``lm_head`` (rtn and gptq) quantizes the lm_head too, with the same scheme; a tied input
-    embedding is untied first and stays unquantized (:func:`compress.pipeline.untie_lm_head`).
 
-    Calibrated methods take ``calib`` (a :class:`calib.data.CalibSpec`), method options
-    (``gptq``: :class:`compress.pipeline.GPTQOptions` for gptq and awq+gptq; ``awq``:
-    :class:`compress.methods.awq.AWQOptions`; ``smoothquant``:
-    :class:`compress.methods.smoothquant.SmoothQuantOptions`) and may save/load their statistics.
-    ``smoothquant`` takes a :class:`compress.scheme.W8A8Scheme`; the other methods an IntScheme.
+def quantize(loaded: models.Loaded, method: str = "rtn", progress: bool = True, calib=None, data_dir=None,
+             save_stats=None, load_stats=None, device: str = "cpu", **step) -> dict:
+    """Compress ``loaded.model`` in place with one registered method; returns what the run did.
+
+    ``step``: the method's options (``bits=4, group_size=128, act_order=True, ...``; see
+    ``compress.registry.methods()[method].config``) and ``targets``, ``ignore``, ``overrides``,
+    ``lm_head``. Calibrated methods take ``calib`` (a :class:`calib.data.CalibSpec`) and may save or
+    load their statistics. GGUF-writing methods (kquant, kquant-gptq) leave the GGML tensors in the
+    result's ``ggml`` (write them with :func:`compress.export.gguf.save_ggml_model`).
     """
-    if loaded.kind == "packed":
-        raise CompressError(f"{loaded.source} is already a quantized checkpoint")
-    if method not in METHODS:
-        raise CompressError(f"unknown method '{method}'; available: {', '.join(METHODS)}")
-    if (method == "smoothquant") != isinstance(scheme, W8A8Scheme):
-        raise CompressError("smoothquant takes a W8A8 scheme (8-bit per-channel symmetric weights, int8 activations)"
-                            if method == "smoothquant" else f"a W8A8 scheme needs --method smoothquant, not {method}")
-    if scheme.act_order and method not in USES_GPTQ:
-        raise CompressError(f"--act-order applies to GPTQ ({', '.join(USES_GPTQ)}), not to {method}")
-    if gptq is not None and method not in USES_GPTQ:
-        raise CompressError(f"GPTQ options apply to {', '.join(USES_GPTQ)}, not to {method}")
-    if awq is not None and method not in ("awq", "awq+gptq"):
-        raise CompressError(f"AWQ options apply to awq and awq+gptq, not to {method}")
-    if smoothquant is not None and method != "smoothquant":
-        raise CompressError(f"SmoothQuant options (--alpha, --act-scheme) apply to smoothquant, not to {method}")
-    if method not in CALIBRATED:
-        if save_stats or load_stats:
-            raise CompressError(f"--save-stats/--load-stats apply to calibrated methods, not {method}")
-    if lm_head and method not in LM_HEAD_METHODS:
-        raise CompressError(f"--lm-head works with {', '.join(LM_HEAD_METHODS)}, not {method}")
-    names = check_weights(loaded, scheme)
-    if lm_head:
-        names += check_weights(loaded, scheme, [loaded.arch.lm_head])
-    if method in CALIBRATED:
-        return _quantize_calibrated(loaded, scheme, method, progress, calib, data_dir, gptq,
-                                    save_stats, load_stats, device, awq, smoothquant, lm_head)
-    t0 = time.perf_counter()
-    if lm_head:
-        from .pipeline import untie_lm_head
-        untie_lm_head(loaded)
-    for name in tqdm(names, desc=f"{method} {scheme.describe()}", unit="layer", disable=not progress, leave=False):
-        lin = loaded.model.get_submodule(name)
-        packed = rtn.solve(lin.weight.detach(), scheme)
-        set_submodule(loaded.model, name, QuantLinear.from_packed(packed, lin.bias))
-    seconds = time.perf_counter() - t0
-    return {"modules": names, "seconds": round(seconds, 3), "meta": {"lm_head": True} if lm_head else {}}
+    from .session import compress_model
+    recipe = make_recipe(make_step(method, **step), calib, save_stats, load_stats, device)
+    res = compress_model(loaded, recipe, None, data_dir, progress=progress)
+    (rec, state), = res["records"]
+    return {"modules": list(rec.packed), "seconds": round(res["seconds"], 3), "record": rec,
+            "method": res["methods"][0], "ggml": state.get("ggml")}
 
 
-def _quantize_calibrated(loaded, scheme, method, progress, calib, data_dir, gptq, save_stats, load_stats, device,
-                         awq=None, smoothquant=None, lm_head=False):
-    """Every calibrated method: calibration windows, the sequential runner (compress.pipeline)."""
-    from calib.data import CalibSpec, calibration_windows
-
-    from .methods.awq import AWQOptions
-    from .methods.smoothquant import SmoothQuantOptions
-    from .pipeline import GPTQOptions, awq_model, gptq_model, smoothquant_model
-    calib = calib or CalibSpec()
-    if method in USES_GPTQ:
-        gptq = gptq or GPTQOptions()
-    t0 = time.perf_counter()
-    windows = None if load_stats else calibration_windows(loaded.tokenizer, calib, data_dir)
-    common = dict(save_stats_path=save_stats, load_stats_path=load_stats, device=device, progress=progress)
-    if method == "gptq":
-        rec = gptq_model(loaded, scheme, windows, gptq, lm_head=lm_head, **common)
-    elif method in ("awq", "awq+gptq"):
-        awq = awq or AWQOptions()
-        rec = awq_model(loaded, scheme, windows, awq, gptq if method == "awq+gptq" else None, **common)
-    else:
-        smoothquant = smoothquant or SmoothQuantOptions()
-        rec = smoothquant_model(loaded, scheme, windows, smoothquant, **common)
-    seconds = time.perf_counter() - t0
-    meta = {"calibration": None if load_stats else calib.to_dict(),
-            "stats_loaded_from": str(load_stats) if load_stats else None,
-            "fallbacks": rec.fallbacks, "total_loss": sum(rec.losses.values()) if rec.losses else None}
-    if lm_head:
-        meta["lm_head"] = True
-    if method in USES_GPTQ:
-        meta.update(damp=gptq.damp, block_size=gptq.block_size, static_groups=gptq.static_groups, grid=gptq.grid)
-    if awq is not None:
-        alphas = [a for a in rec.extra.get("awq_alphas", {}).values() if a is not None]
-        meta["awq"] = {**rec.extra.get("awq_options", awq.to_dict()), "scaled_groups": len(alphas),
-                       "mean_alpha": round(sum(alphas) / len(alphas), 4) if alphas else None}
-    if smoothquant is not None:
-        meta["smoothquant"] = {**smoothquant.to_dict(), "act_scheme": scheme.act_scheme,
-                               "smoothed_groups": len(rec.extra.get("smoothed_groups", []))}
-    return {"modules": list(rec.packed), "seconds": round(seconds, 3), "meta": meta}
-
-
-def quantize_to_folder(model_spec: str, scheme: IntScheme, out: Path, method: str = "rtn",
-                       dtype: str = "float16", progress: bool = True, **kwargs) -> dict:
-    """Load ``model_spec``, quantize it with ``method`` and write a packed checkpoint to ``out``."""
-    loaded = models.load(model_spec)
-    info = quantize(loaded, scheme, method, progress, **kwargs)
-    extra = {"source_model": model_spec, "quantize_seconds": info["seconds"], **info["meta"]}
-    qc = quantization_config(scheme, method, info["modules"], extra)
-    save_packed(loaded, Path(out), qc, dtype)
-    return {"out": str(out), "layers": len(info["modules"]), "seconds": info["seconds"],
-            "fallbacks": info["meta"].get("fallbacks", {})}
+def quantize_to_folder(model_spec: str, out: Path, method: str = "rtn", progress: bool = True, dtype: str = "float16",
+                       calib=None, data_dir=None, save_stats=None, load_stats=None, device: str = "cpu",
+                       restart: bool = False, **step) -> dict:
+    """Load ``model_spec``, compress it with ``method`` and write the output (a packed checkpoint
+    folder, or a .gguf file for GGUF methods) to ``out``; resumes an interrupted run."""
+    from .session import run
+    recipe = make_recipe(make_step(method, **step), calib, save_stats, load_stats, device, dtype)
+    return run(recipe, model_spec, Path(out), data_dir, restart, progress)
 
 
 # --------------------------------------------------------------------------- inspection
@@ -265,60 +200,6 @@ def generate(model_spec: str, prompt: str, max_new_tokens: int = 32, temperature
 
 # --------------------------------------------------------------------------- GGUF (llama.cpp)
 
-GGUF_METHODS = ("kquant", "gptq")
-
-
-def _gguf_input(model_spec: str) -> models.Loaded:
-    from .export.gguf import HParams
-    loaded = models.load(model_spec)
-    if loaded.kind == "packed":
-        raise CompressError(f"{model_spec} is already a quantized checkpoint; "
-                            "use `compress export gguf` to convert it")
-    HParams.from_config(loaded.model.config)
-    for name, p in loaded.model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise CompressError(f"{name} has NaN or Inf weights")
-    return loaded
-
-
-def quantize_to_gguf(model_spec: str, out: Path, gguf_type: str, method: str = "kquant", imatrix=None,
-                     pure: bool = False, calib=None, data_dir=None, damp: float = 0.01, device: str = "cpu",
-                     progress: bool = True) -> dict:
-    """Quantize ``model_spec`` with a llama.cpp type mix into a GGUF file ``out``.
-
-    ``method`` "kquant": llama.cpp's quantizers (importance-weighted with an ``imatrix`` file);
-    "gptq": GPTQ onto the same GGML grids (calibration ``calib``), see compress.methods.kquant.
-    Returns a summary with the per-tensor plan.
-    """
-    from . import imatrix as imx
-    from .export import gguf as gg
-    from .methods.kquant import get_mix
-    mix = get_mix(gguf_type).name
-    if method not in GGUF_METHODS:
-        raise CompressError(f"GGUF output (--type) works with --method {' or '.join(GGUF_METHODS)}, not {method}")
-    if method == "gptq" and imatrix is not None:
-        raise CompressError("--imatrix applies to --method kquant; GPTQ weighs errors with its own Hessian")
-    if Path(out).suffix != ".gguf":
-        raise CompressError(f"GGUF output must end with .gguf, got {out}")
-    importance = imx.read(Path(imatrix)).by_module() if imatrix is not None else None
-    loaded = _gguf_input(model_spec)
-    t0 = time.perf_counter()
-    extra = {"source_model": model_spec, "imatrix": Path(imatrix).name if imatrix is not None else None}
-    if method == "kquant":
-        gm = gg.build_rtn(loaded, mix, importance, pure, progress)
-    else:
-        from calib.data import CalibSpec, calibration_windows
-        calib = calib or CalibSpec(seqlen=512)
-        windows = calibration_windows(loaded.tokenizer, calib, data_dir)
-        gm = gg.build_gptq(loaded, mix, windows, pure, damp, device, progress)
-        extra.update(calibration=json.dumps(calib.to_dict()), damp=float(damp))
-    seconds = time.perf_counter() - t0
-    info = gg.save_ggml_model(loaded, gm, Path(out), extra)
-    info.update(method=method, mix=mix, pure=pure, seconds=round(seconds, 3),
-                plan=[c.to_dict() for c in gm.plan.values()], fallbacks_gptq=gm.meta.get("fallbacks", {}))
-    return info
-
-
 def compute_imatrix(model_spec: str, out: Path, calib=None, data_dir=None, process_output: bool = False,
                     fmt: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
     """llama.cpp-compatible importance matrix of ``model_spec`` (unquantized) on calibration text."""
@@ -354,7 +235,7 @@ def export_gguf(spec: str, out: Path, gguf_type: str | None = None, imatrix=None
     """
     from . import imatrix as imx
     from .export import gguf as gg
-    from .methods.kquant import get_mix
+    from .formats.ggml_mix import get_mix
     mix = get_mix(gguf_type).name if gguf_type is not None else None
     if Path(out).suffix != ".gguf":
         raise CompressError(f"GGUF output must end with .gguf, got {out}")

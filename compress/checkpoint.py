@@ -1,5 +1,5 @@
-"""Packed checkpoints (formats "gptq-int" and "w8a8-int8", version 1): atomic write and
-safetensors-only read.
+"""Packed checkpoints (formats "gptq-int" and "w8a8-int8", version 2: a scheme per module;
+version 1 still reads): atomic write and safetensors-only read.
 
 The folder is a Hugging Face-style checkpoint: ``config.json`` with a ``quantization_config``
 (GPTQ's for gptq-int, ``quant_method: "compress-w8a8"`` for w8a8-int8; both with a ``compress``
@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import __version__
 from .errors import CompressError
-from .fileio import publish_mode
+from .fileio import publish_mode, save_safetensors
 from .formats import gptq_int, w8a8
 from .qlinear import QuantLinear, W8A8Linear, set_submodule
-from .scheme import FORMAT_VERSION, IntScheme, W8A8Scheme
+from .scheme import IntScheme, W8A8Scheme
 
 WEIGHTS_FILE = "model.safetensors"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -68,34 +68,63 @@ class AtomicFolder:
         return False
 
 
-def quantization_config(scheme: IntScheme, method: str, modules: list[str], extra: dict) -> dict:
-    """The GPTQ ``quantization_config`` runtimes read, with our metadata under ``compress``
-    (for a :class:`W8A8Scheme`, the "compress-w8a8" config of the w8a8-int8 format)."""
-    if isinstance(scheme, W8A8Scheme):
-        return _w8a8_config(scheme, method, modules, extra)
-    return {
+def _default_scheme(schemes: dict[str, dict]) -> dict:
+    """The most common per-module scheme (ties: the first module's)."""
+    counts: dict[str, int] = {}
+    for sc in schemes.values():
+        k = json.dumps(sc, sort_keys=True)
+        counts[k] = counts.get(k, 0) + 1
+    return json.loads(max(counts, key=lambda k: (counts[k], -list(counts).index(k))))
+
+
+def quantization_config(schemes: dict[str, dict], method: str, block_linears: list[str], extra: dict) -> dict:
+    """The ``quantization_config`` runtimes read, with our metadata under ``compress``.
+
+    ``schemes``: the scheme of every quantized module (full name -> scheme dict). gptq-int: GPTQ's
+    config with the most common scheme at the top level and GPTQModel's ``dynamic`` rules for the
+    modules that differ (``+:`` with their fields) or stay float among the block linears (``-:``);
+    a W8A8 scheme: the "compress-w8a8" config of the w8a8-int8 format."""
+    if not schemes:
+        raise CompressError("nothing was quantized: the targets selected no module")
+    default = _default_scheme(schemes)
+    if "act_scheme" in default:
+        return _w8a8_config(W8A8Scheme.from_dict(default), method, schemes, extra)
+    scheme = IntScheme.from_dict(default)
+    dynamic = {}
+    for name, sc in schemes.items():
+        if sc != default:
+            dynamic[f"+:^{re.escape(name)}$"] = {"bits": sc["bits"], "group_size": sc["group_size"],
+                                                 "desc_act": sc["act_order"], "sym": sc["sym"]}
+    for name in block_linears:
+        if name not in schemes:
+            dynamic[f"-:^{re.escape(name)}$"] = {}
+    qc = {
         "quant_method": "gptq",
         "bits": scheme.bits,
         "group_size": scheme.group_size,
         "desc_act": scheme.act_order,
         "sym": scheme.sym,
-        "static_groups": bool(extra.get("static_groups", False)),
+        "static_groups": any(st.get("options", {}).get("static_groups", False) for st in extra.get("steps", [])),
         "true_sequential": True,
-        "damp_percent": extra.get("damp", 0.01),
+        "damp_percent": next((st["options"]["damp"] for st in extra.get("steps", []) if "damp" in st.get("options", {})),
+                             0.01),
         "checkpoint_format": "gptq",
-        "compress": _suite_meta(gptq_int.FORMAT_ID, FORMAT_VERSION, scheme, method, modules,
-                                {k: v for k, v in extra.items() if k not in ("static_groups",)}),
     }
+    if dynamic:
+        qc["dynamic"] = dynamic
+    qc["compress"] = _suite_meta(gptq_int.FORMAT_ID, gptq_int.FORMAT_VERSION, scheme, method, schemes, extra)
+    return qc
 
 
-def _suite_meta(fmt: str, version, scheme, method: str, modules: list[str], extra: dict) -> dict:
+def _suite_meta(fmt: str, version, scheme, method: str, schemes: dict, extra: dict) -> dict:
     """The ``compress`` section both formats carry in their ``quantization_config``."""
     return {"format": fmt, "format_version": version, "method": method, "scheme": scheme.to_dict(),
-            "label": f"{method} {scheme.describe()}", "quantized_modules": modules, "package_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+            "label": f"{method} {scheme.describe()}" + (" (mixed)" if len({json.dumps(v, sort_keys=True)
+                                                                          for v in schemes.values()}) > 1 else ""),
+            "quantized_modules": list(schemes), "modules": schemes, "package_version": __version__, **extra}
 
 
-def _w8a8_config(scheme: W8A8Scheme, method: str, modules: list[str], extra: dict) -> dict:
+def _w8a8_config(scheme: W8A8Scheme, method: str, schemes: dict, extra: dict) -> dict:
     dynamic = scheme.act_scheme == "dynamic"
     return {
         "quant_method": W8A8_QUANT_METHOD,
@@ -103,7 +132,7 @@ def _w8a8_config(scheme: W8A8Scheme, method: str, modules: list[str], extra: dic
         "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
         "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": dynamic,
                               "strategy": "token" if dynamic else "tensor"},
-        "compress": _suite_meta(w8a8.FORMAT_ID, w8a8.FORMAT_VERSION, scheme, method, modules, extra),
+        "compress": _suite_meta(w8a8.FORMAT_ID, w8a8.FORMAT_VERSION, scheme, method, schemes, extra),
     }
 
 
@@ -126,9 +155,9 @@ def save_packed(loaded, out: Path, qconfig: dict, dtype: str = "float16") -> Pat
     cfg["torch_dtype"] = dtype
     with AtomicFolder(out) as tmp:
         fmt = (qconfig.get("compress") or {})
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={
+        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={
             "format": "pt", "compress_format": fmt.get("format", gptq_int.FORMAT_ID),
-            "compress_format_version": str(fmt.get("format_version", FORMAT_VERSION))})
+            "compress_format_version": str(fmt.get("format_version", gptq_int.FORMAT_VERSION))})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -137,24 +166,60 @@ def save_packed(loaded, out: Path, qconfig: dict, dtype: str = "float16") -> Pat
     return out
 
 
-# quant_method -> (format id, format version, scheme class)
-_FORMATS = {"gptq": (gptq_int.FORMAT_ID, FORMAT_VERSION, IntScheme),
-            W8A8_QUANT_METHOD: (w8a8.FORMAT_ID, w8a8.FORMAT_VERSION, W8A8Scheme)}
+# quant_method -> (format id, readable versions, scheme class)
+_FORMATS = {"gptq": (gptq_int.FORMAT_ID, gptq_int.READABLE_VERSIONS, IntScheme),
+            W8A8_QUANT_METHOD: (w8a8.FORMAT_ID, w8a8.READABLE_VERSIONS, W8A8Scheme)}
+# GPTQ's top-level quantization_config keys and the scheme field each must agree with
+_GPTQ_TOP = (("bits", "bits"), ("group_size", "group_size"), ("sym", "sym"), ("desc_act", "act_order"))
 
 
 def read_quant_meta(config: dict, path: Path) -> tuple[IntScheme, dict]:
+    """The checkpoint's default scheme and its ``compress`` metadata, with ``meta["modules"]``
+    (full name -> scheme object) for every quantized module; refuses any disagreement between the
+    config's top-level fields, its ``dynamic`` rules and the per-module records."""
     qc = config.get("quantization_config") or {}
     meta = qc.get("compress")
     if qc.get("quant_method") not in _FORMATS or not isinstance(meta, dict):
         raise CompressError(f"{path}: quantization_config is not a checkpoint this suite wrote "
                             f"(quant_method={qc.get('quant_method')!r})")
-    fmt, version, scheme_cls = _FORMATS[qc["quant_method"]]
+    fmt, versions, scheme_cls = _FORMATS[qc["quant_method"]]
     if meta.get("format") != fmt:
         raise CompressError(f"{path}: unsupported packed format {meta.get('format')!r}")
-    if meta.get("format_version") != version:
-        raise CompressError(f"{path}: format version {meta.get('format_version')} is not supported "
-                            f"(this version reads {version})")
-    return scheme_cls.from_dict(meta["scheme"]), meta
+    version = meta.get("format_version")
+    if version not in versions:
+        raise CompressError(f"{path}: format version {version} is not supported "
+                            f"(this version reads {', '.join(map(str, versions))})")
+    try:
+        scheme = scheme_cls.from_dict(meta["scheme"])
+        names = list(meta["quantized_modules"])
+        records = meta.get("modules") if version >= 2 else {n: meta["scheme"] for n in names}
+        if not isinstance(records, dict) or sorted(records) != sorted(names):
+            raise CompressError(f"{path}: the per-module scheme records do not list the quantized modules")
+        modules = {n: scheme_cls.from_dict(sc) for n, sc in records.items()}
+    except CompressError as e:
+        raise CompressError(f"{path}: config.json: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise CompressError(f"{path}: config.json: incomplete quantization metadata ({e})") from None
+    if scheme_cls is IntScheme:
+        for top, field in _GPTQ_TOP:
+            if qc.get(top) != getattr(scheme, field):
+                raise CompressError(f"{path}: config.json says {top} = {qc.get(top)!r} but the checkpoint was "
+                                    f"written with {field} = {getattr(scheme, field)!r}")
+        dynamic = qc.get("dynamic") or {}
+        for name, sc in modules.items():
+            rule = dynamic.get(f"+:^{re.escape(name)}$")
+            want = None if sc.key() == scheme.key() else {"bits": sc.bits, "group_size": sc.group_size,
+                                                           "desc_act": sc.act_order, "sym": sc.sym}
+            if rule != want:
+                raise CompressError(f"{path}: config.json's dynamic rule for {name} ({rule}) disagrees with "
+                                    f"its recorded scheme {sc.describe()}")
+        extra_rules = [k for k in dynamic if k.startswith("+:") and not any(
+            k == f"+:^{re.escape(n)}$" for n in modules)]
+        if extra_rules:
+            raise CompressError(f"{path}: config.json's dynamic rule {extra_rules[0]} names no quantized module")
+    meta = dict(meta)
+    meta["modules"] = modules
+    return scheme, meta
 
 
 def load_packed(path: Path, source: str):
@@ -179,19 +244,24 @@ def load_packed(path: Path, source: str):
     from transformers.modeling_utils import no_init_weights
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
-    for name in meta["quantized_modules"]:
-        lin = model.get_submodule(name)
+    for name, mscheme in meta["modules"].items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise CompressError(f"{path}: the config has no module {name}") from None
+        if not isinstance(lin, torch.nn.Linear):
+            raise CompressError(f"{path}: {name} is a {type(lin).__name__} in the model, not a linear layer")
         prefix = name + "."
-        if isinstance(scheme, W8A8Scheme):
-            set_submodule(model, name, _load_w8a8(state, prefix, lin, scheme, name, path))
+        if isinstance(mscheme, W8A8Scheme):
+            set_submodule(model, name, _load_w8a8(state, prefix, lin, mscheme, name, path))
             continue
         try:
             t = {k: state.pop(prefix + k) for k in ("qweight", "qzeros", "scales", "g_idx")}
         except KeyError as e:
             raise CompressError(f"{path}: tensor {e.args[0]} of {name} is missing") from None
         bias = state.pop(prefix + "bias", None)
-        p = gptq_int.from_tensors(t, scheme.bits, lin.in_features, lin.out_features)
-        _check_packed_shapes(p, scheme, name, path)
+        p = gptq_int.from_tensors(t, mscheme.bits, lin.in_features, lin.out_features)
+        _check_packed_shapes(p, mscheme, name, path)
         set_submodule(model, name, QuantLinear.from_packed(p, bias))
     state = {k: (v.to(torch.float32) if v.is_floating_point() else v) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -244,3 +314,6 @@ def _check_packed_shapes(p: gptq_int.PackedInt, scheme: IntScheme, name: str, pa
     g = p.g_idx.to(torch.int64)
     if int(g.min()) < 0 or int(g.max()) >= scheme.groups(k):
         raise CompressError(f"{path}: {name}.g_idx refers to a group outside 0..{scheme.groups(k) - 1}")
+    if not scheme.act_order and not torch.equal(g, torch.arange(k) // scheme.effective_group(k)):
+        raise CompressError(f"{path}: {name}.g_idx does not follow group size {scheme.group_size} "
+                            "(the checkpoint says act-order is off)")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import click
@@ -15,7 +14,6 @@ import click
 from . import __version__
 from .errors import CompressError
 
-GROUP_HELP = "Input columns per scale: -1 (per-channel), or a positive size such as 32, 64, 128."
 
 
 def _calib_options(nsamples_help: str, seqlen_help: str):
@@ -103,35 +101,128 @@ def models_fetch(name, force):
     click.echo(str(path))
 
 
-# --------------------------------------------------------------------------- quantize
+# --------------------------------------------------------------------------- quantize / run
+
+def _method_options():
+    """One click option per method option, from the registry (the union over every method)."""
+    from .config import flag_of
+    from .registry import methods
+    fields = {}
+    for m in methods().values():
+        for f in m.config.option_fields():
+            fields.setdefault(f.name, f)
+    opts = []
+    for name, f in fields.items():
+        m = f.metadata
+        owners = [n for n, cls in methods().items() if name in {g.name for g in cls.config.option_fields()}]
+        default = "" if f.default is None else f" [default: {str(f.default).lower() if isinstance(f.default, bool) else f.default}]"
+        help = f"{m['help']}{default} ({', '.join(owners)})"
+        flag = flag_of(f)
+        if f.type in ("bool", "bool | None") or isinstance(f.default, bool):
+            if "/" in flag:
+                opts.append(click.option(flag, name, default=None, help=help))
+            else:
+                opts.append(click.option(flag, name, is_flag=True, default=None, help=help))
+        elif m["choices"] is not None:
+            opts.append(click.option(flag, name, type=click.Choice([str(c) for c in m["choices"]]), default=None,
+                                     help=help))
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            opts.append(click.option(flag, name, type=kind, default=None, help=help))
+
+    def apply(fn):
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+    return apply
+
+
+def _method_names() -> list[str]:
+    from .registry import methods
+    return list(methods())
+
+
+def _method_help() -> str:
+    from .registry import methods
+    return "; ".join(f"{n}: {m.summary}" for n, m in methods().items())
+
+
+def _step_from_cli(method: str, options: dict, targets, ignore, lm_head):
+    """The step the command line describes; an option given to a method that does not take it is refused."""
+    from .config import flag_of
+    from .recipe import Step
+    from .registry import get, methods
+    cls = get(method)
+    own = {f.name: f for f in cls.config.option_fields()}
+    given = {k: v for k, v in options.items() if v is not None and _given(k)}
+    for k in given:
+        if k not in own:
+            f = next(g for m in methods().values() for g in m.config.option_fields() if g.name == k)
+            owners = [n for n, m in methods().items() if k in {g.name for g in m.config.option_fields()}]
+            raise CompressError(f"{flag_of(f)} applies to {', '.join(owners)}, not to {method}")
+        ch = own[k].metadata["choices"]
+        if ch is not None and isinstance(ch[0], int):
+            given[k] = int(given[k])
+    d = {"method": method, **given}
+    if targets:
+        d["targets"] = list(targets)
+    if ignore:
+        d["ignore"] = list(ignore)
+    if lm_head:
+        d["lm_head"] = True
+    return Step.from_dict(d, "--method")
+
+
+def _print_report(rep: dict) -> None:
+    out = rep["output"]
+    if "type_counts" in out:
+        counts = ", ".join(f"{t} x{n}" for t, n in sorted(out["type_counts"].items()))
+        click.echo(f"wrote {out['out']} ({out['mix']}{' pure' if out.get('pure') else ''}, {counts}; "
+                   f"{out['bits_per_weight_matrices']:.3f} bpw in the matrices, {out['size_bytes'] / 2**20:.2f} MiB, "
+                   f"{rep['compress_seconds']:.1f} s)")
+        if out.get("fallbacks"):
+            click.echo(f"{out['fallbacks']} tensors fell back to a 32-block type (rows not a multiple of 256), "
+                       "as llama.cpp does; `compress inspect` lists them", err=True)
+    else:
+        steps = " then ".join(s["method"] for s in rep["steps"])
+        click.echo(f"wrote {out['out']} ({out['layers']} layers quantized, {steps}, {rep['compress_seconds']:.1f} s)")
+    for name, fb in (rep.get("fallbacks") or {}).items():
+        click.echo(f"fallback: {name}: {fb}", err=True)
+    for p in rep.get("post", []):
+        if "eval" in p:
+            e = p["eval"]
+            line = f"eval {e['protocol']}: ppl {e['ppl']:.4f}"
+            if e.get("kld") is not None:
+                line += f"  KLD {e['kld']:.5f}  top-1 {100 * e['top1']:.2f}%  base ppl {e['base_ppl']:.4f}"
+            click.echo(line)
+        else:
+            click.echo(f"exported {p['export']['format']}: {p['export']['out']}")
+
+
+_run_options = [
+    click.option("--restart", is_flag=True, help="Discard an interrupted run's work folder and start over."),
+    click.option("--report", "report_out", type=click.Path(path_type=Path), default=None,
+                 help="Write the run's report (JSON) here."),
+]
+
+
+def _with(options):
+    def apply(fn):
+        for o in reversed(options):
+            fn = o(fn)
+        return fn
+    return apply
+
 
 @cli.command()
 @click.argument("model")
-@click.option("--method", type=click.Choice(["rtn", "gptq", "awq", "awq+gptq", "smoothquant", "kquant"]), default="rtn",
-              show_default=True, help="Quantization method (smoothquant: W8A8, 8-bit per-channel weights; "
-                                      "kquant: llama.cpp's GGML quantizers, with --type, writes a .gguf).")
-@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
-@click.option("--group-size", type=int, default=128, show_default=True, help=GROUP_HELP)
-@click.option("--sym/--asym", default=False, show_default=True, help="Symmetric or asymmetric grid.")
-@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal (g_idx).")
-@click.option("--static-groups", is_flag=True, help="GPTQ: fix group grids before the column sweep.")
-@click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ: relative dampening.")
-@click.option("--grid", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True,
-              help="GPTQ: each group's grid spans its min and max, or the shrunken range with the least "
-                   "loss-weighted rounding error (mse).")
-@click.option("--alpha", type=float, default=None, help="SmoothQuant: migration strength in [0, 1]  [default: 0.5]")
-@click.option("--act-scheme", type=click.Choice(["dynamic", "static"]), default=None,
-              help="SmoothQuant: int8 activations per token at run time (dynamic) or with a calibrated "
-                   "per-tensor scale (static)  [default: dynamic]")
-@click.option("--smooth-linear-prev", is_flag=True,
-              help="SmoothQuant: also smooth inputs produced by a linear (down_proj via up_proj).")
-@click.option("--awq-objective", type=click.Choice(["module", "linear"]), default=None,
-              help="AWQ: scale-search error at the output of the module consuming the group (attention, MLP) "
-                   "or of the linears themselves (faster)  [default: module]")
-@click.option("--awq-clip/--no-awq-clip", default=None,
-              help="AWQ: search and apply weight clipping  [default: on for awq, off for awq+gptq]")
-@click.option("--lm-head", is_flag=True,
-              help="rtn, gptq: also quantize the lm_head (a tied input embedding is untied and stays unquantized).")
+@click.option("--method", type=click.Choice(_method_names()), default="rtn", show_default=True,
+              help="Compression method: " + _method_help() + ".")
+@_method_options()
+@click.option("--targets", multiple=True, metavar="NAME|re:PATTERN",
+              help="Modules to compress (repeatable; default: every linear in the decoder blocks).")
+@click.option("--ignore", multiple=True, metavar="NAME|re:PATTERN", help="Modules to leave alone (repeatable).")
+@click.option("--lm-head", is_flag=True, help="Also compress the lm_head (a tied embedding is untied and stays unquantized).")
 @_calib_options("Calibration windows.", "Tokens per calibration window.")
 @click.option("--save-stats", type=click.Path(path_type=Path), default=None,
               help="Save the calibration statistics (safetensors) for reuse.")
@@ -140,47 +231,55 @@ def models_fetch(name, force):
 @click.option("--device", default="cpu", show_default=True, help="Device for calibration (cpu, cuda).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of the tensors left unquantized.")
-@click.option("--type", "gguf_type", default=None, metavar="TYPE",
-              help="GGUF output: a llama.cpp type mix (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, Q4_1, "
-                   "Q5_0, Q5_1) with --method kquant or gptq; -o then names a .gguf file.")
-@click.option("--imatrix", type=click.Path(path_type=Path), default=None,
-              help="kquant: importance matrix file (llama.cpp GGUF or legacy .dat, e.g. from `compress imatrix`).")
-@click.option("--pure", is_flag=True, help="GGUF output: one type for every tensor (llama-quantize --pure).")
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
-def quantize(model, method, bits, group_size, sym, act_order, static_groups, damp, grid, alpha, act_scheme,
-             smooth_linear_prev, awq_objective, awq_clip, lm_head, calib_source, nsamples, seqlen, seed, data_dir,
-             save_stats, load_stats, device, dtype, out, gguf_type=None, imatrix=None, pure=False):
-    """Quantize MODEL (registered name, HF folder or .gguf) into a packed checkpoint (or a .gguf with --type)."""
-    if method == "kquant" or gguf_type is not None:
-        return _quantize_gguf(model, method, gguf_type, imatrix, pure, damp, calib_source, nsamples, seqlen, seed,
-                              data_dir, device, out)
-    if imatrix is not None or pure:
-        raise CompressError("--imatrix/--pure apply to GGUF output (--method kquant --type ...)")
-    from .api import CALIBRATED, USES_GPTQ, quantize_to_folder
-    scheme = _scheme_for(method, bits, group_size, sym, act_order, act_scheme)
-    _check_method_options(method, static_groups, alpha, act_scheme, smooth_linear_prev, awq_objective, awq_clip)
-    kwargs = {"lm_head": True} if lm_head else {}
-    if method in CALIBRATED:
-        from calib.data import CalibSpec
-        kwargs.update(calib=CalibSpec(calib_source, nsamples, seqlen, seed), data_dir=data_dir,
-                      save_stats=save_stats, load_stats=load_stats, device=_device(device))
-        if method in USES_GPTQ:
-            from .pipeline import GPTQOptions
-            kwargs["gptq"] = GPTQOptions(damp=damp, static_groups=static_groups, grid=grid)
-        if method in ("awq", "awq+gptq"):
-            from .methods.awq import AWQOptions
-            kwargs["awq"] = AWQOptions(objective=awq_objective or "module", clip=awq_clip)
-        if method == "smoothquant":
-            from .methods.smoothquant import SmoothQuantOptions
-            kwargs["smoothquant"] = SmoothQuantOptions(alpha=0.5 if alpha is None else alpha,
-                                                       smooth_linear_prev=smooth_linear_prev)
-    elif static_groups or save_stats or load_stats:
-        raise CompressError(f"--static-groups/--save-stats/--load-stats apply to calibrated methods, not {method}")
-    info = quantize_to_folder(model, scheme, out, method=method, dtype=dtype, **kwargs)
-    click.echo(f"wrote {info['out']} ({info['layers']} layers quantized, {method} {scheme.describe()}, "
-               f"{info['seconds']:.1f} s)")
-    for name, fb in (info.get("fallbacks") or {}).items():
-        click.echo(f"fallback: {name}: {fb}", err=True)
+@click.option("--save-recipe", type=click.Path(path_type=Path), default=None,
+              help="Write the recipe this command runs (YAML) for `compress run`.")
+@_with(_run_options)
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output: a checkpoint folder (a .gguf file for kquant and kquant-gptq).")
+def quantize(model, method, targets, ignore, lm_head, calib_source, nsamples, seqlen, seed, data_dir, save_stats,
+             load_stats, device, dtype, save_recipe, restart, report_out, out, **options):
+    """Compress MODEL (registered name, HF folder or .gguf) with one method: a one-step recipe."""
+    from calib.data import CalibSpec
+
+    from .recipe import Recipe, write
+    from .session import run
+    step = _step_from_cli(method, options, targets, ignore, lm_head)
+    calib_given = [f"--{n.replace('_', '-')}" for n in ("nsamples", "seqlen", "seed") if _given(n)]
+    calib_given += ["--calib"] if _given("calib_source") else []
+    if not step.cls.calibrated and (calib_given or save_stats or load_stats):
+        bad = calib_given + (["--save-stats"] if save_stats else []) + (["--load-stats"] if load_stats else [])
+        raise CompressError(f"{', '.join(bad)} apply to calibrated methods, not to {method}")
+    calibration = CalibSpec(calib_source, nsamples, seqlen, seed).to_dict() if step.cls.calibrated else {}
+    recipe = Recipe((step,), (), model, calibration, dtype, _device(device),
+                    str(save_stats) if save_stats else None, str(load_stats) if load_stats else None)
+    if save_recipe is not None:
+        write(recipe, save_recipe)
+    rep = run(recipe, model, out, data_dir, restart)
+    _finish_run(rep, report_out)
+
+
+def _finish_run(rep: dict, report_out) -> None:
+    from .api import write_json
+    _print_report(rep)
+    if report_out is not None:
+        write_json(rep, report_out)
+
+
+@cli.command(name="run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="The model to compress (overrides the recipe's 'model').")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder holding the named calibration and evaluation sets (default: $COMPRESS_DATA_DIR).")
+@_with(_run_options)
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output checkpoint folder (.gguf file for GGUF methods).")
+def run_recipe(recipe, model, data_dir, restart, report_out, out):
+    """Run RECIPE (YAML): compression steps, then evaluation and export steps, with one report."""
+    from .recipe import read
+    from .session import run
+    r = read(recipe)
+    rep = run(r, model, out, data_dir, restart)
+    _finish_run(rep, report_out)
 
 
 def _given(name: str) -> bool:
@@ -188,40 +287,6 @@ def _given(name: str) -> bool:
     from click.core import ParameterSource
     src = click.get_current_context().get_parameter_source(name)
     return src not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-
-
-def _scheme_for(method, bits, group_size, sym, act_order, act_scheme):
-    """The scheme the options describe; smoothquant implies 8-bit per-channel symmetric weights."""
-    from .scheme import IntScheme, W8A8Scheme
-    if method != "smoothquant":
-        return IntScheme(bits=int(bits), group_size=group_size, sym=sym, act_order=act_order)
-    if _given("bits") and bits != "8":
-        raise CompressError(f"--method smoothquant stores 8-bit weights: --bits {bits} conflicts "
-                            "(leave it out or pass --bits 8)")
-    if _given("group_size") and group_size != -1:
-        raise CompressError(f"--method smoothquant quantizes weights per output channel: --group-size {group_size} "
-                            "conflicts (leave it out or pass --group-size -1)")
-    if _given("sym") and not sym:
-        raise CompressError("--method smoothquant uses symmetric int8 weights: --asym conflicts")
-    if act_order:
-        raise CompressError("--act-order applies to GPTQ (gptq, awq+gptq), not to smoothquant")
-    return W8A8Scheme(act_scheme=act_scheme or "dynamic")
-
-
-def _check_method_options(method, static_groups, alpha, act_scheme, smooth_linear_prev, awq_objective, awq_clip):
-    """Method-specific options given to a method they do not apply to."""
-    from .api import USES_GPTQ
-    if method not in USES_GPTQ and method != "rtn" and (static_groups or _given("damp")):
-        raise CompressError(f"--static-groups/--damp apply to GPTQ (gptq, awq+gptq), not to {method}")
-    if method not in USES_GPTQ and _given("grid"):
-        raise CompressError(f"--grid applies to GPTQ (gptq, awq+gptq), not to {method}")
-    if method != "smoothquant":
-        bad = [n for n, v in (("--alpha", alpha is not None), ("--act-scheme", act_scheme is not None),
-                              ("--smooth-linear-prev", smooth_linear_prev)) if v]
-        if bad:
-            raise CompressError(f"{'/'.join(bad)} apply to --method smoothquant, not to {method}")
-    if (awq_objective is not None or awq_clip is not None) and method not in ("awq", "awq+gptq"):
-        raise CompressError(f"--awq-objective/--awq-clip apply to awq and awq+gptq, not to {method}")
 
 
 def _device(name: str) -> str:
@@ -239,39 +304,6 @@ def _device(name: str) -> str:
 
 GGUF_TYPE_HELP = ("llama.cpp type mix: Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q8_0, "
                   "Q4_0, Q4_1, Q5_0, Q5_1, F16, F32")
-
-
-def _quantize_gguf(model, method, gguf_type, imatrix, pure, damp, calib_source, nsamples, seqlen, seed, data_dir,
-                   device, out):
-    """`compress quantize --type ...`: a GGUF file through llama.cpp's quantizers (kquant) or GPTQ."""
-    from .api import GGUF_METHODS, quantize_to_gguf
-    if method not in GGUF_METHODS:
-        raise CompressError(f"--type (GGUF output) works with --method kquant or gptq, not {method}")
-    if gguf_type is None:
-        raise CompressError("--method kquant needs --type (e.g. --type Q4_K_M)")
-    bad = [f"--{n.replace('_', '-')}" for n in ("bits", "group_size", "sym", "act_order", "static_groups",
-                                                "grid", "lm_head", "save_stats", "load_stats", "dtype", "alpha", "act_scheme",
-                                                "smooth_linear_prev", "awq_objective") if _given(n)]
-    if method == "kquant":
-        bad += [f"--{n.replace('_', '-')}" for n in ("damp", "nsamples", "seqlen", "seed") if _given(n)]
-        bad += ["--calib"] if _given("calib_source") else []
-    if bad:
-        raise CompressError(f"{', '.join(bad)} do not apply to GGUF output with --method {method}")
-    calib = None
-    if method == "gptq":
-        from calib.data import CalibSpec
-        calib = CalibSpec(calib_source, nsamples, seqlen, seed)
-    info = quantize_to_gguf(model, out, gguf_type, method=method, imatrix=imatrix, pure=pure, calib=calib,
-                            data_dir=data_dir, damp=damp, device=_device(device))
-    counts = ", ".join(f"{t} x{n}" for t, n in sorted(info["type_counts"].items()))
-    click.echo(f"wrote {info['out']} ({info['mix']}{' pure' if pure else ''}, {method}, {counts}; "
-               f"{info['bits_per_weight_matrices']:.3f} bpw in the matrices, {info['size_bytes'] / 2**20:.2f} MiB, "
-               f"{info['seconds']:.1f} s)")
-    if info["fallbacks"]:
-        click.echo(f"{info['fallbacks']} tensors fell back to a 32-block type (rows not a multiple of 256), "
-                   "as llama.cpp does; `compress inspect` lists them", err=True)
-    for name, fb in (info.get("fallbacks_gptq") or {}).items():
-        click.echo(f"fallback: {name}: {fb}", err=True)
 
 
 @cli.command()

@@ -38,3 +38,26 @@ def atomic_file(path: Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_text(path: Path, text: str) -> Path:
     return atomic_file(path, lambda tmp: tmp.write_text(text))
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` with the header's metadata in sorted order: the library writes
+    it from a hash map, in an order that changes from process to process, and the same checkpoint
+    must be the same bytes whichever process wrote it."""
+    import json
+    import struct
+
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", {})
+        ordered = {"__metadata__": dict(sorted(meta.items())), **header}
+        text = json.dumps(ordered, separators=(",", ":")).encode()
+        if len(text) > n:
+            raise CompressError(f"cannot order the safetensors header of {path}")
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))

@@ -5,7 +5,8 @@ from dataclasses import asdict, dataclass, fields
 
 from .errors import CompressError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2              # packed checkpoints written now (per-module schemes)
+READABLE_VERSIONS = (1, 2)
 INT_BITS = (2, 3, 4, 8)
 GROUP_SIZES_DOC = "-1 (per-channel) or a positive integer such as 32, 64, 128"
 
@@ -30,8 +31,9 @@ class IntScheme:
             raise CompressError(f"bits must be one of {', '.join(map(str, INT_BITS))}, got {self.bits}")
         if not isinstance(self.group_size, int) or self.group_size == 0 or self.group_size < -1:
             raise CompressError(f"group size must be {GROUP_SIZES_DOC}, got {self.group_size}")
-        if self.format_version != FORMAT_VERSION:
-            raise CompressError(f"unsupported format version {self.format_version}; this version reads {FORMAT_VERSION}")
+        if self.format_version not in READABLE_VERSIONS:
+            raise CompressError(f"unsupported format version {self.format_version}; this version reads "
+                                f"{', '.join(map(str, READABLE_VERSIONS))}")
 
     @property
     def maxq(self) -> int:
@@ -63,6 +65,12 @@ class IntScheme:
     def from_dict(cls, d: dict) -> "IntScheme":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    def key(self) -> dict:
+        """The fields that decide the packed tensors (what a per-module record compares)."""
+        d = self.to_dict()
+        d.pop("format_version", None)
+        return d
 
 
 ACT_SCHEMES = ("dynamic", "static")

@@ -2,7 +2,7 @@
 
 * :func:`gptq_linear` ``(x (..., K), qweight, qzeros, scales, g_idx, bits, bias=None) -> (..., N)``
 * :func:`int8_linear` ``(x_q (..., K), x_scale (...), w_q (N, K), w_scale (N,), bias=None,
-  out_dtype=float16) -> (..., N)``
+  out_dtype=float16) -> (..., N)``: int8 x int8 with exact int32 sums
 * :func:`kquant_linear` ``(x (..., K), data uint8 (N, K / block_size * type_size), qtype,
   bias=None) -> (..., N)``: W read from its GGUF block bytes (Q4_0 ... Q8_0, Q2_K ... Q6_K)
 
@@ -18,17 +18,40 @@ devices), then a path is chosen:
   when it cannot run (triton missing, or CPU tensors without ``TRITON_INTERPRET=1`` set before
   the kernel modules were imported -- that is how the tests drive the kernels on CPU).
 
+The int8 twin on CPU computes its exact int32 sums one of two ways, with the same bits:
+``torch._int_mm`` (fast where the CPU has int8 dot-product instructions: AVX512-VNNI, AVX-VNNI,
+AMX) or chunked float32 matmuls (:func:`kernels.reference.int8_matmul_float_ref`; exact because
+every chunk of at most 1024 columns sums to at most 2**24 in magnitude). Without AVX512-VNNI,
+torch runs ``torch._int_mm`` on CPU as a plain loop (oneDNN's AVX2 int8 GEMM can overflow, pytorch
+PR 136942): on an AVX2-only CPU ``512 x 576 @ 576 x 1536`` took 881 ms against 19 ms in float32.
+``COMPRESS_INT8_CPU`` chooses:
+
+* unset or ``auto``: measured once per process at the first int8 call on CPU -- both run on a
+  small ``32 x 512 @ 512 x 256`` product with extreme values (a few milliseconds; tens where
+  ``torch._int_mm`` is slow) and must agree bit for bit (else ``intmm`` is kept, with a
+  warning); the faster is kept (:func:`int8_cpu_matmul`). The choice and both timings are
+  logged once (logger ``kernels.dispatch``).
+* ``intmm``: always ``torch._int_mm`` (but K == 1 takes the float path: ``torch._int_mm``
+  returns uninitialised values there, see :func:`kernels.reference.int8_matmul_ref`).
+* ``float``: always the exact float32 path.
+
+Any other value raises ValueError at the next int8 call.
+
 Every call is counted by path: :func:`path_counts` returns
-``{"triton-gemm": n, "triton-decode": n, "torch": n}`` (the GPTQ kernel takes the decode path
-for M <= 16; the int8 kernel has a single GEMM path); ``path_counts("gptq")``,
+``{"triton-gemm": n, "triton-decode": n, "torch": n, "torch/intmm": n, "torch/float": n}``
+(the GPTQ kernel takes the decode path for M <= 16; the int8 kernel has a single GEMM path).
+``torch/intmm`` and ``torch/float`` split the int8 twin's CPU calls by how its sums were computed;
+they are part of the ``torch`` count, not in addition to it. ``path_counts("gptq")``,
 ``path_counts("int8")`` or ``path_counts("kquant")`` counts one op (the GGUF-block kernel also
-takes its decode path for M <= 16). :func:`reset_path_counts` clears them.
+takes its decode path for M <= 16; only ``"int8"`` has the ``torch/...`` keys).
+:func:`reset_path_counts` clears them.
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+import time
 from collections import Counter
 
 import torch
@@ -41,10 +64,15 @@ ENV_VAR = "COMPRESS_KERNEL"
 MODES = ("auto", "torch", "triton")
 PATHS = ("triton-gemm", "triton-decode", "torch")
 OPS = ("gptq", "int8", "kquant")
+INT8_CPU_ENV = "COMPRESS_INT8_CPU"
+INT8_CPU_MODES = ("auto", "intmm", "float")
+INT8_CPU_PATHS = ("torch/intmm", "torch/float")     # a split of the int8 op's "torch" count
+_INT8_PROBE = (32, 512, 256)                        # M, K, N of the product timed by int8_cpu_matmul
 _MODULES = {"gptq": "kernels.gptq_gemm", "int8": "kernels.int8_gemm", "kquant": "kernels.kquant_gemm"}
 
 _counts: Counter = Counter()      # (op, path) -> calls
 _logged: set[str] = set()
+_int8_cpu_measured: str | None = None   # int8_cpu_matmul's measured choice, once per process
 
 
 class KernelUnavailableError(RuntimeError):
@@ -53,21 +81,27 @@ class KernelUnavailableError(RuntimeError):
 
 def record(op: str, path: str) -> None:
     """Count a call that a caller served itself on one of the known paths (e.g. a module
-    reusing the twin's dequantized weight on the CPU)."""
-    if op not in OPS or path not in PATHS:
+    reusing the twin's dequantized weight on the CPU). An int8 ``torch/...`` path also counts
+    as ``torch``."""
+    if op not in OPS or not (path in PATHS or (op == "int8" and path in INT8_CPU_PATHS)):
         raise ValueError(f"unknown op/path {op!r}/{path!r}")
     _counts[(op, path)] += 1
+    if path in INT8_CPU_PATHS:
+        _counts[(op, "torch")] += 1
 
 
 def path_counts(op: str | None = None) -> dict[str, int]:
-    """Calls per path since the last reset, for one op (``"gptq"``/``"int8"``) or all."""
+    """Calls per path since the last reset, for one op (``"gptq"``/``"int8"``/``"kquant"``) or
+    all; the int8 op and the total also have the ``torch/intmm`` / ``torch/float`` split."""
     if op is not None and op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
-    return {p: sum(c for (o, q), c in _counts.items() if q == p and (op is None or o == op)) for p in PATHS}
+    paths = PATHS + INT8_CPU_PATHS if op in (None, "int8") else PATHS
+    return {p: sum(c for (o, q), c in _counts.items() if q == p and (op is None or o == op)) for p in paths}
 
 
 def reset_path_counts() -> None:
-    """Clear the counters, and the log-once memory (the next fallback is logged again)."""
+    """Clear the counters, and the log-once memory (the next fallback is logged again). The
+    measured int8 CPU choice (:func:`int8_cpu_matmul`) is kept."""
     _counts.clear()
     _logged.clear()
 
@@ -84,6 +118,70 @@ def kernel_mode() -> str:
     if mode not in MODES:
         raise ValueError(f"{ENV_VAR}={os.environ.get(ENV_VAR)!r} is not one of {', '.join(MODES)}")
     return mode
+
+
+def int8_cpu_mode() -> str:
+    """The int8 CPU matmul requested through ``COMPRESS_INT8_CPU``: ``auto`` (default),
+    ``intmm`` or ``float``; ValueError on anything else."""
+    mode = os.environ.get(INT8_CPU_ENV, "").strip().lower() or "auto"
+    if mode not in INT8_CPU_MODES:
+        raise ValueError(f"{INT8_CPU_ENV}={os.environ.get(INT8_CPU_ENV)!r} is not one of "
+                         f"{', '.join(INT8_CPU_MODES)} (intmm: torch._int_mm; float: exact float32 matmuls; "
+                         "auto: the faster, measured once)")
+    return mode
+
+
+def int8_cpu_matmul() -> str:
+    """How the int8 twin computes its int32 sums on CPU: ``"intmm"`` or ``"float"``.
+
+    ``COMPRESS_INT8_CPU`` when it names one; otherwise measured once per process and cached.
+    """
+    global _int8_cpu_measured
+    mode = int8_cpu_mode()
+    if mode != "auto":
+        _log_once(f"int8:cpu:{mode}", f"int8: CPU sums by {mode} ({INT8_CPU_ENV}={mode})")
+        return mode
+    if _int8_cpu_measured is None:
+        choice, msg, level = _measure_int8_cpu()
+        log.log(level, msg)
+        _int8_cpu_measured = choice
+    return _int8_cpu_measured
+
+
+def _best_ms(fn, reps: int = 5) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def _measure_int8_cpu() -> tuple[str, str, int]:
+    """Time ``torch._int_mm`` against the exact float32 path on a small product; return the
+    choice, the message to log and its level."""
+    m, k, n = _INT8_PROBE
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    a[0] = -128                              # the extreme products, (-128) * (-128) and 127 * -128
+    b[0] = -128
+    b[1] = 127
+    probe = f"{m}x{k} @ {k}x{n}"
+    try:
+        want = reference.int8_matmul_ref(a, b, "intmm")     # also the warm-up
+    except (RuntimeError, NotImplementedError) as e:
+        return "float", f"int8: CPU sums by float (torch._int_mm does not run here: {e})", logging.INFO
+    got = reference.int8_matmul_float_ref(a, b)
+    if not torch.equal(got, want):
+        return ("intmm", f"int8: CPU sums by intmm: the float32 path differs from torch._int_mm on a {probe} "
+                "probe (unexpected: this torch's float32 matmul does not sum small integers exactly)",
+                logging.WARNING)
+    t_int = _best_ms(lambda: reference.int8_matmul_ref(a, b, "intmm"))
+    t_float = _best_ms(lambda: reference.int8_matmul_float_ref(a, b, torch.float32))
+    choice = "float" if t_float < t_int else "intmm"
+    return (choice, f"int8: CPU sums by {choice} (measured on a {probe} probe: torch._int_mm {t_int:.2f} ms, "
+            f"exact float32 {t_float:.2f} ms; set {INT8_CPU_ENV}=intmm|float to override)", logging.INFO)
 
 
 def _triton_module(op: str):
@@ -154,14 +252,16 @@ def int8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
     x2 = x_q.reshape(-1, x_q.shape[-1])
     s2 = x_scale.reshape(-1)
     _, _, n = reference.check_int8_args(x2, s2, w_q, w_scale, bias, out_dtype)
+    int8_cpu_mode()                                  # a bad COMPRESS_INT8_CPU fails on every device
     mod = _pick("int8", x_q.device)
     if mod is None:
-        y = reference.int8_linear_ref(x2, s2, w_q, w_scale, bias, out_dtype)
-        path = "torch"
+        matmul = int8_cpu_matmul() if x_q.device.type == "cpu" else "auto"
+        y = reference.int8_linear_ref(x2, s2, w_q, w_scale, bias, out_dtype, matmul=matmul)
+        path = "torch" if matmul == "auto" else f"torch/{matmul}"
     else:
         y = mod.int8_linear_triton(x2, s2, w_q, w_scale, bias, out_dtype)
         path = "triton-gemm"
-    _counts[("int8", path)] += 1
+    record("int8", path)
     return y.reshape(*lead, n)
 
 

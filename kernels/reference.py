@@ -177,13 +177,67 @@ def check_int8_args(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
     return m, k, n
 
 
-def int8_matmul_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+# The exact float32 product. Every |x_q[m, k] * w_q[n, k]| <= 128 * 128 = 2**14 (the largest is
+# (-128) * (-128)), so any partial sum over at most 1024 columns has |s| <= 1024 * 2**14 = 2**24.
+# float32 has a 24-bit significand: every integer of magnitude <= 2**24 is representable, so each
+# addition or fused multiply-add of such integers lands on a representable value and does not round,
+# whatever order, blocking or vector width the BLAS uses. (bf16 and TF32 inputs, which oneDNN may
+# substitute when the float32 matmul precision is lowered, also hold every int8 value exactly.)
+# Each chunk's float32 result is therefore the exact integer; the chunks are summed in float64 (exact
+# below 2**53) and converted once. The int32 result equals torch._int_mm's while the full sum fits in
+# int32 (|sum| <= K * 2**14 < 2**31, i.e. any K < 131072), the range of torch._int_mm's own output.
+INT8_FLOAT_CHUNK = 1024
+INT8_MATMULS = ("auto", "intmm", "float")
+
+
+def int8_matmul_float_ref(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Exact ``a @ b.T`` of int8 ``(M, K)`` and ``(N, K)`` by float32 matmuls -> ``(M, N)``.
+
+    K is split into chunks of at most :data:`INT8_FLOAT_CHUNK` (1024) columns; each chunk is one
+    float32 matmul whose sums are exact integers (``|sum| <= 1024 * 128 * 128 = 2**24``, see above).
+    With one chunk that float32 result is returned as is (``out_dtype=float32``) or converted to
+    int32; with several, the chunks are added in float64 (exact below 2**53) and converted once.
+    ``out_dtype=int32`` is bit-identical to ``torch._int_mm``; ``out_dtype=float32`` is bit-identical
+    to ``torch._int_mm(...).to(float32)`` (one round-to-nearest-even of the same exact integer),
+    without the int32 round trip. On CPUs without int8 dot-product instructions (AVX2 only: no
+    AVX512-VNNI, AVX-VNNI or AMX) this is many times faster than ``torch._int_mm``.
+    """
+    if out_dtype not in (torch.int32, torch.float32):
+        raise ValueError(f"out_dtype must be torch.int32 or torch.float32; got {out_dtype}")
+    m, k = a.shape
+    n = b.shape[0]
+    af = a.to(torch.float32)
+    bf = b.to(torch.float32)
+    if k <= INT8_FLOAT_CHUNK:
+        acc = af @ bf.t()
+    else:
+        acc = torch.zeros((m, n), dtype=torch.float64, device=a.device)
+        for k0 in range(0, k, INT8_FLOAT_CHUNK):
+            k1 = min(k, k0 + INT8_FLOAT_CHUNK)
+            acc += af[:, k0:k1] @ bf[:, k0:k1].t()
+    return acc.to(out_dtype)
+
+
+def int8_matmul_ref(a: torch.Tensor, b: torch.Tensor, matmul: str = "auto") -> torch.Tensor:
     """Exact ``a @ b.T`` of int8 ``(M, K)`` and ``(N, K)`` as int32 ``(M, N)``.
 
-    Uses ``torch._int_mm`` where the device supports the shape (any shape on CPU in recent
-    torch; on CUDA M > 16 and K, N multiples of 8), otherwise a float64 matmul, which is exact
-    here (|sum| <= K * 127 * 128 < 2**53).
+    ``matmul`` picks how (every choice gives the same bits):
+
+    * ``"auto"``: ``torch._int_mm`` where the device supports the shape (any shape on CPU in
+      recent torch; on CUDA M > 16 and K, N multiples of 8), otherwise a float64 matmul, which is
+      exact here (|sum| <= K * 128 * 128 < 2**53).
+    * ``"intmm"``: ``torch._int_mm`` (raises where the device does not support the shape).
+    * ``"float"``: :func:`int8_matmul_float_ref`, chunked float32 matmuls.
+
+    On CPU, K == 1 always takes the float path: ``torch._int_mm`` returns uninitialised values
+    there (seen with torch 2.13 on an AVX512-VNNI CPU, for any M and N > 1).
     """
+    if matmul not in INT8_MATMULS:
+        raise ValueError(f"matmul={matmul!r} is not one of {', '.join(INT8_MATMULS)}")
+    if matmul == "float" or (a.device.type == "cpu" and a.shape[1] == 1):
+        return int8_matmul_float_ref(a, b)
+    if matmul == "intmm":
+        return torch._int_mm(a.contiguous(), b.t())
     m, k = a.shape
     n = b.shape[0]
     if a.device.type == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0):
@@ -195,15 +249,21 @@ def int8_matmul_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def int8_linear_ref(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16, *,
+                    matmul: str = "auto") -> torch.Tensor:
     """W8A8 linear: ``y[m, n] = (sum_k x_q[m, k] w_q[n, k]) * x_scale[m] * w_scale[n] + bias[n]``.
 
     x_q int8 ``(M, K)``, x_scale float32 ``(M,)``, w_q int8 ``(N, K)`` (``nn.Linear`` layout),
     w_scale float32 ``(N,)``, bias optional ``(N,)``. int32 accumulation (exact), float32
-    epilogue, output ``(M, N)`` in ``out_dtype``.
+    epilogue, output ``(M, N)`` in ``out_dtype``. ``matmul`` (``"auto"``, ``"intmm"`` or
+    ``"float"``) chooses how the exact int32 sums are computed (:func:`int8_matmul_ref`); the
+    output is the same bits for every choice.
     """
     check_int8_args(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    acc = int8_matmul_ref(x_q, w_q)
+    if matmul == "float":      # float32 sums straight from the matmul: the same bits as int32 -> float32
+        acc = int8_matmul_float_ref(x_q, w_q, torch.float32)
+    else:
+        acc = int8_matmul_ref(x_q, w_q, matmul)
     y = acc.to(torch.float32) * x_scale[:, None] * w_scale[None, :]
     if bias is not None:
         y = y + bias.to(torch.float32)

@@ -47,7 +47,7 @@ def test_quantize_writes_gptq_layout(q4, tiny_llama):
     cfg = json.loads((q4 / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == 64 and qc["sym"] is False
-    assert qc["compress"]["format"] == "gptq-int" and qc["compress"]["format_version"] == 1
+    assert qc["compress"]["format"] == "gptq-int" and qc["compress"]["format_version"] == 2
     from safetensors.torch import load_file
     t = load_file(str(q4 / "model.safetensors"))
     # hidden 96 = 64 + 32: two scale rows, the second for a narrower group
@@ -63,9 +63,8 @@ def test_loaded_checkpoint_matches_in_memory_quantization(q4, tiny_llama):
     """Reloading gives the model that was quantized: same logits, through packed modules."""
     from compress import api, models
     from compress.qlinear import QuantLinear
-    from compress.scheme import IntScheme
     mem = models.load(str(tiny_llama))
-    api.quantize(mem, IntScheme(bits=4, group_size=64), progress=False)
+    api.quantize(mem, "rtn", progress=False, bits=4, group_size=64)
     disk = models.load(str(q4))
     assert disk.kind == "packed"
     assert sum(isinstance(m, QuantLinear) for m in disk.model.modules()) == 14
@@ -129,7 +128,7 @@ def test_opt_family(tiny_opt, tiny_data, tmp_path):
 def test_inspect(q4):
     res = run(["inspect", q4])
     assert res.exit_code == 0, res.output
-    assert "gptq-int v1" in res.output and "rtn int4 g64 asym" in res.output
+    assert "gptq-int v2" in res.output and "rtn int4 g64 asym" in res.output
     res = run(["inspect", q4, "--json"])
     info = json.loads(res.output)
     assert len(info["layers"]) == 14
@@ -279,3 +278,107 @@ def test_output_written_atomically_over_existing(tiny_llama, tmp_path):
     assert run(["quantize", tiny_llama, "--bits", "8", "-o", out, "--group-size", "32"]).exit_code == 0
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+# --------------------------------------------------------------------------- damaged inputs, named in the user's terms
+
+@pytest.fixture(scope="module")
+def q8_gguf(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "tiny-q8.gguf"
+    res = run(["export", "gguf", tiny_llama, "--type", "Q8_0", "-o", out])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _gguf_offsets(path: Path) -> dict[str, int]:
+    """Byte offsets of a few fields of a well-formed GGUF, from gguf's reader (not from the suite)."""
+    from gguf import GGUFReader
+    r = GGUFReader(str(path))
+    tt = r.fields["tokenizer.ggml.token_type"]
+    emb = next(t for t in r.tensors if t.name == "token_embd.weight")
+    name_end = emb.field.offset + 8 + len("token_embd.weight")
+    return {
+        "kv key length": r.fields["general.architecture"].offset,                       # u64 of the first key
+        "array length": tt.offset + 8 + len("tokenizer.ggml.token_type") + 4 + 4,       # key, type, item type
+        "tensor name length": emb.field.offset,
+        "tensor rows": name_end + 4 + 8,                                                # n_dims, then ne[0], ne[1]
+        "tensor offset": name_end + 4 + 2 * 8 + 4,                                      # after the dims and type
+    }
+
+
+# (field, byte within it, xor, what the one-line message must name). Before the structure check the
+# first two ended in "index 0 is out of bounds for axis 0 with size 0" (gguf's reader reading past the
+# end after a length that points outside the file), the array length hung the reader, the tensor rows
+# gave "Error(s) in loading state_dict for Embedding" and the offset loaded shifted, wrong weights.
+FLIPS = [
+    ("kv key length", 2, 0xFF, ("key of key/value pair 1 of", "runs past the end of the file")),
+    ("tensor name length", 2, 0xFF, ("name of tensor 1 of 20", "runs past the end of the file")),
+    ("array length", 5, 0xFF, ("tokenizer.ggml.token_type", "claims")),
+    ("tensor rows", 0, 0x01, ("token_embd.weight", "321 x 96")),
+    ("tensor offset", 0, 0x40, ("token_embd.weight", "starts at data offset 64, not 0")),
+]
+
+
+@pytest.mark.parametrize("field,byte,xor,needles", FLIPS, ids=[f[0] for f in FLIPS])
+def test_gguf_with_a_flipped_byte(q8_gguf, tiny_data, tmp_path, field, byte, xor, needles):
+    data = bytearray(q8_gguf.read_bytes())
+    data[_gguf_offsets(q8_gguf)[field] + byte] ^= xor
+    bad = tmp_path / "flipped.gguf"
+    bad.write_bytes(bytes(data))
+    for args in (["inspect", bad], ["eval", "ppl", bad, "--max-windows", 1, "--data-dir", tiny_data],
+                 ["quantize", bad, "--bits", "8", "-o", tmp_path / "o"]):
+        res = run(args)
+        assert_clean_error(res, "corrupt gguf file", str(bad), *needles)
+        assert "out of bounds" not in res.output and "state_dict" not in res.output
+    assert no_leftovers(tmp_path, "o")
+
+
+def test_gguf_flips_anywhere_in_the_header_are_named(q8_gguf, tmp_path):
+    """Every byte of the header, key/value and tensor-info sections flipped in turn: the check either
+    accepts the file or raises one line naming the file, never a reader's internal error or a hang."""
+    from compress import models
+    from compress.errors import CompressError
+    good = q8_gguf.read_bytes()
+    end = models.read_gguf_layout(q8_gguf).data_offset
+    bad = tmp_path / "f.gguf"
+    refused = 0
+    for i in range(0, end, 7):
+        data = bytearray(good)
+        data[i] ^= 0xFF
+        bad.write_bytes(bytes(data))
+        try:
+            models.check_gguf(bad)
+        except CompressError as e:
+            refused += 1
+            assert str(bad) in str(e) and "\n" not in str(e), (i, str(e))
+    assert refused > 0.9 * len(range(0, end, 7))
+
+
+def test_model_folder_without_tokenizer(tiny_llama, tmp_path):
+    bad = tmp_path / "notok"
+    shutil.copytree(tiny_llama, bad)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bad / f).unlink(missing_ok=True)
+    res = run(["quantize", bad, "-o", tmp_path / "o"])
+    assert_clean_error(res, f"no tokenizer in {bad}", "tokenizer.json", "tokenizer.model", "vocab.json + merges.txt")
+    assert "NoneType" not in res.output and no_leftovers(tmp_path, "o")
+    assert_clean_error(run(["eval", "ppl", bad, "--max-windows", 1]), "no tokenizer", "tokenizer.json")
+    (bad / "vocab.json").write_text("{}")                 # half of a BPE pair
+    assert_clean_error(run(["quantize", bad, "-o", tmp_path / "o"]), "incomplete tokenizer", "vocab.json",
+                       "without merges.txt")
+
+
+@pytest.mark.parametrize("family,key", [("llama", "hidden_size"), ("llama", "num_hidden_layers"),
+                                        ("llama", "intermediate_size"), ("opt", "ffn_dim")])
+def test_config_without_a_required_key(tiny_llama, tiny_opt, tmp_path, family, key):
+    bad = tmp_path / "cfg"
+    shutil.copytree(tiny_llama if family == "llama" else tiny_opt, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    del cfg[key]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    res = run(["quantize", bad, "-o", tmp_path / "o"])
+    assert_clean_error(res, f"config.json in {bad} lacks '{key}'", family)
+    assert "state_dict" not in res.output and no_leftovers(tmp_path, "o")
+    cfg[key] = "96"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert_clean_error(run(["quantize", bad, "-o", tmp_path / "o"]), f"'{key}' is '96', not a positive integer")

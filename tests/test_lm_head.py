@@ -9,13 +9,14 @@ from safetensors.torch import load_file
 
 from calib.data import CalibSpec
 from compress import api, models
-from compress.methods.gptq import output_error
+from compress.solvers.obs import output_error
 from compress.qlinear import QuantLinear
 from compress.quantizer import dequantize_values, quantize_rtn
 from compress.scheme import IntScheme
 from tests.test_cli import assert_clean_error, run
 
 SCHEME = IntScheme(bits=4, group_size=64, sym=False)
+OPTS = dict(bits=4, group_size=64, sym=False)
 
 
 def logits(model, seed=0):
@@ -31,10 +32,10 @@ def test_rtn_lm_head_round_trip(tiny_llama, tmp_path):
     table = src.model.get_input_embeddings().weight.detach().clone()
     assert src.model.config.tie_word_embeddings
     mem = models.load(str(tiny_llama))
-    api.quantize(mem, SCHEME, "rtn", progress=False, lm_head=True)
+    api.quantize(mem, "rtn", **OPTS, progress=False, lm_head=True)
     out = tmp_path / "q"
-    info = api.quantize_to_folder(str(tiny_llama), SCHEME, out, progress=False, lm_head=True)
-    assert info["layers"] == 2 * 7 + 1
+    info = api.quantize_to_folder(str(tiny_llama), out, "rtn", progress=False, lm_head=True, **OPTS)
+    assert info["modules"] == 2 * 7 + 1
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
     assert "lm_head" in cfg["quantization_config"]["compress"]["quantized_modules"]
@@ -50,7 +51,7 @@ def test_rtn_lm_head_round_trip(tiny_llama, tmp_path):
     assert torch.allclose(logits(loaded.model), logits(mem.model), atol=2e-3, rtol=0)
     # quantizing the head changes the model more than the body alone does
     body = models.load(str(tiny_llama))
-    api.quantize(body, SCHEME, "rtn", progress=False)
+    api.quantize(body, "rtn", **OPTS, progress=False)
     ref = logits(src.model)
     assert (logits(mem.model) - ref).norm() > (logits(body.model) - ref).norm()
 
@@ -61,10 +62,11 @@ def test_gptq_lm_head_beats_rtn_and_stats_round_trip(tiny_llama, tiny_data, tmp_
     the same integers."""
     calib = CalibSpec(nsamples=8, seqlen=64)
     scheme = IntScheme(bits=3, group_size=32, sym=False, act_order=True)
+    opts = dict(bits=3, group_size=32, sym=False, act_order=True)
     stats = tmp_path / "stats.safetensors"
     a = models.load(str(tiny_llama))
     table = a.model.get_input_embeddings().weight.detach().clone()
-    api.quantize(a, scheme, "gptq", progress=False, calib=calib, data_dir=str(tiny_data), lm_head=True,
+    api.quantize(a, "gptq", **opts, progress=False, calib=calib, data_dir=str(tiny_data), lm_head=True,
                  save_stats=stats)
     from calib.stats import load_stats
     st = load_stats(stats)
@@ -76,17 +78,17 @@ def test_gptq_lm_head_beats_rtn_and_stats_round_trip(tiny_llama, tiny_data, tmp_
     assert output_error(table, head.dequantize(torch.float32), H) < 0.9 * output_error(
         table, dequantize_values(q, s, z, g), H)
     b = models.load(str(tiny_llama))
-    api.quantize(b, scheme, "gptq", progress=False, lm_head=True, load_stats=stats)
+    api.quantize(b, "gptq", **opts, progress=False, lm_head=True, load_stats=stats)
     assert torch.equal(b.model.lm_head.qweight, head.qweight)
     c = models.load(str(tiny_llama))
-    api.quantize(c, scheme, "gptq", progress=False, calib=calib, data_dir=str(tiny_data), load_stats=stats)
+    api.quantize(c, "gptq", **opts, progress=False, calib=calib, data_dir=str(tiny_data), load_stats=stats)
     assert not isinstance(c.model.lm_head, QuantLinear)
     # statistics without the lm_head's cannot serve --lm-head
     nohead = tmp_path / "nohead.safetensors"
-    api.quantize(models.load(str(tiny_llama)), scheme, "gptq", progress=False, calib=calib,
+    api.quantize(models.load(str(tiny_llama)), "gptq", **opts, progress=False, calib=calib,
                  data_dir=str(tiny_data), save_stats=nohead)
     with pytest.raises(Exception, match="no statistics for lm_head"):
-        api.quantize(models.load(str(tiny_llama)), scheme, "gptq", progress=False, lm_head=True, load_stats=nohead)
+        api.quantize(models.load(str(tiny_llama)), "gptq", **opts, progress=False, lm_head=True, load_stats=nohead)
 
 
 def test_lm_head_onnx_export_parity(tiny_llama, tmp_path):
@@ -95,7 +97,7 @@ def test_lm_head_onnx_export_parity(tiny_llama, tmp_path):
     from compress.export import onnx as xo
     from compress.runtime_onnx import OnnxCausalLM
     out = tmp_path / "q"
-    api.quantize_to_folder(str(tiny_llama), SCHEME, out, progress=False, lm_head=True)
+    api.quantize_to_folder(str(tiny_llama), out, "rtn", progress=False, lm_head=True, **OPTS)
     loaded = models.load(str(out))
     info = xo.export_onnx(loaded, tmp_path / "onnx")
     assert info["model"]["lm_head"] == "quantized (checkpoint)"
@@ -128,7 +130,7 @@ def test_cli_gptq_mse_grid_with_lm_head(tiny_llama, tiny_data, tmp_path):
     res = run(common + ["-o", tmp_path / "minmax"])
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "mse" / "config.json").read_text())["quantization_config"]["compress"]
-    assert meta["grid"] == "mse" and meta["lm_head"] is True
+    assert meta["steps"][0]["options"]["grid"] == "mse" and meta["steps"][0]["lm_head"] is True
     a = load_file(str(tmp_path / "mse" / "model.safetensors"))
     b = load_file(str(tmp_path / "minmax" / "model.safetensors"))
     assert "lm_head.qweight" in a
@@ -150,10 +152,10 @@ def test_gptq_lm_head_refuses_a_projected_head(tiny_data, tmp_path):
     folder = tmp_path / "opt"
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder, safe_serialization=True)
     _tokenizer().save_pretrained(folder)
-    scheme = IntScheme(bits=4, group_size=32, sym=False)
+    opts = dict(bits=4, group_size=32, sym=False)
     with pytest.raises(Exception, match="does not read model.decoder.final_layer_norm's output"):
-        api.quantize(models.load(str(folder)), scheme, "gptq", progress=False, lm_head=True,
+        api.quantize(models.load(str(folder)), "gptq", **opts, progress=False, lm_head=True,
                      calib=CalibSpec(nsamples=4, seqlen=32), data_dir=str(tiny_data))
     rtn = models.load(str(folder))
-    api.quantize(rtn, scheme, "rtn", progress=False, lm_head=True)
+    api.quantize(rtn, "rtn", **opts, progress=False, lm_head=True)
     assert isinstance(rtn.model.lm_head, QuantLinear)

@@ -59,7 +59,7 @@ def test_all_positive_group_keeps_zero_at_least_one():
     assert float((dequantize_values(q, s, z, g) - w).abs().max()) <= 0.5 * float(s.max()) * 1.001
 
 
-@pytest.mark.parametrize("kwargs", [{"bits": 5}, {"group_size": 0}, {"group_size": -2}, {"format_version": 2}])
+@pytest.mark.parametrize("kwargs", [{"bits": 5}, {"group_size": 0}, {"group_size": -2}, {"format_version": 3}])
 def test_scheme_validation(kwargs):
     with pytest.raises(CompressError):
         IntScheme(**kwargs)

@@ -33,8 +33,9 @@ import torch
 from .. import __version__
 from ..errors import CompressError
 from ..fileio import atomic_file
-from ..methods.kquant import (CODECS, FLOAT_TYPES, GGMLModel, GGMLTensor, MIXES, TensorChoice, get_mix,
-                              pack_codes, select_types)
+from ..formats.ggml_mix import FLOAT_TYPES, MIXES, TensorChoice, get_mix, select_types
+from ..formats.ggml_model import GGMLModel, GGMLTensor, bits_per_weight, quantize_model_rtn
+from ..solvers.ggml_grid import CODECS, pack_codes
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +220,10 @@ _GENERAL_COPY = ("general.name", "general.organization", "general.finetune", "ge
 def metadata_from_source(path: Path, vocab: int) -> tuple[list[KV], list[KV]]:
     """``tokenizer.*`` and descriptive ``general.*`` keys of an existing GGUF, copied as they are."""
     from gguf import GGUFReader
-    try:
-        r = GGUFReader(str(path))
-    except Exception as e:
-        raise CompressError(f"cannot read the tokenizer of {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+
+    from ..models import read_gguf_layout
+    read_gguf_layout(Path(path))          # a one-line error for a damaged file, before the reader sees it
+    r = GGUFReader(str(path))
     tok = [_kv_from_field(k, f) for k, f in r.fields.items() if k.startswith("tokenizer.")]
     gen = [_kv_from_field(k, r.fields[k]) for k in _GENERAL_COPY if k in r.fields]
     tokens = r.fields.get("tokenizer.ggml.tokens")
@@ -418,9 +419,10 @@ def write_gguf(path: Path, kvs: list[KV], tensors: list[GGMLTensor], hp: HParams
 def inspect_gguf(path: Path) -> dict:
     """Per-tensor types, sizes and bits per weight of a GGUF file, plus this suite's notes."""
     from gguf import GGUFReader
-    from ..models import check_gguf
+
+    from ..models import read_gguf_layout
     path = Path(path)
-    check_gguf(path)
+    read_gguf_layout(path)               # structure only: inspect shows any GGUF that is intact
     r = GGUFReader(str(path))
 
     def val(key, default=None):
@@ -467,7 +469,7 @@ def inspect_gguf(path: Path) -> dict:
 # building GGUFs from models and checkpoints
 # --------------------------------------------------------------------------------------------
 
-def _plan(tensors: dict[str, torch.Tensor], mix: str, hp: HParams, pure: bool, has_imatrix: bool):
+def plan_types(tensors: dict[str, torch.Tensor], mix: str, hp: HParams, pure: bool, has_imatrix: bool):
     return select_types(((n, tuple(t.shape)) for n, t in tensors.items()), mix, n_layer=hp.n_layer,
                         n_head=hp.n_head, n_head_kv=hp.n_head_kv, pure=pure, has_imatrix=has_imatrix)
 
@@ -479,18 +481,17 @@ def _notes(tensors: list[GGMLTensor]) -> list[str]:
 def build_rtn(loaded, mix: str, importance: dict[str, torch.Tensor] | None = None, pure: bool = False,
               progress: bool = True) -> GGMLModel:
     """llama.cpp's quantization of ``loaded`` (its float or dequantized weights) with a mix."""
-    from ..methods.kquant import quantize_model_rtn
     hp = HParams.from_config(loaded.model.config)
     floats = model_tensors(loaded.model, loaded.arch)
-    imp = _gguf_importance(importance, floats)
+    imp = gguf_importance(importance, floats)
     if importance is not None and not imp:
         raise CompressError("the importance matrix has no entry for any tensor of this model")
-    plan = _plan(floats, mix, hp, pure, bool(imp))
+    plan = plan_types(floats, mix, hp, pure, bool(imp))
     tensors = quantize_model_rtn(floats, plan, imp, progress)
     return GGMLModel(tensors, get_mix(mix).name, pure, "kquant", plan)
 
 
-def _gguf_importance(importance, floats) -> dict[str, torch.Tensor]:
+def gguf_importance(importance, floats) -> dict[str, torch.Tensor]:
     """Importance keyed by GGUF tensor name, from {our module name or GGUF name: (K,)}."""
     out = {}
     for k, v in (importance or {}).items():
@@ -498,25 +499,6 @@ def _gguf_importance(importance, floats) -> dict[str, torch.Tensor]:
         if name in floats:
             out[name] = v
     return out
-
-
-def build_gptq(loaded, mix: str, windows: torch.Tensor, pure: bool = False, damp: float = 0.01,
-               device: str = "cpu", progress: bool = True) -> GGMLModel:
-    """GPTQ onto the mix's GGML grids for the block linears (sequential runner); the token
-    embedding and an untied output keep llama.cpp's plain quantizers."""
-    from ..methods.kquant import quantize_model_gptq, quantize_model_rtn
-    hp = HParams.from_config(loaded.model.config)
-    floats = model_tensors(loaded.model, loaded.arch)
-    plan = _plan(floats, mix, hp, pure, False)
-    done, rec = quantize_model_gptq(loaded, plan, windows, lambda n: gguf_name(n, loaded.arch.blocks),
-                                    damp=damp, device=device, progress=progress)
-    rest = {n: c for n, c in plan.items() if n not in done}
-    others = {t.name: t for t in quantize_model_rtn(floats, rest, None, progress=False)}
-    tensors = [done[n] if n in done else others[n] for n in plan]
-    tensors.sort(key=lambda t: _file_order(t.name))
-    return GGMLModel(tensors, get_mix(mix).name, pure, "gptq", plan,
-                     meta={"damp": damp, "fallbacks": rec["fallbacks"], "seconds": rec["seconds"],
-                           "total_output_error": float(sum(rec["output_errors"].values()))})
 
 
 def save_ggml_model(loaded, gm: GGMLModel, out: Path, extra: dict | None = None, progress: bool = False) -> dict:
@@ -533,7 +515,6 @@ def save_ggml_model(loaded, gm: GGMLModel, out: Path, extra: dict | None = None,
     for t in ordered:
         if len(t.shape) >= 2:
             counts[t.type] = counts.get(t.type, 0) + 1
-    from ..methods.kquant import bits_per_weight
     return {"out": str(out), "tensors": len(ordered), "type_counts": counts,
             "fallbacks": sum(1 for c in gm.plan.values() if c.fallback) if gm.plan else 0,
             "bits_per_weight_matrices": bits_per_weight(ordered), "size_bytes": Path(out).stat().st_size,
@@ -621,11 +602,18 @@ def build_from_packed(loaded, target: str | None) -> tuple[GGMLModel, dict]:
     if loaded.quant.get("format") != "gptq-int" or scheme is None:
         raise CompressError(f"{loaded.source}: only gptq-int checkpoints map directly onto GGUF types; "
                             "pass --type to re-quantize the dequantized weights")
-    tgt = target or auto_target(scheme)
-    if tgt is None:
-        raise CompressError(f"{loaded.source}: {scheme.describe()} has no GGUF equivalent "
-                            "(GGUF has no asymmetric 8-bit type); pass --type (e.g. Q8_0) to re-quantize")
-    hp = HParams.from_config(loaded.model.config)
+    modules = loaded.quant.get("modules") or {}
+
+    def target_for(mod_name: str) -> str:
+        ms = modules.get(mod_name, scheme)
+        t = target or auto_target(ms)
+        if t is None:
+            raise CompressError(f"{loaded.source}: {mod_name} ({ms.describe()}) has no GGUF equivalent "
+                                "(GGUF has no asymmetric 8-bit type); pass --type (e.g. Q8_0) to re-quantize")
+        return t
+
+    targets = {target_for(n) for n in modules} or {target or auto_target(scheme)}
+    HParams.from_config(loaded.model.config)          # refuses a model GGUF cannot describe
     floats = model_tensors(loaded.model, loaded.arch)
     tensors, how = [], {}
     arch = loaded.arch
@@ -634,6 +622,7 @@ def build_from_packed(loaded, target: str | None) -> tuple[GGMLModel, dict]:
         mod_name = hf.rpartition(".")[0]
         mod = loaded.model.get_submodule(mod_name) if name.endswith(".weight") else None
         if isinstance(mod, QuantLinear):
+            tgt = target_for(mod_name)
             try:
                 data, h = map_gptq_int(mod.packed(), tgt)
             except CompressError as e:
@@ -646,6 +635,7 @@ def build_from_packed(loaded, target: str | None) -> tuple[GGMLModel, dict]:
         else:
             tensors.append(GGMLTensor(name, "F32", tuple(w.shape), w))
     plan = {t.name: TensorChoice(t.name, t.shape, "", t.type, t.type, t.type != "F32") for t in tensors}
+    tgt = "+".join(sorted(targets))
     gm = GGMLModel(tensors, f"gptq-int->{tgt}", False, f"export:{loaded.quant.get('method', 'gptq-int')}", plan)
     return gm, {"mapping": how, "target": tgt, "scheme": scheme.describe()}
 

@@ -12,7 +12,8 @@ import torch
 from kernels.reference import dequantize_gptq, unpack_bitstream
 
 FORMAT_ID = "gptq-int"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def packed_words(count: int, bits: int) -> int:

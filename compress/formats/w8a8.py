@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 FORMAT_ID = "w8a8-int8"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 QMAX = 127
 ACT_SCHEMES = ("dynamic", "static")
 

@@ -126,4 +126,66 @@ def test_load_rejects_other_files(tmp_path):
     with pytest.raises(ValueError, match="not a statistics file"):
         load_stats(path)
     with pytest.raises(TypeError, match="not a statistics accumulator"):
-        save_stats(tmp_path / "x.safetensors", {"w": torch.randn(3)})
+        save_stats(tmp_path / "x.safetensors", {"w": [1.0, 2.0]})
+
+
+# --------------------------------------------------------------------------- state and merge
+
+from calib.stats import MeanAbsAccumulator  # noqa: E402
+
+KINDS = [HessianAccumulator, ImportanceAccumulator, AbsMaxAccumulator, MeanAbsAccumulator]
+
+
+@pytest.mark.parametrize("cls", KINDS)
+@pytest.mark.parametrize("split", [1, 37, 99])
+def test_two_halves_merged_equal_the_whole(cls, split):
+    gen = torch.Generator().manual_seed(split)
+    x = torch.randn(100, 24, generator=gen) * torch.linspace(0.1, 5, 24)
+    whole, a, b = cls(24), cls(24), cls(24)
+    whole.add_batch(x[:split])
+    whole.add_batch(x[split:])
+    a.add_batch(x[:split])
+    b.add_batch(x[split:])
+    merged = a.merge(b)
+    assert merged is a and merged.nsamples == whole.nsamples == 100
+    for k, v in whole.state().items():
+        got = merged.state()[k]
+        if cls is AbsMaxAccumulator:
+            assert torch.equal(got, v)
+        else:
+            assert torch.allclose(got, v, rtol=1e-5, atol=1e-6), (k, float((got - v).abs().max()))
+    # merged state is not the unmerged half's
+    assert not torch.allclose(a.state()[next(iter(a.state()))], cls(24).state()[next(iter(a.state()))])
+
+
+@pytest.mark.parametrize("cls", KINDS)
+def test_state_round_trip_and_merge_into_empty(cls):
+    x = torch.randn(30, 8)
+    acc = cls(8)
+    acc.add_batch(x)
+    fresh = cls(8)
+    fresh.load_state({k: v.clone() for k, v in acc.state().items()}, acc.nsamples)
+    assert fresh.nsamples == 30 and all(torch.equal(fresh.state()[k], v) for k, v in acc.state().items())
+    empty = cls(8).merge(acc)
+    assert all(torch.equal(empty.state()[k], v) for k, v in acc.state().items())
+    assert cls(8).merge(cls(8)).nsamples == 0
+
+
+def test_merge_and_load_state_refuse_mismatches():
+    with pytest.raises(ValueError, match="cannot merge"):
+        HessianAccumulator(8).merge(AbsMaxAccumulator(8))
+    with pytest.raises(ValueError, match="cannot merge"):
+        HessianAccumulator(8).merge(HessianAccumulator(9))
+    with pytest.raises(ValueError, match="shape"):
+        HessianAccumulator(8).load_state({"H": torch.zeros(9, 9)}, 3)
+    with pytest.raises(ValueError, match="needs tensor"):
+        MeanAbsAccumulator(8).load_state({}, 3)
+
+
+def test_save_load_tensors_beside_accumulators(tmp_path):
+    acc = MeanAbsAccumulator(4)
+    acc.add_batch(torch.randn(5, 4))
+    save_stats(tmp_path / "s.safetensors", {"a": acc, "a/scales": torch.arange(4.0)})
+    back = load_stats(tmp_path / "s.safetensors")
+    assert torch.equal(back["a/scales"], torch.arange(4.0))
+    assert torch.equal(back["a"].mean(), acc.mean()) and back["a"].nsamples == 5

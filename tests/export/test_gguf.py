@@ -1,8 +1,15 @@
-"""GGUF export, llama.cpp mixes through the CLI, importance matrices, gptq-int -> GGUF mapping."""
+"""GGUF export, llama.cpp mixes through the CLI, importance matrices, gptq-int -> GGUF mapping.
+
+Every GGUF written while this module runs (through the CLI, the API or a test; model files and
+imatrix files) is read back with gguf's ``GGUFReader`` as soon as it is written and compared with
+what our writer was handed: see ``_read_back_every_gguf``.
+"""
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -21,11 +28,168 @@ def _reader(path):
     return GGUFReader(str(path))
 
 
+# --------------------------------------------------------------------------------------------
+# round trip: every GGUF written here is read back
+# --------------------------------------------------------------------------------------------
+
+_READ_BACK: list[str] = []           # files read back so far
+_ROUND_TRIP_PROBLEMS: list[str] = []
+
+
+def _field_matches(f, kv) -> bool:
+    from gguf import GGUFValueType as T
+    if f.types[0] != kv.vtype or (kv.sub_type is not None and f.types[-1] != kv.sub_type):
+        return False
+    got = f.contents()
+    if kv.vtype == T.FLOAT32:
+        return np.float32(got) == np.float32(kv.value)
+    if kv.vtype == T.ARRAY:
+        return list(got) == list(kv.value)
+    return got == kv.value
+
+
+def check_model_round_trip(path, kvs, tensors, hp) -> list[str]:
+    """What gguf's reader finds in a model GGUF against what ``write_gguf`` was handed: the same
+    tensors in the same order, with the same GGML types, (rows, cols) shapes and bytes (q/k rows
+    permuted as llama.cpp's converter does), and every key with its type and value."""
+    from compress.export.gguf import GGUF_ARCH, permute_qk
+    r = _reader(path)
+    got = [(t.name, t.tensor_type.name, tuple(int(x) for x in reversed(t.shape.tolist()))) for t in r.tensors]
+    want = [(t.name, t.type, tuple(int(x) for x in t.shape)) for t in tensors]
+    if got != want:
+        bad = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        return [f"{path}: {len(got)} tensors read, {len(want)} written; first difference at #{bad}: "
+                f"read {got[bad] if bad < len(got) else None}, written {want[bad] if bad < len(want) else None}"]
+    problems = []
+    for t, rt in zip(tensors, r.tensors):
+        data = t.data
+        if re.search(r"\.attn_q\.(weight|bias)$", t.name):
+            data = permute_qk(data, hp.n_head, hp.n_head)
+        elif re.search(r"\.attn_k\.(weight|bias)$", t.name):
+            data = permute_qk(data, hp.n_head, hp.n_head_kv)
+        dtype = {"F32": torch.float32, "F16": torch.float16}.get(t.type, torch.uint8)
+        if np.array(rt.data).tobytes() != data.detach().cpu().contiguous().to(dtype).numpy().tobytes():
+            problems.append(f"{path}: the bytes of {t.name} ({t.type}) differ from those written")
+    if r.fields["general.architecture"].contents() != GGUF_ARCH:
+        problems.append(f"{path}: general.architecture is {r.fields['general.architecture'].contents()!r}")
+    for kv in kvs:
+        if kv.key != "general.architecture" and (kv.key not in r.fields or not _field_matches(r.fields[kv.key], kv)):
+            problems.append(f"{path}: key {kv.key} was not read back as written")
+    return problems
+
+
+def check_imatrix_round_trip(path, im) -> list[str]:
+    """An imatrix GGUF read back: per entry (in name order) ``<name>.in_sum2`` (1 x n) and
+    ``<name>.counts`` (1 x 1), F32, holding the sums and counts written; the dataset and chunk keys."""
+    r = _reader(path)
+    want, vals = [], []
+    for name in sorted(im.sums):
+        s = im.sums[name].to(torch.float32).reshape(1, -1)
+        want += [(f"{name}.in_sum2", "F32", tuple(s.shape)), (f"{name}.counts", "F32", (1, 1))]
+        vals += [s.numpy(), np.array([[im.counts[name]]], dtype=np.float32)]
+    got = [(t.name, t.tensor_type.name, tuple(int(x) for x in reversed(t.shape.tolist()))) for t in r.tensors]
+    if got != want:
+        return [f"{path}: imatrix tensors read {got[:2]}..., written {want[:2]}..."]
+    problems = [f"{path}: the values of {t.name} differ from those written"
+                for t, v in zip(r.tensors, vals) if np.array(t.data).tobytes() != v.tobytes()]
+    f = r.fields
+    if (f["general.type"].contents() != "imatrix"
+            or f["imatrix.datasets"].contents() != (list(im.datasets) or ["unknown"])
+            or f["imatrix.chunk_count"].contents() != im.chunk_count
+            or f["imatrix.chunk_size"].contents() != im.chunk_size):
+        problems.append(f"{path}: imatrix keys not read back as written")
+    return problems
+
+
+def _record(path, check) -> None:
+    try:
+        problems = check()
+    except Exception as e:  # noqa: BLE001 - a file the reader cannot read is a round-trip failure
+        problems = [f"{path}: read back failed: {type(e).__name__}: {e}"]
+    _READ_BACK.append(str(path))
+    _ROUND_TRIP_PROBLEMS.extend(problems)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _read_back_every_gguf():
+    """Wrap both GGUF writers (models: ``compress.export.gguf.write_gguf``; importance matrices:
+    ``compress.imatrix.write_gguf``) so that each file they finish is read back and compared."""
+    from compress import imatrix as imx
+    from compress.export import gguf as gx
+    write_model, write_imatrix = gx.write_gguf, imx.write_gguf
+    sig = inspect.signature(write_model)
+
+    def model(*args, **kwargs):
+        out = write_model(*args, **kwargs)
+        a = sig.bind(*args, **kwargs).arguments
+        _record(a["path"], lambda: check_model_round_trip(a["path"], a["kvs"], a["tensors"], a["hp"]))
+        return out
+
+    def imatrix(path, im):
+        out = write_imatrix(path, im)
+        _record(path, lambda: check_imatrix_round_trip(path, im))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gx, "write_gguf", model)
+        mp.setattr(imx, "write_gguf", imatrix)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _round_trips_hold():
+    yield
+    problems, _ROUND_TRIP_PROBLEMS[:] = list(_ROUND_TRIP_PROBLEMS), []
+    assert not problems, "GGUF round trip: " + "; ".join(problems)
+
+
+def test_round_trip_check_sees_a_difference(f32_gguf, tiny_llama):
+    """The round-trip check passes on the real declaration of a written file and fails on a
+    declaration that differs in one value, one type, or one name."""
+    from compress import models
+    from compress.export.gguf import GGMLTensor, HParams, model_tensors
+    assert str(f32_gguf) in _READ_BACK
+    m = models.load(str(tiny_llama))
+    hp = HParams.from_config(m.model.config)
+    tensors = [GGMLTensor(n, "F32", tuple(w.shape), w) for n, w in model_tensors(m.model, m.arch).items()]
+    assert check_model_round_trip(f32_gguf, [], tensors, hp) == []
+    t = tensors[3]
+    changed = t.data.clone()
+    changed.view(-1)[5] += 1e-3
+    for wrong in (GGMLTensor(t.name, "F32", t.shape, changed), GGMLTensor(t.name, "F16", t.shape, t.data),
+                  GGMLTensor(t.name.replace("attn", "xattn"), "F32", t.shape, t.data)):
+        problems = check_model_round_trip(f32_gguf, [], tensors[:3] + [wrong] + tensors[4:], hp)
+        assert len(problems) == 1 and (t.name in problems[0] or "first difference at #3" in problems[0]), problems
+
+
 def _logits(spec, ids):
     from compress import models
     m = models.load(str(spec))
     with torch.no_grad():
         return m.model(ids).logits
+
+
+def _source_weight(folder, name):
+    from safetensors.torch import load_file
+    return load_file(str(Path(folder) / "model.safetensors"))[name]
+
+
+def _tensor(r, name):
+    return next(t for t in r.tensors if t.name == name)
+
+
+def _assert_llama_cpp_bytes(r, name, w, type_name):
+    """The tensor ``name`` of reader ``r`` holds llama.cpp's quantization of ``w`` (rows in file order)."""
+    from compress.formats import kquants
+    t = _tensor(r, name)
+    assert t.tensor_type.name == type_name, (name, t.tensor_type.name)
+    assert np.array_equal(np.array(t.data).reshape(-1), kquants.quantize(w, type_name).numpy().reshape(-1)), name
+
+
+def _plan_types(r, mix, **kw):
+    from compress.formats.ggml_mix import select_types
+    shapes = [(t.name, tuple(int(x) for x in reversed(t.shape.tolist()))) for t in r.tensors]
+    return {n: c.type for n, c in select_types(shapes, mix, n_layer=2, n_head=4, n_head_kv=2, **kw).items()}
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +272,14 @@ def test_q8_0_export_close_logits_and_eval(tiny_llama, tiny_data, tmp_path):
     out = tmp_path / "q8.gguf"
     res = run(["export", "gguf", tiny_llama, "--type", "Q8_0", "-o", out])
     assert res.exit_code == 0, res.output
-    types = {t.name: t.tensor_type.name for t in _reader(out).tensors}
-    assert {v for k, v in types.items() if "norm" not in k} == {"Q8_0"}
+    r = _reader(out)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert len(types) == 20 and {v for k, v in types.items() if "norm" not in k} == {"Q8_0"}
+    assert {v for k, v in types.items() if "norm" in k} == {"F32"}
+    assert r.fields["general.file_type"].contents() == 7                          # LLAMA_FTYPE_MOSTLY_Q8_0
+    _assert_llama_cpp_bytes(r, "blk.1.ffn_down.weight", _source_weight(tiny_llama, "model.layers.1.mlp.down_proj.weight"),
+                            "Q8_0")
+    _assert_llama_cpp_bytes(r, "token_embd.weight", _source_weight(tiny_llama, "model.embed_tokens.weight"), "Q8_0")
     ids = torch.randint(0, 300, (1, 48))
     a, b = _logits(tiny_llama, ids), _logits(out, ids)
     assert not torch.equal(a, b) and float((a - b).abs().max()) < 0.15
@@ -127,7 +297,7 @@ def test_q8_0_export_close_logits_and_eval(tiny_llama, tiny_data, tmp_path):
 
 def test_quantize_q4_k_m_mix_and_inspect(tiny_llama, tmp_path):
     from compress.formats import kquants
-    from compress.methods.kquant import select_types
+    from compress.formats.ggml_mix import select_types
     out = tmp_path / "q4km.gguf"
     res = run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "-o", out])
     assert res.exit_code == 0, res.output
@@ -162,25 +332,87 @@ def test_quantize_q4_k_m_mix_and_inspect(tiny_llama, tmp_path):
 
 
 def test_quantize_pure_and_legacy(tiny_llama, tmp_path):
+    from compress.export.gguf import permute_qk
     out = tmp_path / "p.gguf"
-    assert run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "--pure", "-o", out]).exit_code == 0
-    types = {t.tensor_type.name for t in _reader(out).tensors if "norm" not in t.name}
-    assert types == {"Q5_0"}                                   # Q4_K everywhere, falling back at 96/192 columns
+    res = run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "--pure", "-o", out])
+    assert res.exit_code == 0, res.output
+    r = _reader(out)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types == _plan_types(r, "Q4_K_M", pure=True)
+    assert {v for k, v in types.items() if "norm" not in k} == {"Q5_0"}   # Q4_K, falling back at 96/192 columns
+    assert r.fields["compress.pure"].contents() is True and r.fields["general.file_type"].contents() == 15
+    gate = _source_weight(tiny_llama, "model.layers.1.mlp.gate_proj.weight")
+    _assert_llama_cpp_bytes(r, "blk.1.ffn_gate.weight", gate, "Q5_0")
+    q = _source_weight(tiny_llama, "model.layers.0.self_attn.q_proj.weight")
+    _assert_llama_cpp_bytes(r, "blk.0.attn_q.weight", permute_qk(q, 4, 4), "Q5_0")   # rows in llama.cpp's order
+    norm = _source_weight(tiny_llama, "model.layers.0.input_layernorm.weight")
+    assert np.array_equal(np.array(_tensor(r, "blk.0.attn_norm.weight").data), norm.numpy())
     out = tmp_path / "q41.gguf"
-    assert run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_1", "-o", out]).exit_code == 0
-    types = {t.name: t.tensor_type.name for t in _reader(out).tensors}
+    res = run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_1", "-o", out])
+    assert res.exit_code == 0, res.output
+    r = _reader(out)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types == _plan_types(r, "Q4_1")
     assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_1"
+    assert r.fields["compress.pure"].contents() is False and r.fields["general.file_type"].contents() == 3
+    v = _source_weight(tiny_llama, "model.layers.0.self_attn.v_proj.weight")
+    _assert_llama_cpp_bytes(r, "blk.0.attn_v.weight", v, "Q4_1")
+    _assert_llama_cpp_bytes(r, "token_embd.weight", _source_weight(tiny_llama, "model.embed_tokens.weight"), "Q8_0")
 
 
 def test_gptq_gguf(tiny_llama, tiny_data, tmp_path):
+    """GPTQ onto the Q3_K_M mix: llama.cpp's types, GPTQ on every block linear (llama.cpp's own
+    quantizer on the rest), weights gguf-py decodes as we do, and on the first block's inputs less
+    than half the output error of llama.cpp's round-to-nearest with the same types."""
+    from calib.data import CalibSpec, calibration_windows
+
+    from gguf import quants as gguf_quants
+
+    from compress import models
+    from compress.export.gguf import read_gguf_weights, unpermute_qk
+    from compress.formats import kquants
     out = tmp_path / "g.gguf"
-    res = run(["quantize", tiny_llama, "--method", "gptq", "--type", "Q3_K_M", "--nsamples", 4, "--seqlen", 64,
+    res = run(["quantize", tiny_llama, "--method", "kquant-gptq", "--type", "Q3_K_M", "--nsamples", 4, "--seqlen", 64,
                "--data-dir", tiny_data, "-o", out])
     assert res.exit_code == 0, res.output
     r = _reader(out)
-    notes = r.fields["compress.tensor_notes"].contents()
-    assert any(n.startswith("blk.0.attn_q.weight=gptq") for n in notes)
-    assert r.fields["compress.method"].contents() == "gptq"
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types == _plan_types(r, "Q3_K_M")
+    assert r.fields["compress.method"].contents() == "gptq" and r.fields["general.file_type"].contents() == 12
+    notes = dict(n.split("=", 1) for n in r.fields["compress.tensor_notes"].contents())
+    linears = [n for n in types if n.startswith("blk.") and "norm" not in n]
+    assert len(linears) == 14 and all(notes.get(n, "").startswith("gptq") for n in linears), notes
+    assert not notes.get("token_embd.weight", "").startswith("gptq")
+    _assert_llama_cpp_bytes(r, "token_embd.weight", _source_weight(tiny_llama, "model.embed_tokens.weight"),
+                            types["token_embd.weight"])
+    ours = read_gguf_weights(out)
+    base = models.load(str(tiny_llama))
+    wins = calibration_windows(base.tokenizer, CalibSpec("wikitext2", 4, 64, 0), tiny_data)
+    xs = {}
+    mods = {"blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj",
+            "blk.0.ffn_gate.weight": "model.layers.0.mlp.gate_proj"}
+    hooks = [base.model.get_submodule(m).register_forward_hook(
+        lambda mod, a, o, m=m: xs.setdefault(m, []).append(a[0].reshape(-1, a[0].shape[-1]))) for m in mods.values()]
+    with torch.no_grad():
+        for w in wins:
+            base.model(w[None])
+    for h in hooks:
+        h.remove()
+    for gname, mname in mods.items():
+        w = base.model.get_submodule(mname).weight.detach()
+        x = torch.cat(xs[mname]).double()
+        g = ours[mname + ".weight"]
+        rtn = kquants.dequantize(kquants.quantize(w, types[gname]).reshape(-1), types[gname], tuple(w.shape))
+        assert not torch.equal(g, rtn), gname
+        err_gptq = float(((x @ (g.double() - w.double()).t()) ** 2).sum())
+        err_rtn = float(((x @ (rtn.double() - w.double()).t()) ** 2).sum())
+        assert err_gptq < 0.5 * err_rtn, (gname, err_gptq, err_rtn)      # about 0.25 here
+        # gguf-py's decoder (llama.cpp's, in numpy) reads the same weights from the file
+        t = _tensor(r, gname)
+        outside = torch.from_numpy(gguf_quants.dequantize(np.array(t.data), t.tensor_type).copy())
+        if "attn_q" in gname:
+            outside = unpermute_qk(outside, 4, 4)
+        assert torch.equal(outside, g), gname
     ids = torch.randint(0, 300, (1, 32))
     assert torch.isfinite(_logits(out, ids)).all()
 
@@ -324,6 +556,14 @@ def test_export_gptq_int_without_gguf_equivalent(tiny_llama, tmp_path):
     res = run(["export", "gguf", ck, "--type", "Q8_0", "-o", tmp_path / "x.gguf"])
     assert res.exit_code == 0, res.output
     assert "requantized" in res.output
+    # re-quantized: llama.cpp's Q8_0 of the checkpoint's dequantized weights, not of the original ones
+    from compress import models
+    r = _reader(tmp_path / "x.gguf")
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types == _plan_types(r, "Q8_0") and types["blk.0.ffn_up.weight"] == "Q8_0"
+    w = models.load(str(ck)).model.get_submodule("model.layers.0.mlp.up_proj").dequantize(torch.float32)
+    _assert_llama_cpp_bytes(r, "blk.0.ffn_up.weight", w, "Q8_0")
+    assert not torch.equal(w, _source_weight(tiny_llama, "model.layers.0.mlp.up_proj.weight"))
     ck = tmp_path / "ck48"
     assert run(["quantize", tiny_llama, "--bits", "4", "--group-size", "48", "-o", ck]).exit_code == 0
     assert_clean_error(run(["export", "gguf", ck, "-o", tmp_path / "y.gguf"]), "spans several scale groups")
@@ -336,16 +576,17 @@ def test_export_gptq_int_without_gguf_equivalent(tiny_llama, tmp_path):
 def test_bad_inputs(tiny_llama, imatrix_file, tmp_path):
     o = tmp_path / "o.gguf"
     assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q7_K", "-o", o]), "unknown gguf type")
-    assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant", "-o", o]), "needs --type")
-    assert_clean_error(run(["quantize", tiny_llama, "--method", "rtn", "--type", "Q4_K_M", "-o", o]), "kquant or gptq")
+    assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant", "-o", o]), "--type is required")
+    assert_clean_error(run(["quantize", tiny_llama, "--method", "rtn", "--type", "Q4_K_M", "-o", o]),
+                       "--type applies to kquant, kquant-gptq, not to rtn")
     assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "--bits", "3", "-o", o]),
                        "--bits")
     assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "-o", tmp_path / "x"]),
                        ".gguf")
     assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "--imatrix",
                             tmp_path / "missing.gguf", "-o", o]), "does not exist")
-    assert_clean_error(run(["quantize", tiny_llama, "--method", "gptq", "--type", "Q4_K_M", "--imatrix",
-                            imatrix_file, "-o", o]), "--imatrix applies to --method kquant")
+    assert_clean_error(run(["quantize", tiny_llama, "--method", "kquant-gptq", "--type", "Q4_K_M", "--imatrix",
+                            imatrix_file, "-o", o]), "--imatrix applies to kquant, not to kquant-gptq")
     assert_clean_error(run(["quantize", tiny_llama, "--imatrix", imatrix_file, "-o", tmp_path / "ck"]), "--imatrix")
     bad = tmp_path / "bad.dat"
     bad.write_bytes(b"\x05\x00\x00\x00\x10\x00\x00\x00blk.0.attn")          # truncated legacy file
@@ -382,9 +623,16 @@ def test_rows_not_multiple_of_32(tmp_path):
     out = tmp_path / "odd.gguf"
     res = run(["quantize", src, "--method", "kquant", "--type", "Q4_K_M", "-o", out])
     assert res.exit_code == 0, res.output
-    types = {t.name: t.tensor_type.name for t in _reader(out).tensors}
+    r = _reader(out)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types == _plan_types(r, "Q4_K_M")
     # 72 columns fit no block: F16; ffn_down's 160 columns fit 32-blocks: Q4_K -> Q5_0
     assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.ffn_down.weight"] == "Q5_0"
+    v = _source_weight(src, "model.layers.0.self_attn.v_proj.weight")
+    assert types["blk.0.attn_v.weight"] == "F16"
+    assert np.array_equal(np.array(_tensor(r, "blk.0.attn_v.weight").data), v.to(torch.float16).numpy())
+    down = _source_weight(src, "model.layers.0.mlp.down_proj.weight")
+    _assert_llama_cpp_bytes(r, "blk.0.ffn_down.weight", down, "Q5_0")
     ck = tmp_path / "ck"
     assert run(["quantize", src, "--bits", "4", "--group-size", "-1", "--sym", "-o", ck]).exit_code == 0
     assert_clean_error(run(["export", "gguf", ck, "-o", tmp_path / "x.gguf"]), "not a multiple of 32")
@@ -445,7 +693,7 @@ def test_llama_quantize_loads_our_file_and_our_imatrix(llama_quantize, f32_gguf,
                                                         mix):
     """llama-quantize reads our F32 GGUF and our imatrix, picks the types our plan picks, and writes
     tensors byte-identical to `compress quantize --method kquant` with the same imatrix."""
-    from compress.methods.kquant import select_types
+    from compress.formats.ggml_mix import select_types
     out = tmp_path / f"lc-{mix}.gguf"
     p = subprocess.run([str(llama_quantize), "--imatrix", str(imatrix_file), str(f32_gguf), str(out), mix],
                        capture_output=True, text=True, timeout=300)
@@ -523,7 +771,7 @@ def test_smollm2_types_equal_llama_quantize_dry_run(tmp_path):
 
     from compress import imatrix as imx
     from compress import models
-    from compress.methods.kquant import select_types
+    from compress.formats.ggml_mix import select_types
     lq = _llama_bin("llama-quantize")
     src = models.source_gguf("smollm2-135m")
     if lq is None or src is None:

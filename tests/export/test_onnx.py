@@ -50,7 +50,7 @@ def ckpt(tmp_path_factory):
         key = (str(model_dir), bits, group, sym)
         if key not in cache:
             out = root / f"{model_dir.name}-{bits}-{group}-{'sym' if sym else 'asym'}"
-            api.quantize_to_folder(str(model_dir), IntScheme(bits=bits, group_size=group, sym=sym), out, progress=False)
+            api.quantize_to_folder(str(model_dir), out, progress=False, bits=bits, group_size=group, sym=sym)
             cache[key] = out
         return cache[key]
     return make
@@ -226,9 +226,8 @@ def test_gptq_act_order_checkpoint(tiny_gqa, tiny_data, tmp_path, fmt):
     narrow last groups, exact in both formats."""
     from calib.data import CalibSpec
     out = tmp_path / "gptq"
-    api.quantize_to_folder(str(tiny_gqa), IntScheme(bits=4, group_size=64, sym=False, act_order=True), out,
-                           method="gptq", progress=False, calib=CalibSpec(nsamples=8, seqlen=64),
-                           data_dir=str(tiny_data))
+    api.quantize_to_folder(str(tiny_gqa), out, "gptq", progress=False, calib=CalibSpec(nsamples=8, seqlen=64),
+                           data_dir=str(tiny_data), bits=4, group_size=64, sym=False, act_order=True)
     loaded = models.load(str(out))
     q = loaded.model.model.layers[0].self_attn.q_proj
     assert not bool((q.g_idx[1:] >= q.g_idx[:-1]).all())           # really permuted
@@ -281,7 +280,7 @@ def test_qwen2_biases_and_untied_lm_head(tmp_path, fmt):
             p.normal_(0, 0.08)
     model.save_pretrained(tmp_path / "qwen2")
     _tokenizer().save_pretrained(tmp_path / "qwen2")
-    api.quantize_to_folder(str(tmp_path / "qwen2"), IntScheme(bits=4, group_size=32), tmp_path / "q", progress=False)
+    api.quantize_to_folder(str(tmp_path / "qwen2"), tmp_path / "q", progress=False, bits=4, group_size=32)
     loaded = models.load(str(tmp_path / "q"))
     assert loaded.model.model.layers[0].self_attn.q_proj.bias is not None
     info = xo.export_onnx(loaded, tmp_path / "onnx", fmt=fmt)
@@ -516,7 +515,7 @@ def test_smollm2_4bit_perplexity_and_8bit_generation(smollm2, real_data, tmp_pat
 
     proto = PROTOCOLS["wt2-quick"]
     q4 = tmp_path / "q4"
-    api.quantize_to_folder("smollm2-135m", IntScheme(bits=4, group_size=128, sym=False), q4, progress=False)
+    api.quantize_to_folder("smollm2-135m", q4, progress=False, bits=4, group_size=128, sym=False)
     loaded = models.load(str(q4))
     info = xo.export_onnx(loaded, tmp_path / "q4-onnx")
     assert info["quantized_linears"] == 210 and info["block_size"] == 128
@@ -530,7 +529,7 @@ def test_smollm2_4bit_perplexity_and_8bit_generation(smollm2, real_data, tmp_pat
     assert r.kld < 1e-4 and r.top1 > 0.99
 
     q8 = tmp_path / "q8"
-    api.quantize_to_folder("smollm2-135m", IntScheme(bits=8, group_size=128, sym=True), q8, progress=False)
+    api.quantize_to_folder("smollm2-135m", q8, progress=False, bits=8, group_size=128, sym=True)
     loaded8 = models.load(str(q8))
     xo.export_onnx(loaded8, tmp_path / "q8-onnx")
     prompt = torch.tensor([loaded8.tokenizer("The history of the city of", add_special_tokens=False)["input_ids"]])
@@ -547,8 +546,7 @@ def test_smollm2_4bit_with_lm_head(smollm2, real_data, tmp_path):
 
     proto = PROTOCOLS["wt2-quick"]
     q4 = tmp_path / "q4h"
-    api.quantize_to_folder("smollm2-135m", IntScheme(bits=4, group_size=128, sym=False), q4, progress=False,
-                           lm_head=True)
+    api.quantize_to_folder("smollm2-135m", q4, progress=False, bits=4, group_size=128, sym=False, lm_head=True)
     loaded = models.load(str(q4))
     info = xo.export_onnx(loaded, tmp_path / "onnx")
     assert info["quantized_linears"] == 211 and info["model"]["lm_head"] == "quantized (checkpoint)"

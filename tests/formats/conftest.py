@@ -3,8 +3,13 @@
 The session fixture ``ggml_oracle`` downloads the ``llama-cpp-python`` source package (which
 vendors llama.cpp), builds its ``ggml-base`` shared library once with cmake and caches it under
 ``${COMPRESS_CACHE_DIR:-~/.cache/compress}/oracle/ggml-base-<version>/``. Later sessions reuse the
-cached library. If any step fails (no network, no cmake, no compiler) the oracle tests are
-skipped with the reason. Nothing is written inside the repository.
+cached library; ``make test`` builds it first (``python -m tests.formats.conftest``).
+
+The oracle tests skip only when the build cannot start: no cmake, no C or C++ compiler, or the
+source package cannot be downloaded; the skip says which. Anything else (the archive lacks
+llama.cpp, cmake fails, the library does not load or lacks a symbol) fails the tests, so the
+byte-exact comparisons never vanish quietly. With ``COMPRESS_REQUIRE_ORACLE=1`` (CI) a missing
+prerequisite fails too. Nothing is written inside the repository.
 """
 from __future__ import annotations
 
@@ -52,6 +57,10 @@ def _lib_name() -> str:
     return "libggml-base.so"
 
 
+class OracleUnavailable(Exception):
+    """A prerequisite of the build cannot be obtained here (tool or source package): a reason to skip."""
+
+
 def _run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800) -> None:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -59,25 +68,64 @@ def _run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800) -> None
         raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
 
 
+def _compiler(env: str, names: tuple[str, ...]) -> str | None:
+    """The compiler cmake would pick: ``$CC``/``$CXX`` if set, else the first of ``names`` on PATH."""
+    given = os.environ.get(env)
+    if given:
+        return shutil.which(given.split()[0])
+    return next((p for p in map(shutil.which, names) if p), None)
+
+
+def check_build_tools() -> None:
+    """Raise OracleUnavailable naming what is missing: cmake, a C compiler, a C++ compiler."""
+    missing = []
+    if shutil.which("cmake") is None:
+        missing.append("cmake")
+    if _compiler("CC", ("cc", "gcc", "clang")) is None:
+        missing.append("a C compiler (cc, gcc or clang; or $CC)")
+    if _compiler("CXX", ("c++", "g++", "clang++")) is None:
+        missing.append("a C++ compiler (c++, g++ or clang++; or $CXX)")
+    if missing:
+        raise OracleUnavailable(f"{' and '.join(missing)} not found on PATH")
+
+
+def download_source(version: str, dest: Path) -> Path:
+    """The llama-cpp-python source archive, through pip; OracleUnavailable when pip cannot get it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--quiet",
+         "--retries", "1", "--timeout", "60", f"llama-cpp-python=={version}", "-d", str(dest)],
+        capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        last = ((proc.stderr or proc.stdout).strip().splitlines() or ["pip failed"])[-1]
+        raise OracleUnavailable(f"cannot download the source package llama-cpp-python=={version}: {last}")
+    archives = list(dest.glob("llama_cpp_python-*.tar.gz"))
+    if not archives:
+        raise RuntimeError(f"pip download of llama-cpp-python=={version} produced no source archive "
+                           f"(got {sorted(p.name for p in dest.iterdir())})")
+    return archives[0]
+
+
+def cached_lib(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    return _cache_root() / f"ggml-base-{version}" / _lib_name()
+
+
 def build_ggml_base(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    """Return the path of a cached (building it if needed) ``ggml-base`` shared library."""
-    dest = _cache_root() / f"ggml-base-{version}"
-    lib = dest / _lib_name()
+    """Return the path of a cached (building it if needed) ``ggml-base`` shared library.
+
+    Raises OracleUnavailable when cmake, a compiler or the source package cannot be obtained,
+    RuntimeError when the build itself fails."""
+    lib = cached_lib(version)
+    dest = lib.parent
     if lib.exists():
         return lib
-    if shutil.which("cmake") is None:
-        raise RuntimeError("cmake not found on PATH")
+    check_build_tools()
     with tempfile.TemporaryDirectory(prefix="ggml-oracle-") as tmp:
         tmp_path = Path(tmp)
-        _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-              "--quiet", "--retries", "1", "--timeout", "60", f"llama-cpp-python=={version}",
-              "-d", str(tmp_path)],
-             timeout=900)
-        archives = list(tmp_path.glob("llama_cpp_python-*.tar.gz"))
-        if not archives:
-            raise RuntimeError("pip download produced no llama_cpp_python source archive")
-        with tarfile.open(archives[0]) as tar:
+        archive = download_source(version, tmp_path)
+        with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
+            if not members:
+                raise RuntimeError(f"{archive.name} holds no vendor/llama.cpp folder")
             try:
                 tar.extractall(tmp_path, members=members, filter="data")
             except TypeError:                 # Python without extraction filters
@@ -135,10 +183,50 @@ class GGMLOracle:
         return out
 
 
+def _required() -> bool:
+    return os.environ.get("COMPRESS_REQUIRE_ORACLE", "") not in ("", "0")
+
+
 @pytest.fixture(scope="session")
 def ggml_oracle() -> GGMLOracle:
     try:
         lib = build_ggml_base()
+    except OracleUnavailable as exc:
+        if _required():
+            pytest.fail(f"llama.cpp oracle required (COMPRESS_REQUIRE_ORACLE=1) but unavailable: {exc}",
+                        pytrace=False)
+        pytest.skip(f"llama.cpp oracle unavailable: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a build that was possible and failed is a test failure
+        pytest.fail(f"building the llama.cpp oracle failed: {type(exc).__name__}: {exc}", pytrace=False)
+    try:
         return GGMLOracle(lib)
-    except Exception as exc:  # noqa: BLE001 - any failure means "no oracle here"; say why
-        pytest.skip(f"llama.cpp oracle unavailable: {type(exc).__name__}: {exc}".splitlines()[0][:500])
+    except (OSError, AttributeError) as exc:   # ctypes: unloadable library, missing symbol
+        pytest.fail(f"the llama.cpp oracle {lib} does not load: {type(exc).__name__}: {exc} "
+                    f"(delete {lib.parent} to rebuild it)", pytrace=False)
+
+
+def main() -> int:
+    """``python -m tests.formats.conftest``: build (or find) the cached oracle, for ``make test``.
+    Exit 0 when built or when a prerequisite is missing (the tests will skip and say why) unless
+    COMPRESS_REQUIRE_ORACLE=1; exit 1 when the build fails or the library does not load."""
+    cached = cached_lib().exists()
+    try:
+        if not cached:
+            check_build_tools()
+            print(f"building the llama.cpp oracle (llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}, ~90 s once) ...",
+                  file=sys.stderr)
+        lib = build_ggml_base()
+        GGMLOracle(lib)
+    except OracleUnavailable as exc:
+        print(f"llama.cpp oracle unavailable: {exc}; its tests will "
+              f"{'fail (COMPRESS_REQUIRE_ORACLE=1)' if _required() else 'skip'}", file=sys.stderr)
+        return 1 if _required() else 0
+    except Exception as exc:  # noqa: BLE001
+        print(f"building the llama.cpp oracle failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"llama.cpp oracle: {lib}{' (cached)' if cached else ''}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,9 +10,12 @@ from safetensors.torch import load_file
 
 from compress import models
 from compress.formats import gptq_int
-from compress.methods.awq import (AWQOptions, apply_clip, awq_solve, clip_search, fake_quantize, hessian_error,
-                                  search_scale)
-from compress.pipeline import awq_scale_model
+from compress.config import Targets
+from compress.methods.awq import AWQ, AWQOptions
+from compress.registry import RunRecord, StatsBook
+from compress.runners.sequential import StepRun, run_step
+from compress.solvers.awq_search import (apply_clip, awq_solve, clip_search, fake_quantize, hessian_error,
+                                         search_scale)
 from compress.quantizer import dequantize_values
 from compress.scheme import IntScheme
 from tests.test_cli import assert_clean_error, run
@@ -39,7 +42,9 @@ def test_chosen_scales_beat_no_scaling(bits, group, sym):
     w, x, h, x_mean = outlier_layer(gen)
     scheme = IntScheme(bits=bits, group_size=group, sym=sym)
     res = search_scale([w], x_mean, scheme, hessian_error(h, [w]))
-    assert len(res.errors) == 20 and res.errors[0] == res.baseline_error
+    # the first candidate is alpha = 0: the objective of the unscaled, rounded weight
+    assert len(res.errors) == 20
+    assert res.baseline_error == pytest.approx(hessian_error(h, [w])([fake_quantize(w, scheme)]), rel=1e-6)
     s = res.scales
     assert res.alpha > 0 and not torch.allclose(s, torch.ones_like(s))
     # normalised: the scales straddle 1
@@ -113,6 +118,19 @@ def _with_outliers(path, first_prev: str) -> models.Loaded:
     return loaded
 
 
+class ScaleOnly(AWQ):
+    """AWQ's scale search and transform alone (no clipping, no quantization)."""
+
+    def process_block(self, blk):
+        self._scale(blk, blk.groups())
+
+
+def awq_scale_model(loaded, windows, **options) -> RunRecord:
+    method = ScaleOnly(AWQOptions(**options))
+    run = StepRun(loaded, Targets(), method, RunRecord(), StatsBook(), progress=False)
+    return run_step(run, windows)
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_transform_preserves_the_float_model(family, request):
     path = request.getfixturevalue(f"tiny_{family}")
@@ -121,15 +139,15 @@ def test_transform_preserves_the_float_model(family, request):
     with torch.no_grad():
         ref = loaded.model(ids).logits
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    search = awq_scale_model(loaded, IntScheme(bits=3, group_size=32), torch.randint(0, 300, (4, 32)),
-                             AWQOptions(), progress=False)
+    rec = awq_scale_model(loaded, torch.randint(0, 300, (4, 32)), bits=3, group_size=32)
+    alphas = rec.extra["awq_alphas"]
     with torch.no_grad():
         out = loaded.model(ids).logits
     assert torch.allclose(out, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
-    assert any(a for a in search.alphas.values())
+    assert any(a for a in alphas.values()) and not rec.packed
     changed = [k for k, v in loaded.model.state_dict().items() if not torch.equal(v, before[k])]
     assert any("q_proj" in k for k in changed) and any("layernorm" in k or "layer_norm" in k for k in changed)
-    vo = [a for k, a in search.alphas.items() if k.endswith(("o_proj", "out_proj"))]
+    vo = [a for k, a in alphas.items() if k.endswith(("o_proj", "out_proj"))]
     if family == "llama":
         assert vo == [None, None]          # grouped-query attention: v_proj is narrower than o_proj's input
     else:
@@ -143,8 +161,9 @@ def test_awq_cli_roundtrip_and_stats(tiny_llama, tiny_data, tmp_path):
     assert res.exit_code == 0, res.output
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["compress"]["format"] == "gptq-int"
-    assert qc["compress"]["method"] == "awq" and qc["compress"]["awq"]["n_grid"] == 20
-    assert qc["compress"]["awq"]["clip"] is True and qc["compress"]["awq"]["scaled_groups"] == 6   # 2 blocks x 3 (v -> o: GQA)
+    awq = qc["compress"]["steps"][0]["options"]
+    assert qc["compress"]["method"] == "awq" and awq["n_grid"] == 20
+    assert awq["clip"] is True and awq["scaled_groups"] == 6   # 2 blocks x 3 (v -> o: GQA)
     t = load_file(str(out / "model.safetensors"))
     assert t["model.layers.0.self_attn.q_proj.scales"].shape == (2, 96)     # 96 = 64 + 32
     # the norm absorbed the scales
@@ -165,10 +184,13 @@ def test_awq_cli_roundtrip_and_stats(tiny_llama, tiny_data, tmp_path):
     # a different grid cannot reuse it
     res = run(["quantize", tiny_llama, "--method", "awq", "--bits", "3", "--group-size", "64",
                "--load-stats", stats, "-o", tmp_path / "bad"])
-    assert_clean_error(res, "searched for")
+    assert_clean_error(res, "searched for int4 g64")
+    # awq keeps the Hessians too: GPTQ on the same scaled weights can reuse the search
     res = run(["quantize", tiny_llama, "--method", "awq+gptq", "--bits", "4", "--group-size", "64",
-               "--load-stats", stats, "-o", tmp_path / "bad"])
-    assert_clean_error(res, "hessians")
+               "--load-stats", stats, "-o", tmp_path / "ag"])
+    assert res.exit_code == 0, res.output
+    t3 = load_file(str(tmp_path / "ag" / "model.safetensors"))
+    assert not torch.equal(t3["model.layers.0.mlp.down_proj.qweight"], t["model.layers.0.mlp.down_proj.qweight"])
 
 
 def test_awq_gptq_on_opt(tiny_opt, tiny_data, tmp_path):
@@ -180,7 +202,8 @@ def test_awq_gptq_on_opt(tiny_opt, tiny_data, tmp_path):
     assert res.exit_code == 0, res.output
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["desc_act"] is True and qc["compress"]["method"] == "awq+gptq"
-    assert qc["compress"]["awq"]["clip"] is False and qc["compress"]["awq"]["objective"] == "linear"
+    awq = qc["compress"]["steps"][0]["options"]
+    assert awq["clip"] is False and awq["objective"] == "linear"
     res = run(["quantize", tiny_opt, *common, "--load-stats", stats, "-o", tmp_path / "ag2"])
     assert res.exit_code == 0, res.output
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "ag2" / "model.safetensors"))
@@ -190,7 +213,7 @@ def test_awq_gptq_on_opt(tiny_opt, tiny_data, tmp_path):
     # searched without clipping: plain awq (which clips) must not pretend to reuse it
     res = run(["quantize", tiny_opt, "--method", "awq", "--bits", "3", "--group-size", "32", "--load-stats", stats,
                "-o", tmp_path / "a"])
-    assert_clean_error(res, "no clip ranges")
+    assert_clean_error(res, "awq_clip")
     res = run(["quantize", tiny_opt, "--method", "awq", "--bits", "3", "--group-size", "32", "--load-stats", stats,
                "--no-awq-clip", "-o", tmp_path / "a"])
     assert res.exit_code == 0, res.output
@@ -215,7 +238,7 @@ def test_awq_stats_file_of_another_kind(tiny_llama, tiny_data, tmp_path):
     assert res.exit_code == 0, res.output
     res = run(["quantize", tiny_llama, "--method", "awq", "--group-size", "32", "--load-stats", stats,
                "-o", tmp_path / "o"])
-    assert_clean_error(res, "not an awq search file")
+    assert_clean_error(res, "awq_scales")
 
 
 @pytest.mark.slow

@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 from compress import api, models
 from compress.errors import CompressError
 from compress.formats import w8a8
-from compress.methods.smoothquant import SmoothQuantOptions, smooth_scales
-from compress.pipeline import smooth_model
+from compress.config import Targets
+from compress.methods.smoothquant import SmoothQuant, SmoothQuantOptions, smooth_scales
+from compress.registry import RunRecord, StatsBook
+from compress.runners.sequential import StepRun, run_step
 from compress.qlinear import W8A8Linear
 from compress.scheme import W8A8Scheme
 from kernels import dispatch
@@ -32,6 +34,18 @@ def test_smooth_scales_formula():
     assert torch.allclose(smooth_scales(a, [w1], 1.0), a / 1.0)
 
 
+class SmoothOnly(SmoothQuant):
+    """The migration alone (no quantization): the float model computes the same function."""
+
+    def process_block(self, blk):
+        self._smooth(blk, blk.groups())
+
+
+def smooth_model(loaded, windows, opts) -> RunRecord:
+    run = StepRun(loaded, Targets(), SmoothOnly(opts), RunRecord(), StatsBook(), progress=False)
+    return run_step(run, windows)
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_migration_preserves_the_float_model(family, request):
     loaded = models.load(str(request.getfixturevalue(f"tiny_{family}")))
@@ -39,8 +53,7 @@ def test_migration_preserves_the_float_model(family, request):
     with torch.no_grad():
         ref = loaded.model(ids).logits
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    rec = smooth_model(loaded, torch.randint(0, 300, (3, 32)), SmoothQuantOptions(alpha=0.5, smooth_linear_prev=True),
-                       progress=False)
+    rec = smooth_model(loaded, torch.randint(0, 300, (3, 32)), SmoothQuantOptions(alpha=0.5, smooth_linear_prev=True))
     with torch.no_grad():
         out = loaded.model(ids).logits
     assert torch.allclose(out, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
@@ -111,8 +124,10 @@ def test_w8a8_checkpoint_roundtrip(sq, tiny_llama, tiny_data, tmp_path):
     out, _ = sq
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compress-w8a8"
-    assert qc["compress"]["format"] == "w8a8-int8" and qc["compress"]["format_version"] == 1
-    assert qc["input_activations"]["dynamic"] is True and qc["compress"]["smoothquant"]["alpha"] == 0.5
+    assert qc["compress"]["format"] == "w8a8-int8" and qc["compress"]["format_version"] == 2
+    sq_opts = qc["compress"]["steps"][0]["options"]
+    assert qc["input_activations"]["dynamic"] is True and sq_opts["alpha"] == 0.5
+    assert sq_opts["smoothed_groups"] == 4        # 2 blocks x (q/k/v, gate/up): norm-fed groups only by default
     t = load_file(str(out / "model.safetensors"))
     name = "model.layers.0.mlp.gate_proj"
     assert t[f"{name}.weight"].dtype == torch.int8 and t[f"{name}.weight"].shape == (192, 96)
@@ -120,7 +135,7 @@ def test_w8a8_checkpoint_roundtrip(sq, tiny_llama, tiny_data, tmp_path):
     assert f"{name}.input_scale" not in t and f"{name}.qweight" not in t
     res = run(["inspect", out])
     assert res.exit_code == 0, res.output
-    assert "w8a8-int8 v1" in res.output and "smoothquant w8a8" in res.output
+    assert "w8a8-int8 v2" in res.output and "smoothquant w8a8" in res.output
     info = json.loads(run(["inspect", out, "--json"]).output)
     assert len(info["layers"]) == 14 and 8.0 < info["bits_per_weight_quantized"] < 8.5
     js = tmp_path / "r.json"
@@ -130,7 +145,7 @@ def test_w8a8_checkpoint_roundtrip(sq, tiny_llama, tiny_data, tmp_path):
     assert r["method"] == "smoothquant" and r["kld"] < 2e-3 and abs(r["ppl"] / r["base_ppl"] - 1) < 0.01
     # the loaded checkpoint is the model quantized in memory (stored in float32: exactly)
     mem = models.load(str(tiny_llama))
-    api.quantize(mem, W8A8Scheme(), "smoothquant", progress=False, load_stats=sq[1])
+    api.quantize(mem, "smoothquant", progress=False, load_stats=sq[1])
     out32 = tmp_path / "sq32"
     assert run(["quantize", tiny_llama, "--method", "smoothquant", "--load-stats", sq[1], "--dtype", "float32",
                 "-o", out32]).exit_code == 0
@@ -165,9 +180,9 @@ def test_static_act_scheme(sq, tiny_llama, tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--method", "smoothquant", "--bits", "4"], "--bits 4"),
-    (["--method", "smoothquant", "--group-size", "128"], "--group-size 128"),
-    (["--method", "smoothquant", "--asym"], "--asym"),
+    (["--method", "smoothquant", "--bits", "4"], "--bits applies to"),
+    (["--method", "smoothquant", "--group-size", "128"], "--group-size applies to"),
+    (["--method", "smoothquant", "--asym"], "--sym/--asym applies to"),
     (["--method", "smoothquant", "--act-order"], "act-order"),
     (["--method", "smoothquant", "--damp", "0.1"], "--damp"),
     (["--method", "smoothquant", "--alpha", "1.5"], "alpha"),
@@ -181,10 +196,13 @@ def test_bad_smoothquant_options(tiny_llama, tmp_path, args, needle):
     assert not (tmp_path / "o").exists()
 
 
-def test_explicit_compatible_scheme_is_accepted(sq, tiny_llama, tmp_path):
-    res = run(["quantize", tiny_llama, "--method", "smoothquant", "--bits", "8", "--group-size", "-1", "--sym",
-               "--load-stats", sq[1], "-o", tmp_path / "o"])
+def test_loaded_statistics_reproduce_the_calibrated_checkpoint(sq, tiny_llama, tmp_path):
+    res = run(["quantize", tiny_llama, "--method", "smoothquant", "--load-stats", sq[1], "-o", tmp_path / "o"])
     assert res.exit_code == 0, res.output
+    a, b = load_file(str(sq[0] / "model.safetensors")), load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    qc = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]["compress"]
+    assert qc["stats_loaded_from"] == str(sq[1]) and "calibration" not in qc
 
 
 def test_smoothquant_rejects_other_statistics(tiny_llama, tiny_data, tmp_path):

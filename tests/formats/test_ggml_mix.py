@@ -1,14 +1,10 @@
-"""llama.cpp type mixes, the GGML block codec, and GPTQ onto GGML grids (compress.methods.kquant)."""
+"""llama.cpp type mixes: per-tensor GGML type selection (compress.formats.ggml_mix)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 from compress.errors import CompressError
-from compress.formats import kquants
-from compress.methods import kquant as K
-from compress.methods.gptq import output_error
+from compress.formats import ggml_mix as K
 
 # --------------------------------------------------------------------------------------------
 # type selection, against tables written out from llama.cpp's llama_tensor_get_type rules
@@ -159,85 +155,3 @@ def test_unknown_mix():
     with pytest.raises(CompressError, match="unknown GGUF type 'Q7_K'"):
         K.get_mix("Q7_K")
     assert K.get_mix("q4_k").name == "Q4_K_M"
-
-
-# --------------------------------------------------------------------------------------------
-# block codec
-# --------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("type_name", list(K.CODECS))
-def test_codec_matches_decoders(type_name):
-    """A * c - M equals kquants.dequantize and gguf-py's decoder bit for bit, on quantizer output
-    and on blocks with random codes; codes survive pack/unpack."""
-    import gguf
-    g = torch.Generator().manual_seed(hash(type_name) % 1000)
-    w = torch.randn(16, 512, generator=g) * torch.rand(16, 1, generator=g)
-    data = kquants.quantize(w, type_name, torch.rand(512, generator=g) + 0.1)
-    qt = kquants.get_type(type_name)
-    blocks = data.reshape(-1, qt.type_size)
-    ref = kquants.dequantize(data, type_name, w.shape).reshape(-1, qt.block_size)
-    assert torch.equal(K.decode_blocks(blocks, type_name), ref)
-    codes = K.block_codes(blocks, type_name)
-    assert torch.equal(K.pack_codes(blocks, codes, type_name), blocks)
-    cd = K.CODECS[type_name]
-    rnd = torch.randint(cd.cmin, cd.cmax + 1, codes.shape, generator=g)
-    rb = K.pack_codes(blocks, rnd, type_name)
-    assert torch.equal(K.block_codes(rb, type_name), rnd)
-    dec = K.decode_blocks(rb, type_name)
-    assert torch.equal(dec, kquants.dequantize(rb.reshape(data.shape), type_name, w.shape).reshape(dec.shape))
-    theirs = gguf.quants.dequantize(rb.reshape(data.shape).numpy(), gguf.GGMLQuantizationType[type_name])
-    assert np.array_equal(theirs.reshape(dec.shape), dec.numpy())
-    with pytest.raises(ValueError):
-        K.pack_codes(blocks, rnd + (cd.cmax - cd.cmin + 1), type_name)
-
-
-# --------------------------------------------------------------------------------------------
-# GPTQ onto GGML grids
-# --------------------------------------------------------------------------------------------
-
-def _layer(n=96, k=512, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2048, k, generator=g) * (torch.rand(k, generator=g) * 3 + 0.1)
-    x = x @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g) / k ** 0.5)   # correlated inputs
-    h = 2 * x.t() @ x / x.shape[0]
-    w = torch.randn(n, k, generator=g) * 0.05
-    return w, h
-
-
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0", "Q8_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
-def test_gptq_kquant_beats_plain_and_imatrix(type_name):
-    block = kquants.get_type(type_name).block_size
-    w, h = _layer(n=32, k=2 * max(block, 128), seed=len(type_name))
-    res = K.gptq_kquant_solve(w, h, type_name)
-    # the bytes decode to exactly the weights GPTQ used for its error propagation
-    assert torch.equal(kquants.dequantize(res.data, type_name, w.shape), res.weight)
-    assert res.data.shape == (w.shape[0], w.shape[1] // kquants.get_type(type_name).block_size
-                              * kquants.get_type(type_name).type_size)
-    plain = output_error(w, kquants.dequantize(kquants.quantize(w, type_name), type_name, w.shape), h)
-    imp = torch.diagonal(h) / 2
-    weighted = output_error(w, kquants.dequantize(kquants.quantize(w, type_name, imp), type_name, w.shape), h)
-    err = output_error(w, res.weight, h)
-    assert res.info["output_error"] == pytest.approx(err, rel=1e-5)
-    assert err < plain and err < weighted, (err, plain, weighted)
-    assert res.fallback is None
-
-
-def test_gptq_kquant_rows_must_fit_blocks():
-    w, h = _layer(k=96)
-    with pytest.raises(CompressError, match="multiple of 256"):
-        K.gptq_kquant_solve(w, h, "Q4_K")
-    with pytest.raises(CompressError, match="does not match"):
-        K.gptq_kquant_solve(w, h[:64, :64], "Q4_0")
-
-
-def test_gptq_kquant_dead_columns_and_fallback():
-    w, h = _layer(n=32, k=256)
-    h[:, 5] = 0
-    h[5, :] = 0
-    res = K.gptq_kquant_solve(w, h, "Q4_0")
-    assert res.info["dead_columns"] == 1
-    assert torch.equal(kquants.dequantize(res.data, "Q4_0", w.shape), res.weight)
-    bad = -torch.eye(256)                     # never positive definite: dampening cannot help
-    res = K.gptq_kquant_solve(w, bad, "Q4_K", max_damp_tries=1)
-    assert res.fallback == "rtn"
-    assert torch.equal(kquants.dequantize(res.data, "Q4_K", w.shape), res.weight)

@@ -8,7 +8,8 @@ import torch
 
 from compress.errors import CompressError
 from compress.formats import gptq_int
-from compress.methods.gptq import GPTQResult, gptq_solve, output_error
+from compress.solvers.int_grid import GPTQResult, gptq_solve
+from compress.solvers.obs import output_error
 from compress.quantizer import dequantize_values, grid_params, quantize_rtn, quantize_values
 from compress.scheme import IntScheme
 

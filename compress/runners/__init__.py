@@ -1,0 +1,1 @@
+"""Runners: how a compression step walks the model."""

@@ -1,0 +1,236 @@
+"""Run a recipe: check everything that can be checked before heavy work, run each compression
+step through the sequential runner (resuming an interrupted run), write the output atomically,
+then evaluate and export it, and report."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__, models
+from .errors import CompressError
+from .recipe import EvalStep, ExportStep, Recipe, Step
+from .registry import RunRecord, StatsBook
+from .resume import WorkFolder, model_fingerprint, tensor_fingerprint
+from .runners.sequential import StepRun, run_step
+
+log = logging.getLogger(__name__)
+
+
+def _check_output(recipe: Recipe, out: Path) -> None:
+    if recipe.output == "gguf":
+        if out.suffix != ".gguf":
+            raise CompressError(f"{recipe.steps[0].method} writes a GGUF file: the output must end with .gguf, got {out}")
+        if out.is_dir():
+            raise CompressError(f"{out} is a folder; {recipe.steps[0].method} writes a .gguf file")
+    elif out.suffix == ".gguf":
+        raise CompressError(f"{recipe.steps[0].method} writes a checkpoint folder, not a .gguf file ({out})")
+    elif out.exists() and not out.is_dir():
+        raise CompressError(f"{out} exists and is not a folder")
+
+
+def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None) -> None:
+    """Checks that need no weights: the model's architecture, the output path, the data and files."""
+    _check_output(recipe, out)
+    kind, path = models.resolve(spec)
+    if kind == "folder":
+        config = models.read_config(path)
+        models.arch_for(config.get("model_type"), config.get("architectures"))
+        if config.get("quantization_config"):
+            raise CompressError(f"{spec} is already a quantized checkpoint")
+    elif kind == "gguf":
+        models.check_gguf(path)
+    if needs_windows(recipe):
+        from calib.data import resolve_text
+        resolve_text(recipe.calib_spec().source, data_dir or recipe.calibration.get("data_dir"))
+    if recipe.load_stats and not Path(recipe.load_stats).is_file():
+        raise CompressError(f"statistics file {recipe.load_stats} does not exist")
+    for s in recipe.steps:
+        im = getattr(s.config, "imatrix", None)
+        if im is not None and not Path(im).is_file():
+            raise CompressError(f"importance matrix {im} does not exist")
+
+
+def needs_windows(recipe: Recipe) -> bool:
+    return any(s.cls.calibrated for s in recipe.steps) and not recipe.load_stats
+
+
+def check_modules(loaded, step: Step, where: str) -> list[str]:
+    """The modules ``step`` will compress, after checking each exists, is finite and fits its scheme."""
+    arch, model = loaded.arch, loaded.model
+    inst = step.cls(step.config)
+    names = [n for n in arch.linear_names(model) if step.targets.selects(n)]
+    if step.targets.targets and not names:
+        raise CompressError(f"{where}: targets {list(step.targets.targets)} match no linear in the decoder blocks")
+    if step.lm_head:
+        names.append(arch.lm_head)
+    for name in names:
+        lin = model.get_submodule(name)
+        if not isinstance(lin, torch.nn.Linear):
+            raise CompressError(f"{name} is a {type(lin).__name__}, not a linear layer")
+        if not torch.isfinite(lin.weight).all():
+            raise CompressError(f"{name} has NaN or Inf weights")
+        inst.check_module(name, lin, step.targets.override_for(name))
+    return names
+
+
+def compress_model(loaded, recipe: Recipe, out: Path | None = None, data_dir=None, restart: bool = False,
+                   progress: bool = True, windows: torch.Tensor | None = None) -> dict:
+    """Run the recipe's compression steps on ``loaded`` in place. With ``out``, progress is saved in
+    the work folder beside it after every block (and an interrupted run resumes). Returns
+    ``{"records": [RunRecord], "methods": [Method], "seconds": ..., "resumed": bool}``."""
+    if loaded.kind == "packed":
+        raise CompressError(f"{loaded.source} is already a quantized checkpoint")
+    if recipe.output == "gguf":
+        from .export.gguf import HParams
+        HParams.from_config(loaded.model.config)
+    for n, step in enumerate(recipe.steps, 1):
+        check_modules(loaded, step, f"step {n} ({step.method})")
+    if windows is None and needs_windows(recipe):
+        from calib.data import calibration_windows
+        windows = calibration_windows(loaded.tokenizer, recipe.calib_spec(),
+                                      data_dir or recipe.calibration.get("data_dir"))
+    stats_loaded = None
+    if recipe.load_stats:
+        from calib.stats import load_stats
+        try:
+            stats_loaded = load_stats(recipe.load_stats)
+        except (ValueError, OSError) as e:
+            raise CompressError(f"cannot load statistics from {recipe.load_stats}: {e}") from None
+    work = None
+    if out is not None:
+        fp = {"model": model_fingerprint(loaded.path), "recipe": recipe.fingerprint(),
+              "calibration": tensor_fingerprint(windows),
+              "statistics": model_fingerprint(Path(recipe.load_stats)) if recipe.load_stats else None,
+              "version": __version__}
+        work = WorkFolder(out, fp, restart)
+        if work.resumed:
+            print(f"resuming the interrupted run from {work.path} (--restart starts over)", flush=True)
+            work.restore(loaded.model, loaded.arch, len(recipe.steps), loaded.arch.lm_head)
+    try:
+        return _run_steps(loaded, recipe, work, windows, stats_loaded, progress)
+    except BaseException:
+        if work is not None and not work.has_progress():
+            work.remove()           # nothing to resume: leave nothing behind
+        raise
+
+
+def _run_steps(loaded, recipe: Recipe, work, windows, stats_loaded, progress: bool) -> dict:
+    t0 = time.perf_counter()
+    records, methods = [], []
+    for s, step in enumerate(recipe.steps):
+        method = step.cls(step.config)
+        calibrated = step.cls.calibrated
+        stats = StatsBook(stats_loaded if calibrated else None, keep=bool(recipe.save_stats) and calibrated,
+                          source=str(recipe.load_stats))
+        record = RunRecord()
+        run = StepRun(loaded, step.targets, method, record, stats, step.lm_head, recipe.device, progress)
+        if work is not None:
+            work.load_record(s, loaded.model, record, stats)
+        if work is not None and work.step_done(s):
+            if step.cls.output == "gguf":
+                method.begin(run)
+                method.finish(run)
+        else:
+            run_step(run, windows, work, s)
+            if work is not None:
+                work.finish_step(s, loaded.model, loaded.arch.lm_head if step.lm_head else None, record)
+        if recipe.save_stats and stats.kept is not None:
+            from calib.stats import save_stats
+
+            from .fileio import atomic_file
+            atomic_file(Path(recipe.save_stats), lambda tmp: save_stats(tmp, stats.kept))
+        records.append((record, run.state))
+        methods.append(method)
+    return {"records": records, "methods": methods, "seconds": time.perf_counter() - t0,
+            "resumed": bool(work is not None and work.resumed), "work": work, "windows": windows}
+
+
+def module_schemes(records) -> dict:
+    out = {}
+    for rec, _ in records:
+        out.update(rec.schemes)
+    return out
+
+
+def save_output(loaded, recipe: Recipe, result: dict, out: Path, source: str) -> dict:
+    """Write the compressed model: a packed checkpoint folder, or the GGUF file."""
+    extra = {"source_model": source}
+    (rec, state), method = result["records"][0], result["methods"][0]
+    if recipe.output == "gguf":
+        from .export.gguf import save_ggml_model
+        extra.update(method.metadata(rec))
+        if method.calibrated and not recipe.load_stats:
+            import json
+            extra["calibration"] = json.dumps(recipe.calib_spec().to_dict())
+        info = save_ggml_model(loaded, state["ggml"], out, {k: v for k, v in extra.items() if k not in ("mix", "pure")})
+        info.update(mix=state["ggml"].mix, pure=state["ggml"].pure, plan=[c.to_dict() for c in state["ggml"].plan.values()])
+        return info
+    from .checkpoint import quantization_config, save_packed
+    fallbacks = {}
+    for r, _ in result["records"]:
+        fallbacks.update(r.fallbacks)
+    steps = []
+    for step, (r, _), m in zip(recipe.steps, result["records"], result["methods"]):
+        steps.append({"method": step.method, "options": m.metadata(r), **step.targets.to_dict(),
+                      "lm_head": step.lm_head})
+    if needs_windows(recipe):
+        extra["calibration"] = recipe.calib_spec().to_dict()
+    if recipe.load_stats:
+        extra["stats_loaded_from"] = str(recipe.load_stats)
+    extra.update(fallbacks=fallbacks, steps=steps)
+    qc = quantization_config(module_schemes(result["records"]), ",".join(s.method for s in recipe.steps),
+                             loaded.arch.linear_names(loaded.model), extra)
+    save_packed(loaded, out, qc, recipe.dtype)
+    return {"out": str(out), "layers": len(module_schemes(result["records"]))}
+
+
+def run(recipe: Recipe, spec: str | None, out: Path, data_dir=None, restart: bool = False,
+        progress: bool = True) -> dict:
+    """Everything a recipe says, end to end; returns the report (also what ``compress run`` prints)."""
+    spec = spec or recipe.model
+    if not spec:
+        raise CompressError("no model: give MODEL on the command line or 'model:' in the recipe")
+    out = Path(out)
+    preflight(recipe, spec, out, data_dir)
+    t0 = time.perf_counter()
+    loaded = models.load(spec)
+    result = compress_model(loaded, recipe, out, data_dir, restart, progress)
+    info = save_output(loaded, recipe, result, out, spec)
+    result["work"].remove()
+    losses = {}
+    for r, _ in result["records"]:
+        losses.update(r.losses)
+    report = {"model": spec, "out": str(out), "steps": [s.to_dict() for s in recipe.steps],
+              "compress_seconds": round(result["seconds"], 3), "resumed": result["resumed"],
+              "modules": len(module_schemes(result["records"])) if recipe.output != "gguf" else info.get("tensors"),
+              "total_loss": sum(losses.values()) if losses else None,
+              "fallbacks": {k: v for r, _ in result["records"] for k, v in r.fallbacks.items()},
+              "output": info, "post": []}
+    del loaded
+    for p in recipe.post:
+        report["post"].append(_post(p, out, spec, data_dir, progress))
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def _post(p, out: Path, spec: str, data_dir, progress: bool) -> dict:
+    if isinstance(p, EvalStep):
+        from .api import eval_ppl, write_json
+        res = eval_ppl(str(out), p.protocol, p.max_windows, spec if p.base else None, data_dir, progress)
+        if p.json:
+            write_json(res, Path(p.json))
+        return {"eval": {k: res.get(k) for k in ("protocol", "ppl", "kld", "top1", "base_ppl", "tokens", "seconds")}}
+    assert isinstance(p, ExportStep)
+    opts = dict(p.options)
+    if p.format == "onnx":
+        from .export.onnx import export_onnx
+        export_onnx(str(out), Path(p.out), fmt=opts.get("fmt", "matmulnbits"), kv_cache=opts.get("kv_cache", True),
+                    accuracy_level=int(opts.get("accuracy_level", 0)), lm_head_bits=opts.get("lm_head_bits"))
+        return {"export": {"format": "onnx", "out": p.out}}
+    from .api import export_gguf
+    info = export_gguf(str(out), Path(p.out), opts.get("type"), imatrix=opts.get("imatrix"),
+                       pure=bool(opts.get("pure", False)), progress=progress)
+    return {"export": {"format": "gguf", "out": p.out, "type_counts": info["type_counts"]}}
