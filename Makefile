@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-out
 MODEL ?= smollm2-135m
 export COMPRESS_DATA_DIR := $(abspath $(DATA))
 
-.PHONY: setup demo oracle test test-fast bench-rtn bench-ptq clean
+.PHONY: setup demo oracle test test-fast bench-rtn bench-ptq bench-llmcompressor clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench-ptq: setup
 	$(BIN)/python bench/ptq.py --suite compare-gptq-mse --eval-chunk 8 --out bench/results/ptq-compare-gptq-mse-smollm2.json
 	$(BIN)/python bench/ptq.py --suite compare-awq-mse --eval-chunk 8 --out bench/results/ptq-compare-awq-mse-smollm2.json
 	$(BIN)/python bench/ptq.py --table bench/results/ptq-rtn-smollm2.json bench/results/ptq-compare-*.json
+
+# Our GPTQ beside llm-compressor's (in its own virtual environment) on the same windows, in one run.
+bench-llmcompressor: setup
+	bench/peers/setup.sh llmcompressor
+	$(BIN)/python bench/ptq.py --suite compare-llmcompressor --eval-chunk 4 --out bench/results/ptq-compare-llmcompressor-smollm2.json
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

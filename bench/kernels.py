@@ -16,13 +16,13 @@ Each row reports time, TFLOP/s (2 M N K / t), GB/s (weight + activation + output
 the speedup over fp16 and the share of the memory-bandwidth roofline, the bandwidth of a large
 device-to-device copy measured in the same run (``bytes / t / copy GB/s``). Each kernel's output
 is also checked against its torch twin (``rel_err``). Results go to
-``bench/results/kernels-<device-name-slug>.json``; a table is printed.
+``bench/results/kernels-<device-name-slug>.json`` with what bench/runinfo.py records about the run
+(command, versions, threads, CPU, load average at start and end); a table is printed.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import statistics
 import sys
@@ -36,6 +36,7 @@ sys.path.insert(0, str(_ROOT))
 
 import torch  # noqa: E402
 
+from bench.runinfo import finish, run_info  # noqa: E402  (bench/ is off sys.path here: see above)
 from compress.formats.gptq_int import pack_bitstream  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]   # (N, K)
@@ -89,8 +90,7 @@ def copy_bandwidth(timer: Timer, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
     src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").normal_()
     dst = torch.empty_like(src)
-    t = timer(lambda: dst.copy_(src))
-    del src, dst
+    t = timer(lambda: dst.copy_(src))   # src and dst are freed when this function returns
     return 2 * nbytes / t
 
 
@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="M in {1, 16, 128}, first two shapes, 30 reps")
     ap.add_argument("--out", default=None, help="results file (default bench/results/kernels-<device>.json)")
     args = ap.parse_args(argv)
+    info = run_info("bench/kernels.py", sys.argv[1:] if argv is None else list(argv))
 
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA device and none is present (torch.cuda.is_available() is "
@@ -228,13 +229,12 @@ def main(argv=None) -> int:
 
     out = Path(args.out) if args.out else _ROOT / "bench" / "results" / f"kernels-{slug(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = dict(device=device, torch=torch.__version__, triton=triton.__version__,
-                  python=platform.python_version(), copy_gbps=copy_bw / 1e9, reps=args.reps,
+    result = dict(device=device, triton=triton.__version__, copy_gbps=copy_bw / 1e9, reps=args.reps,
                   timing="CUDA events per call, L2 flushed before each, median", seconds=time.time() - started,
                   notes="w8a8 times the int8 GEMM on already-quantized activations (quantization excluded); "
                         "GB/s counts packed weight + scales/zeros/g_idx + activations + output; "
                         "gguf-* rows read random GGUF block bytes (the kernel's work does not depend on values)",
-                  rows=rows)
+                  rows=rows, **finish(info))
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
     return 0

@@ -5,7 +5,9 @@ an importance matrix, and dequantize the result; million weights per second, bes
 (wall clock). Optionally times llama.cpp's own ``ggml_quantize_chunk`` on the same data and
 machine (``--ggml-lib``; the library the tests build, e.g.
 ``~/.cache/compress/oracle/ggml-base-0.3.36/libggml-base.so``), because on a shared machine only
-a same-moment comparison means much. The load average is recorded for the same reason.
+a same-moment comparison means much. Every results file records the run (bench/runinfo.py: the
+command, package and torch versions, threads, CPU and its int8 features, load average at start
+and end) for the same reason.
 
     python bench/kquants.py --out bench/results/kquants-throughput.json
 
@@ -30,8 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress import __version__  # noqa: E402
 from compress.formats import kquants  # noqa: E402
+from runinfo import finish, run_info  # noqa: E402  (bench/ is on sys.path: this script's folder)
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -130,9 +132,9 @@ def main(argv=None) -> int:
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     for t in types:
         kquants.get_type(t)                     # fail early on a typo
-    load_before = os.getloadavg()
+    info = run_info("bench/kquants.py", argv)
     print(f"{args.rows}x{args.cols} float32 N(0,1), million weights/s, best of {args.repeats}, "
-          f"torch threads {torch.get_num_threads()}, load average {load_before[0]:.2f}")
+          f"torch threads {info['threads']}, load average {info['load_average_start'][0]:.2f}")
     print(_header())
     records = throughput(types, args.rows, args.cols, args.repeats, ggml_lib=args.ggml_lib)
     result = {
@@ -140,15 +142,10 @@ def main(argv=None) -> int:
         "shape": [args.rows, args.cols],
         "repeats": args.repeats,
         "unit": "million weights per second (wall clock, best of repeats)",
-        "compress_version": __version__,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
         "llama_cpp_lib": args.ggml_lib,
         "throughput": records,
+        **finish(info),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
@@ -166,16 +163,18 @@ def main(argv=None) -> int:
 #         --only "Q4_K_M,Q4_K_M +imatrix,Q3_K_M gptq" --out bench/results/kquants-smollm2-quick.json
 #
 # Every variant is written as a GGUF by the same API the CLI uses (`compress quantize --method
-# kquant|gptq --type ...`), read back (our bit-exact decoders, q/k rows un-permuted: the weights
-# transformers' GGUF loader gives) and evaluated against the fp32 model on wt2-quick (or its first
-# --max-windows windows) in groups of --eval-chunk models sharing one pass of the base model.
+# kquant|kquant-gptq --type ...`, i.e. api.quantize_to_folder), afresh on every run (no file,
+# imatrix or timing is reused from an earlier run), read back (our bit-exact decoders, q/k rows
+# un-permuted: the weights transformers' GGUF loader gives) and evaluated against the fp32 model on
+# wt2-quick (or its first --max-windows windows) in groups of --eval-chunk models sharing one pass
+# of the base model.
 # With --llama-cpp-bin (a folder holding llama-perplexity and llama-quantize), llama.cpp also
 # scores every GGUF (llama-perplexity --kl-divergence against an F32 GGUF of the same model,
 # -c 512) and quantizes the F32 GGUF itself with llama-quantize (same mixes, same imatrix file)
 # for a side-by-side in llama.cpp's own evaluator.
 # ================================================================================================
 
-# (label, mix, pure, imatrix, method)
+# (label, mix, pure, imatrix, method); method: a registered GGUF method (kquant, kquant-gptq)
 MODEL_VARIANTS = [
     ("Q8_0 pure", "Q8_0", True, False, "kquant"),
     ("Q6_K pure", "Q6_K", True, False, "kquant"),
@@ -190,8 +189,8 @@ MODEL_VARIANTS = [
     ("Q3_K_M +imatrix", "Q3_K_M", False, True, "kquant"),
     ("Q2_K", "Q2_K", False, False, "kquant"),
     ("Q2_K +imatrix", "Q2_K", False, True, "kquant"),
-    ("Q4_K_M gptq", "Q4_K_M", False, False, "gptq"),
-    ("Q3_K_M gptq", "Q3_K_M", False, False, "gptq"),
+    ("Q4_K_M gptq", "Q4_K_M", False, False, "kquant-gptq"),
+    ("Q3_K_M gptq", "Q3_K_M", False, False, "kquant-gptq"),
 ]
 # (Q8_0 ignores an importance matrix in llama.cpp, so "Q8_0 pure +imatrix" would repeat "Q8_0 pure".)
 
@@ -269,8 +268,8 @@ def model_level(argv) -> int:
     ap.add_argument("--only", default=None, help="comma-separated variant labels (default: all)")
     ap.add_argument("--eval-chunk", type=int, default=4, help="models evaluated per pass over the windows")
     ap.add_argument("--workdir", type=Path, default=None,
-                    help="where GGUFs and the imatrix are kept (default: <cache>/bench/kquants)")
-    ap.add_argument("--reuse", action="store_true", help="reuse GGUFs already in --workdir")
+                    help="where the GGUFs and the imatrix are written, and left for inspection (default: "
+                         "<cache>/bench/kquants); every run writes them afresh, nothing there is reused")
     ap.add_argument("--llama-cpp-bin", type=Path, default=None,
                     help="folder with llama-perplexity and llama-quantize: score with llama.cpp too")
     ap.add_argument("--llama-chunks", type=int, default=64)
@@ -281,6 +280,7 @@ def model_level(argv) -> int:
                          "the +imatrix variants with llama-quantize and that file: llama.cpp end to end")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kquants-smollm2.json")
     args = ap.parse_args(argv)
+    info = run_info("bench/kquants.py", ["model", *argv])
 
     from calib.data import CalibSpec
     from compress import api, models
@@ -296,44 +296,47 @@ def model_level(argv) -> int:
         variants = [v for v in MODEL_VARIANTS if v[0] in want]
     workdir = args.workdir or (models.cache_dir() / "bench" / "kquants")
     workdir.mkdir(parents=True, exist_ok=True)
-    load_before = os.getloadavg()
     t_start = time.perf_counter()
 
     im_path = None
     im_info = None
     if any(v[3] for v in variants):
         im_path = workdir / f"imatrix-{args.model}-{args.imatrix_nsamples}x{args.imatrix_seqlen}-s{args.seed}.gguf"
-        if not (args.reuse and im_path.is_file()):
-            print(f"importance matrix: {args.imatrix_nsamples} windows of {args.imatrix_seqlen} tokens ...", flush=True)
-            im_info = api.compute_imatrix(args.model, im_path, CalibSpec("wikitext2", args.imatrix_nsamples,
-                                                                         args.imatrix_seqlen, args.seed),
-                                          args.data_dir, progress=False)
+        print(f"importance matrix: {args.imatrix_nsamples} windows of {args.imatrix_seqlen} tokens ...", flush=True)
+        im_info = api.compute_imatrix(args.model, im_path, CalibSpec("wikitext2", args.imatrix_nsamples,
+                                                                     args.imatrix_seqlen, args.seed),
+                                      args.data_dir, progress=False)
 
     records = []
     for label, mix, pure, use_im, method in variants:
         out = workdir / f"{args.model}-{_slug(label)}.gguf"
-        side = out.with_suffix(".json")
-        if args.reuse and out.is_file() and side.is_file():
-            info = json.loads(side.read_text())
-        else:
-            print(f"quantize {label} ...", flush=True)
-            t0 = time.perf_counter()
-            calib = CalibSpec("wikitext2", args.gptq_nsamples, args.gptq_seqlen, args.seed) if method == "gptq" else None
-            info = api.quantize_to_gguf(args.model, out, mix, method=method, imatrix=im_path if use_im else None,
-                                        pure=pure, calib=calib, data_dir=args.data_dir, progress=False)
-            info["wall_seconds"] = time.perf_counter() - t0
-            info.pop("plan", None)
-            side.write_text(json.dumps(info, indent=2, default=str))
+        print(f"quantize {label} ...", flush=True)
+        step = {"type": mix, "pure": pure}
+        calib = None
+        if method == "kquant":
+            if use_im:
+                step["imatrix"] = str(im_path)     # an option of kquant only
+        else:                                      # kquant-gptq: calibrated, its own Hessian (no imatrix)
+            calib = CalibSpec("wikitext2", args.gptq_nsamples, args.gptq_seqlen, args.seed)
+        t0 = time.perf_counter()
+        # restart=True: a work folder an interrupted earlier run left beside `out` is discarded, not resumed
+        report = api.quantize_to_folder(args.model, out, method, progress=False, calib=calib,
+                                        data_dir=args.data_dir, restart=True, **step)
+        wall = time.perf_counter() - t0
         g = inspect_gguf(out)
         records.append({
             "label": label, "mix": mix, "pure": pure, "imatrix": use_im, "method": method, "file": str(out),
             "size_bytes": g["size_bytes"], "bits_per_weight_matrices": g["bits_per_weight_matrices"],
             "bits_per_weight_file": 8 * g["size_bytes"] / g["parameters"], "type_counts": g["type_counts"],
             "types_by_tensor_kind": _types_by_kind(g["tensors"]),
-            "quantize_seconds": info.get("seconds"),
+            "quantize_seconds": report["compress_seconds"],      # calibration + quantization (no load, no write)
+            "quantize_wall_seconds": wall,                       # load + quantize + write
+            "fallbacks": report["fallbacks"],                    # per-tensor numerical fallbacks of the solver
+            "plan_fallbacks": report["output"].get("fallbacks"),  # tensors whose planned type did not fit
             "command": (f"compress quantize {args.model} --method {method} --type {mix}" + (" --pure" if pure else "")
                         + (f" --imatrix {im_path.name}" if use_im else "")
-                        + (f" --nsamples {args.gptq_nsamples} --seqlen {args.gptq_seqlen}" if method == "gptq" else "")
+                        + (f" --nsamples {args.gptq_nsamples} --seqlen {args.gptq_seqlen} --seed {args.seed}"
+                           if calib is not None else "")
                         + f" -o {out.name}"),
         })
 
@@ -349,8 +352,7 @@ def model_level(argv) -> int:
             ap.error(f"{args.llama_cpp_bin} lacks llama-perplexity or llama-quantize")
         import subprocess
         f32 = workdir / f"{args.model}-f32.gguf"
-        if not (args.reuse and f32.is_file()):
-            api.export_gguf(args.model, f32, "F32", progress=False)
+        api.export_gguf(args.model, f32, "F32", progress=False)
         # llama.cpp's evaluator reads the raw file (the reference numbers were measured on it)
         text_file = data_dir(args.data_dir) / "wikitext-2-raw" / "wiki.test.raw"
         base_kld = workdir / f"{args.model}-f32-c512-{args.llama_chunks}.kld"
@@ -391,10 +393,8 @@ def model_level(argv) -> int:
         "gptq_calibration": {"nsamples": args.gptq_nsamples, "seqlen": args.gptq_seqlen, "seed": args.seed},
         "llama_cpp_targets_kld": LLAMA_CPP_TARGETS,
         "variants": records, "llama_cpp": llama,
-        "compress_version": __version__, "torch": torch.__version__, "platform": platform.platform(),
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "seconds": time.perf_counter() - t_start,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "platform": platform.platform(), "seconds": time.perf_counter() - t_start,
+        **finish(info),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
@@ -425,6 +425,7 @@ def model_level(argv) -> int:
             print(f"\nllama.cpp end to end (llama-imatrix --chunks {args.llama_imatrix_chunks}, llama-quantize):")
             for label, rec in e2e["variants"].items():
                 print(f"| {label} | {(rec.get('llama_cpp_eval') or {}).get('kld')} |")
+        result.update(finish(info))
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
         os.replace(tmp, args.out)
     print(f"wrote {args.out}")

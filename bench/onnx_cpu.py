@@ -6,6 +6,8 @@ accuracy levels 0 and 4, with and without a quantized lm_head, the qdq format, 8
 measures them side by side with torch fp32 eager in one run, at batch 1 on ``--threads`` threads. Timings are interleaved (every variant once per round, ``--rounds`` rounds,
 median reported) because the CPU is shared. Also measures perplexity on a few wt2-quick windows for
 each ONNX model next to the torch model of the same checkpoint, and the KL divergence between them.
+Every run quantizes and exports afresh (nothing is reused from an earlier run) and the results file
+records the run (bench/runinfo.py: command, versions, threads, CPU, load average at start and end).
 Writes a JSON results file and prints a Markdown table.
 
     python bench/onnx_cpu.py --out bench/results/onnx-cpu.json
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -29,23 +30,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calib.data import CalibSpec  # noqa: E402
-from compress import __version__, api, models  # noqa: E402
+from compress import api, models  # noqa: E402
 from compress.export.onnx import export_onnx, file_sizes  # noqa: E402
 from compress.runtime_onnx import OnnxCausalLM  # noqa: E402
-from compress.pipeline import GPTQOptions  # noqa: E402
-from compress.scheme import IntScheme  # noqa: E402
 from evals.data import PROTOCOLS, data_dir, read_text  # noqa: E402
 from evals.perplexity import evaluate_many, tokenize, windows  # noqa: E402
+from runinfo import finish, run_info  # noqa: E402  (bench/ is on sys.path: this script's folder)
 
-CHECKPOINTS = {   # name -> (method, scheme, api.quantize options); None: the unquantized model
+# name -> (registered method, api.quantize_to_folder keyword options: the method's own options,
+# lm_head, calib for a calibrated method); None: the unquantized model
+CHECKPOINTS = {
     "fp32": None,
-    "int4-g128": ("rtn", IntScheme(bits=4, group_size=128, sym=False), {}),
-    "int8-g128": ("rtn", IntScheme(bits=8, group_size=128, sym=True), {}),
+    "int4-g128": ("rtn", {"bits": 4, "group_size": 128, "sym": False}),
+    "int8-g128": ("rtn", {"bits": 8, "group_size": 128, "sym": True}),
     # everything 4-bit in the checkpoint: GPTQ (act-order with static groups, so g_idx stays in natural
     # order and the export needs no column gathers) on every linear and on the lm_head (--lm-head)
-    "gptq-int4-g128-head": ("gptq", IntScheme(bits=4, group_size=128, sym=False, act_order=True),
-                            {"gptq": GPTQOptions(static_groups=True, grid="mse"), "lm_head": True,
-                             "calib": CalibSpec("wikitext2", 32, 512, 0)}),
+    "gptq-int4-g128-head": ("gptq", {"bits": 4, "group_size": 128, "sym": False, "act_order": True,
+                                     "static_groups": True, "grid": "mse", "lm_head": True,
+                                     "calib": CalibSpec("wikitext2", 32, 512, 0)}),
 }
 # (label, checkpoint, export kwargs)
 VARIANTS = [
@@ -135,22 +137,25 @@ def main(argv=None):
                          "or past in / longer present out (a copy of the cache per token)")
     ap.add_argument("--ppl-windows", type=int, default=4, help="wt2-quick windows for ORT-vs-torch perplexity")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--workdir", type=Path, default=None, help="keep checkpoints and exports here (default: temp)")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="write checkpoints and exports here and leave them for inspection (default: a temporary "
+                         "folder); every run writes them afresh, nothing there is reused")
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only matching variants")
     ap.add_argument("--kernels", action="store_true",
                     help="only time single MatMul / MatMulNBits nodes on SmolLM2's shapes (M=1) and exit")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)         # ONNX Runtime sessions get the same count
+    info = run_info("bench/onnx_cpu.py", sys.argv[1:] if argv is None else list(argv))
     if args.kernels:
         data = kernel_bench(args.threads)
+        data.update(finish(info))
         print(kernel_table(data))
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
         return
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()
 
     proto = PROTOCOLS["wt2-quick"]
     base = models.load(args.model)
@@ -169,17 +174,22 @@ def main(argv=None):
     # ---- checkpoints and exports
     loaded = {"fp32": base}
     torch_sizes = {"fp32": sum(f.stat().st_size for f in Path(base.path).glob("*.safetensors"))}
+    checkpoints = {}
     for name, spec in CHECKPOINTS.items():
         if spec is None or not any(v[1] == name for v in variants):
             continue
-        method, scheme, opts = spec
-        if "calib" in opts:
-            opts = dict(opts, data_dir=args.data_dir)
+        method, opts = spec
         out = work / name
-        if not (out / "config.json").exists():
-            t0 = time.perf_counter()
-            api.quantize_to_folder(args.model, scheme, out, method=method, progress=False, **opts)
-            print(f"quantized {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        t0 = time.perf_counter()
+        # always quantized afresh; restart=True discards (never resumes) an interrupted run's work folder
+        report = api.quantize_to_folder(args.model, out, method, progress=False, data_dir=args.data_dir,
+                                        restart=True, **opts)
+        wall = time.perf_counter() - t0
+        print(f"quantized {name} in {wall:.1f} s", file=sys.stderr)
+        checkpoints[name] = {"method": method,
+                             "options": {k: (v.to_dict() if k == "calib" else v) for k, v in opts.items()},
+                             "compress_seconds": report["compress_seconds"], "wall_seconds": wall,
+                             "fallbacks": report["fallbacks"]}
         loaded[name] = models.load(str(out))
         torch_sizes[name] = (out / "model.safetensors").stat().st_size
     rows = []
@@ -262,12 +272,9 @@ def main(argv=None):
         "decode_tokens": args.decode, "short_prompt": args.short_prompt, "rounds": args.rounds, "kv": args.kv,
         "ppl_protocol": f"wt2-quick, first {wins.shape[0]} windows of {proto.seqlen} tokens",
         "ppl_windows": wins.shape[0],
-        "rows": rows, "quantized_torch_vs_fp32": quant_vs_fp32, "targets": targets,
-        "cpu": _cpu_name(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-        "package_version": __version__, "torch": torch.__version__, "onnxruntime": _ort_version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "python bench/onnx_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "rows": rows, "quantized_torch_vs_fp32": quant_vs_fp32, "targets": targets, "checkpoints": checkpoints,
+        "machine": platform.machine(), "onnxruntime": _ort_version(),
+        **finish(info),
     }
     print(table(data))
     if args.out:
@@ -281,7 +288,7 @@ def table(data: dict) -> str:
     lines = [f"{data['model']} on {data['cpu']}, {data['threads']} threads, batch 1; prefill {data['prefill_tokens']} "
              f"tokens; decode {data['decode_tokens']} tokens after a {data['short_prompt']}-token / "
              f"{data['prefill_tokens']}-token prompt; median (best) of {data['rounds']} interleaved rounds; "
-             f"load average {data['loadavg_start'][0]:.1f} -> {data['loadavg_end'][0]:.1f}; ONNX KV cache "
+             f"load average {data['load_average_start'][0]:.1f} -> {data['load_average_end'][0]:.1f}; ONNX KV cache "
              f"{data.get('kv', 'concat')}",
              f"perplexity: {data['ppl_protocol']}; KL(torch || ORT) of the same checkpoint", "",
              "| variant | file MB | x fp32 file | prefill s | decode tok/s (short) | x fp32 | decode tok/s (512) "
@@ -352,27 +359,17 @@ def kernel_bench(threads: int, reps: int = 30) -> dict:
                                             N=n, bits=bits, block_size=bs, accuracy_level=acc)
                     row[f"int{bits}_b{bs}_acc{acc}_ms"] = median_ms(session(node, [b, sc, zp], k), k)
         rows.append(row)
-    return {"threads": threads, "m": 1, "rows": rows, "cpu": _cpu_name(), "loadavg": os.getloadavg(),
-            "onnxruntime": _ort_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {"threads": threads, "m": 1, "rows": rows, "onnxruntime": _ort_version()}
 
 
 def kernel_table(data: dict) -> str:
     keys = [k for k in data["rows"][0] if k.endswith("_ms")]
-    lines = [f"one node, M=1, {data['threads']} threads, {data['cpu']}, load average {data['loadavg'][0]:.1f}; ms", "",
+    lines = [f"one node, M=1, {data['threads']} threads, {data['cpu']}, load average "
+             f"{data['load_average_start'][0]:.1f} -> {data['load_average_end'][0]:.1f}; ms", "",
              "| shape | " + " | ".join(k[:-3] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
     for r in data["rows"]:
         lines.append(f"| {r['shape']} ({r['what']}) | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
     return "\n".join(lines)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _ort_version() -> str:

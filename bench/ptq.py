@@ -17,8 +17,12 @@ wall time (calibration and solve; ``wall_seconds`` adds loading and writing the 
 
 The compare suites hold the rows of the README's comparison (settings of the reference table the
 rtn suite does not cover; the -mse suites repeat their GPTQ and awq+gptq rows with ``--grid mse``);
-the gptq, awq and smoothquant suites sweep more settings and options.
-With ``--workdir DIR --reuse`` the checkpoints are kept and an interrupted run resumes.
+the gptq, awq and smoothquant suites sweep more settings and options. ``compare-llmcompressor``
+runs llm-compressor's GPTQ (its own virtual environment: ``bench/peers/setup.sh llmcompressor``)
+beside ours on the same calibration and evaluation windows, in the same run.
+
+Every results file records the exact command, the package version, the thread count, the CPU and
+the load average (bench/runinfo.py); every number in it was measured by that run.
 """
 from __future__ import annotations
 
@@ -36,18 +40,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calib.data import CalibSpec  # noqa: E402
-from compress import __version__, api, models  # noqa: E402
-from compress.methods.awq import AWQOptions  # noqa: E402
-from compress.methods.smoothquant import SmoothQuantOptions  # noqa: E402
-from compress.pipeline import GPTQOptions  # noqa: E402
-from compress.scheme import IntScheme, W8A8Scheme  # noqa: E402
+from calib.data import CalibSpec, calibration_windows  # noqa: E402
+from compress import api, models  # noqa: E402
+from compress.registry import get as get_method  # noqa: E402
 from evals.data import PROTOCOLS, data_dir, read_text  # noqa: E402
 from evals.perplexity import evaluate_many, tokenize, windows  # noqa: E402
 
-# (label, method, scheme kwargs, method options): method options are keyword arguments of
-# api.quantize: {"gptq": GPTQOptions kwargs, "awq": AWQOptions kwargs, "smoothquant":
-# SmoothQuantOptions kwargs}; smoothquant's scheme kwargs build a W8A8Scheme.
+sys.path.insert(0, str(ROOT / "bench"))
+from runinfo import finish, run_info  # noqa: E402
+
+PEER = "llm-compressor"
+# (label, method, scheme fields, method options by group): flattened into the keyword arguments of
+# api.quantize_to_folder (the method's config fields); method PEER runs llm-compressor's GPTQ.
 SUITES = {
     "rtn": [
         ("rtn int8 per-channel sym", "rtn", dict(bits=8, group_size=-1, sym=True), {}),
@@ -158,13 +162,43 @@ REFERENCE_PPL = {
 # our GPTQ with the searched grid (--grid mse) against the reference GPTQ of the same setting
 REFERENCE_PPL.update({f"{k} mse": v for k, v in list(REFERENCE_PPL.items()) if k.startswith("gptq ")})
 
-_OPTIONS = {"gptq": GPTQOptions, "awq": AWQOptions, "smoothquant": SmoothQuantOptions}
+# llm-compressor's GPTQ beside ours at the setting it accepts on SmolLM2 (group 64: it refuses
+# group 128, 576 not being a multiple of it): its defaults (static act-order: grids fixed from the
+# unquantized weights, columns by decreasing Hessian diagonal; dampening 0.01, blocks of 128), ours
+# with the same options, ours at our defaults, and ours with the searched grid
+SUITES["compare-llmcompressor"] = [
+    ("llm-compressor gptq int4 g64 asym (its defaults: act-order static)", PEER,
+     dict(bits=4, group_size=64, sym=False), {"gptq": dict(act_order="static", damp=0.01)}),
+    ("gptq int4 g64 asym (our defaults: act-order, static groups, one pass)", "gptq",
+     dict(bits=4, group_size=64, sym=False), {}),
+    ("gptq int4 g64 asym act-order static-groups true-sequential", "gptq", dict(bits=4, group_size=64, sym=False),
+     {"gptq": dict(true_sequential=True)}),
+    ("gptq int4 g64 asym act-order static-groups mse", "gptq", dict(bits=4, group_size=64, sym=False),
+     {"gptq": dict(grid="mse")}),
+]
+# a representative subset of the README's table, re-run after changes to the method code
+SUITES["port-check"] = [r for r in SUITES["rtn"] + SUITES["compare-gptq"] + SUITES["compare-gptq-mse"]
+                        + SUITES["compare-awq-sq"]
+                        if r[0] in ("rtn int4 g128 asym", "gptq int4 g128 asym act-order",
+                                    "gptq int3 g128 asym act-order mse", "smoothquant w8a8 dynamic a0.5")]
 
 
-def build(method: str, scheme_kw: dict, opts: dict):
-    """The scheme and the api.quantize keyword arguments of one suite row."""
-    scheme = W8A8Scheme(**scheme_kw) if method == "smoothquant" else IntScheme(**scheme_kw)
-    return scheme, {k: _OPTIONS[k](**v) for k, v in opts.items()}
+# The rows of the other suites were measured with GPTQ's earlier defaults (no act-order unless the
+# label says so, groups fitted during the sweep, true-sequential): they say so explicitly.
+_PINNED = {"static_groups": False, "true_sequential": True}
+for _name, _rows in SUITES.items():
+    if _name != "compare-llmcompressor":
+        SUITES[_name] = [(label, method, {"act_order": False, **kw} if "gptq" in method else kw,
+                          dict(opts, gptq={**_PINNED, **opts["gptq"]}) if "gptq" in opts else opts)
+                         for label, method, kw, opts in _rows]
+
+
+def options(scheme_kw: dict, opts: dict) -> dict:
+    """One row's keyword arguments for api.quantize_to_folder (scheme fields and method options)."""
+    out = dict(scheme_kw)
+    for group in opts.values():
+        out.update(group)
+    return out
 
 
 def main(argv=None):
@@ -182,10 +216,8 @@ def main(argv=None):
     ap.add_argument("--eval-chunk", type=int, default=6,
                     help="rows quantized, then evaluated together (held in memory), per pass; results are "
                          "written after every pass")
-    ap.add_argument("--workdir", type=Path, default=None,
-                    help="keep the checkpoints here (default: a temporary folder)")
-    ap.add_argument("--reuse", action="store_true",
-                    help="with --workdir: reuse checkpoints (and their timings) written by an earlier run")
+    ap.add_argument("--peer-venv", type=Path, default=None,
+                    help="llm-compressor's virtual environment (default: ~/.cache/compress/peers/llmcompressor)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="RESULTS.json",
                     help="print one Markdown table of earlier results files (rows merged, with the reference "
@@ -207,13 +239,18 @@ def main(argv=None):
     limit = proto.max_windows if args.max_windows is None else args.max_windows
     wins = windows(tokens, proto.seqlen, limit)
 
-    command = "python bench/ptq.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    info = run_info("bench/ptq.py", argv)
     rows, base_res = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.workdir or Path(tmp)
+        work = Path(tmp)
+        peers = [r for r in suite if r[1] == PEER]
+        if peers:
+            calib_windows = calibration_windows(base.tokenizer, calib, data_dir(args.data_dir))
+            rows += [peer_row(row, args, calib_windows, wins, work) for row in peers]
+        ours = [r for r in suite if r[1] != PEER]
         chunk = max(1, args.eval_chunk)
-        for start in range(0, len(suite), chunk):
-            part = [quantize_row(row, args, calib, work) for row in suite[start:start + chunk]]
+        for start in range(0, len(ours), chunk):
+            part = [quantize_row(row, args, calib, work) for row in ours[start:start + chunk]]
             variants = {}
             for r in part:
                 loaded = models.load(r.pop("_path"))
@@ -226,7 +263,7 @@ def main(argv=None):
                 p = res[r["label"]]
                 r.update(ppl=p.ppl, kld=p.kld, kld_max=p.kld_max, top1=p.top1, eval_seconds=p.seconds)
             rows += part
-            data = _result(args, base_res, rows, command)
+            data = _result(args, base_res, rows, finish(info))
             if args.out:      # after every pass, so a long run keeps what it has measured
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(data, indent=2) + "\n")
@@ -234,43 +271,59 @@ def main(argv=None):
 
 
 def quantize_row(row, args, calib: CalibSpec, work: Path) -> dict:
-    """Quantize one suite row into ``work`` (or reuse it there): the row's record, with its path."""
+    """Quantize one suite row into ``work``: the row's record, with its path."""
     label, method, kw, opts = row
-    scheme, method_kwargs = build(method, kw, opts)
-    if method in api.CALIBRATED:
-        method_kwargs.update(calib=calib, data_dir=data_dir(args.data_dir))
+    kwargs = options(kw, opts)
+    calibrated = get_method(method).calibrated
+    if calibrated:
+        kwargs.update(calib=calib, data_dir=data_dir(args.data_dir))
     out = work / label.replace(" ", "_").replace("+", "-")
-    side = out.with_name(out.name + ".row.json")
-    if args.reuse and side.is_file() and (out / "model.safetensors").is_file():
-        rec = json.loads(side.read_text())
-        print(f"reused {label} ({rec['quantize_seconds']:.1f} s when quantized)", file=sys.stderr)
-    else:
-        t0 = time.perf_counter()
-        info = api.quantize_to_folder(args.model, scheme, out, method=method, progress=False, **method_kwargs)
-        wall = time.perf_counter() - t0
-        rec = {"label": label, "method": method, "scheme": scheme.to_dict(), "options": opts,
-               "calibration": calib.to_dict() if method in api.CALIBRATED else None,
-               "quantize_seconds": info["seconds"], "wall_seconds": round(wall, 3),
-               "load_average": os.getloadavg(), "fallbacks": len(info.get("fallbacks") or {}),
-               "size_bytes": (out / "model.safetensors").stat().st_size}
-        side.write_text(json.dumps(rec, indent=2))
-        print(f"quantized {label} in {info['seconds']:.1f} s", file=sys.stderr, flush=True)
+    load = os.getloadavg()
+    t0 = time.perf_counter()
+    rep = api.quantize_to_folder(args.model, out, method, progress=False, **kwargs)
+    wall = time.perf_counter() - t0
+    rec = {"label": label, "method": method, "scheme": kw, "options": opts,
+           "calibration": calib.to_dict() if calibrated else None,
+           "quantize_seconds": rep["compress_seconds"], "wall_seconds": round(wall, 3),
+           "load_average": [round(x, 2) for x in (*load, *os.getloadavg())],
+           "fallbacks": len(rep.get("fallbacks") or {}),
+           "size_bytes": (out / "model.safetensors").stat().st_size}
+    print(f"quantized {label} in {rep['compress_seconds']:.1f} s", file=sys.stderr, flush=True)
     return dict(rec, _path=str(out))
 
 
-def _result(args, b, rows: list, command: str) -> dict:
+def peer_row(row, args, calib_windows, eval_windows, work: Path) -> dict:
+    """llm-compressor's GPTQ on the same calibration windows, evaluated on the same windows in its
+    own environment (perplexity only: its model is not loaded here)."""
+    from bench.peers.llmcompressor import run_llmcompressor_gptq, write_windows
+    label, _, kw, opts = row
+    wpath = write_windows(work / "peer-windows.safetensors", calib_windows, eval_windows)
+    folder = models.load(args.model).path
+    load = os.getloadavg()
+    res = run_llmcompressor_gptq(args.peer_venv, folder, wpath, work / "peer.json", threads=torch.get_num_threads(),
+                                 eval_base=False, **options(kw, opts))
+    print(f"{label}: {res['seconds_quantize']:.1f} s, ppl {res['ppl']:.3f}", file=sys.stderr, flush=True)
+    return {"label": label, "method": PEER, "scheme": kw, "options": opts,
+            "calibration": args_calib(args), "quantize_seconds": res["seconds_quantize"],
+            "load_average": [round(x, 2) for x in (*load, *os.getloadavg())],
+            "ppl": res["ppl"], "kld": None, "top1": None, "bits_per_weight": None, "peer": res}
+
+
+def args_calib(args) -> dict:
+    return CalibSpec("wikitext2", args.nsamples, args.seqlen, args.seed).to_dict()
+
+
+def _result(args, b, rows: list, info: dict) -> dict:
     return {
         "model": args.model, "protocol": args.protocol, "windows": b.windows, "tokens": b.tokens,
         "base": {"label": "fp32", "ppl": b.ppl, "eval_seconds": b.seconds},
-        "rows": rows, "package_version": __version__, "torch": torch.__version__,
-        "machine": platform.machine(), "threads": torch.get_num_threads(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
+        "rows": rows, "machine": platform.machine(), **info,
     }
 
 
 def _order(r: dict):
     sc = r["scheme"]
-    method_rank = {"rtn": 0, "gptq": 1, "awq": 2, "awq+gptq": 3, "smoothquant": 4}[r["method"]]
+    method_rank = {"rtn": 0, "gptq": 1, "awq": 2, "awq+gptq": 3, "smoothquant": 4, PEER: 5}[r["method"]]
     if r["method"] == "smoothquant":
         return (1, 0, 0, 0, method_rank, r["label"])
     return (0, -sc["bits"], sc["group_size"] != -1, sc["group_size"], method_rank, r["label"])
@@ -303,8 +356,11 @@ def table(files, source: str = "") -> str:
              f"| fp32 | {ref['base']['ppl']:.2f} | {'29.93' if refs else ''} | | | 32 | |"]
     for r in sorted(rows.values(), key=_order):
         want = refs.get(r["label"])
-        lines.append(f"| {r['label']} | {r['ppl']:,.2f} | {'' if want is None else f'{want:,.2f}'} | {r['kld']:.4f} | "
-                     f"{100 * r['top1']:.1f}% | {r['bits_per_weight']:.3f} | {r['quantize_seconds']:.1f} |")
+        kld = "" if r.get("kld") is None else f"{r['kld']:.4f}"
+        top1 = "" if r.get("top1") is None else f"{100 * r['top1']:.1f}%"
+        bpw = "" if r.get("bits_per_weight") is None else f"{r['bits_per_weight']:.3f}"
+        lines.append(f"| {r['label']} | {r['ppl']:,.2f} | {'' if want is None else f'{want:,.2f}'} | {kld} | "
+                     f"{top1} | {bpw} | {r['quantize_seconds']:.1f} |")
     return "\n".join(lines)
 
 

@@ -36,6 +36,9 @@ class ArchSpec:
     lm_head: str
     groups: tuple[LinearGroup, ...]   # in execution order inside a block
     qk_linears: tuple[str, ...] = ()  # query/key projections: their error shows only through attention scores
+    # config.json keys the weight shapes come from: transformers fills a missing one with its own
+    # default (hidden_size 4096 for llama) and only fails later, on a size mismatch in the weights
+    required_config: tuple[str, ...] = ()
 
     @property
     def block_linears(self) -> tuple[str, ...]:
@@ -64,6 +67,7 @@ LLAMA = ArchSpec(
         LinearGroup("mlp.up_proj", ("mlp.down_proj",)),
     ),
     qk_linears=("self_attn.q_proj", "self_attn.k_proj"),
+    required_config=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
 )
 
 OPT = ArchSpec(
@@ -80,6 +84,8 @@ OPT = ArchSpec(
         LinearGroup("fc1", ("fc2",)),
     ),
     qk_linears=("self_attn.q_proj", "self_attn.k_proj"),
+    required_config=("vocab_size", "hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"),
 )
 
 ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT)

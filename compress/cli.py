@@ -150,7 +150,6 @@ def _method_help() -> str:
 def _step_from_cli(method: str, options: dict, targets, ignore, lm_head):
     """The step the command line describes; an option given to a method that does not take it is refused."""
     from .config import flag_of
-    from .recipe import Step
     from .registry import get, methods
     cls = get(method)
     own = {f.name: f for f in cls.config.option_fields()}
@@ -163,14 +162,8 @@ def _step_from_cli(method: str, options: dict, targets, ignore, lm_head):
         ch = own[k].metadata["choices"]
         if ch is not None and isinstance(ch[0], int):
             given[k] = int(given[k])
-    d = {"method": method, **given}
-    if targets:
-        d["targets"] = list(targets)
-    if ignore:
-        d["ignore"] = list(ignore)
-    if lm_head:
-        d["lm_head"] = True
-    return Step.from_dict(d, "--method")
+    from .api import make_step
+    return make_step(method, targets, ignore, (), lm_head, **given)
 
 
 def _print_report(rep: dict) -> None:

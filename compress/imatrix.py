@@ -33,6 +33,7 @@ import torch
 
 from .errors import CompressError
 from .fileio import atomic_file
+from .formats.gguf_file import read_gguf_layout
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,8 @@ def read(path: Path) -> IMatrix:
 
 def _read_gguf(path: Path) -> IMatrix:
     from gguf import GGMLQuantizationType, GGUFReader
+    # gguf's reader trusts every length in the file (a corrupt one sends it past the end): check them first
+    read_gguf_layout(path, kind="imatrix file")
     try:
         r = GGUFReader(str(path))
     except Exception as e:

@@ -44,7 +44,14 @@ _BUILT_IN = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "kquant", "kquant-
 
 
 def _load_all() -> None:
-    from .methods import awq, gptq, kquant, rtn, smoothquant  # noqa: F401, F811  (each registers itself)
+    """Import every module of :mod:`compress.methods`: each method registers itself on import, so a
+    new method is one new file there."""
+    import importlib
+    import pkgutil
+
+    from . import methods as pkg
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
 def methods() -> dict[str, type["Method"]]:

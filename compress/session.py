@@ -41,7 +41,8 @@ def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None) -> None:
         if config.get("quantization_config"):
             raise CompressError(f"{spec} is already a quantized checkpoint")
     elif kind == "gguf":
-        models.check_gguf(path)
+        from .formats.gguf_file import check_gguf
+        check_gguf(path)
     if needs_windows(recipe):
         from calib.data import resolve_text
         resolve_text(recipe.calib_spec().source, data_dir or recipe.calibration.get("data_dir"))
@@ -100,7 +101,7 @@ def compress_model(loaded, recipe: Recipe, out: Path | None = None, data_dir=Non
         except (ValueError, OSError) as e:
             raise CompressError(f"cannot load statistics from {recipe.load_stats}: {e}") from None
     work = None
-    if out is not None:
+    if out is not None and needs_windows(recipe):     # without calibration a run takes seconds per block: no resume
         fp = {"model": model_fingerprint(loaded.path), "recipe": recipe.fingerprint(),
               "calibration": tensor_fingerprint(windows),
               "statistics": model_fingerprint(Path(recipe.load_stats)) if recipe.load_stats else None,
@@ -199,7 +200,8 @@ def run(recipe: Recipe, spec: str | None, out: Path, data_dir=None, restart: boo
     loaded = models.load(spec)
     result = compress_model(loaded, recipe, out, data_dir, restart, progress)
     info = save_output(loaded, recipe, result, out, spec)
-    result["work"].remove()
+    if result["work"] is not None:
+        result["work"].remove()
     losses = {}
     for r, _ in result["records"]:
         losses.update(r.losses)

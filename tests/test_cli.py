@@ -11,7 +11,6 @@ import torch
 from click.testing import CliRunner
 
 from compress.cli import cli
-from tests.conftest import build_tiny
 
 
 def run(args, env=None):
@@ -336,10 +335,10 @@ def test_gguf_with_a_flipped_byte(q8_gguf, tiny_data, tmp_path, field, byte, xor
 def test_gguf_flips_anywhere_in_the_header_are_named(q8_gguf, tmp_path):
     """Every byte of the header, key/value and tensor-info sections flipped in turn: the check either
     accepts the file or raises one line naming the file, never a reader's internal error or a hang."""
-    from compress import models
     from compress.errors import CompressError
+    from compress.formats.gguf_file import check_gguf, read_gguf_layout
     good = q8_gguf.read_bytes()
-    end = models.read_gguf_layout(q8_gguf).data_offset
+    end = read_gguf_layout(q8_gguf).data_offset
     bad = tmp_path / "f.gguf"
     refused = 0
     for i in range(0, end, 7):
@@ -347,7 +346,7 @@ def test_gguf_flips_anywhere_in_the_header_are_named(q8_gguf, tmp_path):
         data[i] ^= 0xFF
         bad.write_bytes(bytes(data))
         try:
-            models.check_gguf(bad)
+            check_gguf(bad)
         except CompressError as e:
             refused += 1
             assert str(bad) in str(e) and "\n" not in str(e), (i, str(e))

@@ -72,7 +72,8 @@ def test_quantize_is_a_one_step_recipe(tmp_path, tiny_llama, tiny_data):
     data = yaml.safe_load(rec.read_text())
     assert data["model"] == str(tiny_llama)
     assert data["steps"] == [{"method": "gptq", "bits": 3, "group_size": 32, "sym": False, "act_order": True,
-                              "static_groups": False, "damp": 0.01, "block_size": 128, "grid": "minmax",
+                              "static_groups": True, "damp": 0.01, "block_size": 128, "grid": "minmax",
+                              "true_sequential": False,
                               "ignore": ["re:.*k_proj"]}]
     assert data["calibration"] == {"source": "wikitext2", "nsamples": 4, "seqlen": 32, "seed": 0}
     b = tmp_path / "b"
@@ -104,7 +105,7 @@ def test_mixed_precision_recipe_with_eval_and_export(tmp_path, tiny_llama, tiny_
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["bits"] == 4 and qc["group_size"] == 32 and qc["compress"]["format_version"] == 2
     dyn = qc["dynamic"]
-    assert dyn["+:^model\\.layers\\.0\\.mlp\\.down_proj$"] == {"bits": 8, "group_size": -1, "desc_act": False,
+    assert dyn["+:^model\\.layers\\.0\\.mlp\\.down_proj$"] == {"bits": 8, "group_size": -1, "desc_act": True,
                                                                 "sym": True}
     assert "-:^model\\.layers\\.1\\.self_attn\\.q_proj$" in dyn
     assert qc["compress"]["modules"]["model.layers.1.mlp.up_proj"]["bits"] == 4

@@ -82,11 +82,12 @@ def test_changed_recipe_or_data_is_refused_and_restart_starts_over(deep_llama, t
     assert out.is_dir() and not work.exists()
 
 
-def test_unreadable_work_folder_is_refused(deep_llama, tmp_path):
+def test_unreadable_work_folder_is_refused(deep_llama, tiny_data, tmp_path):
     out = tmp_path / "o"
     (tmp_path / ".o.work").mkdir()
     (tmp_path / ".o.work" / "progress.json").write_text("{not json")
-    assert_clean_error(run(["quantize", deep_llama, "--group-size", "32", "-o", out]), "--restart")
+    assert_clean_error(run(["quantize", deep_llama, "--method", "gptq", "--group-size", "32", "--nsamples", "2",
+                            "--seqlen", "16", "--data-dir", tiny_data, "-o", out]), "--restart")
 
 
 def test_failed_run_leaves_nothing_behind(deep_llama, tiny_data, tmp_path):

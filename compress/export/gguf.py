@@ -35,6 +35,7 @@ from ..errors import CompressError
 from ..fileio import atomic_file
 from ..formats.ggml_mix import FLOAT_TYPES, MIXES, TensorChoice, get_mix, select_types
 from ..formats.ggml_model import GGMLModel, GGMLTensor, bits_per_weight, quantize_model_rtn
+from ..formats.gguf_file import check_gguf, read_gguf_layout
 from ..solvers.ggml_grid import CODECS, pack_codes
 
 log = logging.getLogger(__name__)
@@ -220,8 +221,6 @@ _GENERAL_COPY = ("general.name", "general.organization", "general.finetune", "ge
 def metadata_from_source(path: Path, vocab: int) -> tuple[list[KV], list[KV]]:
     """``tokenizer.*`` and descriptive ``general.*`` keys of an existing GGUF, copied as they are."""
     from gguf import GGUFReader
-
-    from ..models import read_gguf_layout
     read_gguf_layout(Path(path))          # a one-line error for a damaged file, before the reader sees it
     r = GGUFReader(str(path))
     tok = [_kv_from_field(k, f) for k, f in r.fields.items() if k.startswith("tokenizer.")]
@@ -419,8 +418,6 @@ def write_gguf(path: Path, kvs: list[KV], tensors: list[GGMLTensor], hp: HParams
 def inspect_gguf(path: Path) -> dict:
     """Per-tensor types, sizes and bits per weight of a GGUF file, plus this suite's notes."""
     from gguf import GGUFReader
-
-    from ..models import read_gguf_layout
     path = Path(path)
     read_gguf_layout(path)               # structure only: inspect shows any GGUF that is intact
     r = GGUFReader(str(path))
@@ -654,7 +651,6 @@ def read_gguf_weights(path: Path, blocks_prefix: str = "model.layers") -> dict[s
     from gguf import GGUFReader
 
     from ..formats import kquants
-    from ..models import check_gguf
     check_gguf(Path(path))
     r = GGUFReader(str(path))
     n_head = int(r.fields[f"{GGUF_ARCH}.attention.head_count"].contents())

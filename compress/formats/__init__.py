@@ -1,1 +1,2 @@
-"""Packed weight formats. Each module holds one family: pack, unpack, dequantize."""
+"""Packed weight formats. Each module holds one family: pack, unpack, dequantize; gguf_file checks
+GGUF files' bytes before any reader sees them."""

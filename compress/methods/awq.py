@@ -34,7 +34,7 @@ from ..quantizer import dequantize_values, quantize_rtn
 from ..registry import Method, register
 from ..solvers.awq_search import apply_clip, clip_search, hessian_error, search_scale
 from ..solvers.obs import output_error
-from .gptq import GPTQOptions, gptq_into
+from .gptq import GPTQOptions, block_hessians, gptq_into
 from .scaling import apply_scale, can_scale
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,8 @@ class AWQ(Method):
         groups = blk.groups()
         self._scale(blk, groups)
         skip = set(self.cfg.clip_skip if self.cfg.clip_skip is not None else blk.arch.qk_linears)
-        for g in groups:
-            H = blk.hessian(g).hessian()
+        hessians = block_hessians(blk, self.cfg) if self.use_gptq else ((g, blk.hessian(g).hessian()) for g in groups)
+        for g, H in hessians:
             for name in blk.targeted(g):
                 self._quantize(blk, name, H, name not in skip)
 

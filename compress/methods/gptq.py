@@ -19,13 +19,34 @@ from ..solvers.int_grid import GRIDS, gptq_solve
 class GPTQOptions(IntOptions):
     """GPTQ's options (also taken by awq+gptq)."""
 
-    act_order: bool = opt(False, "GPTQ: quantize columns by decreasing Hessian diagonal (g_idx).")
-    static_groups: bool = opt(False, "GPTQ: fix group grids before the column sweep.")
+    act_order: bool = opt(True, "GPTQ: quantize columns by decreasing Hessian diagonal (g_idx).",
+                          flag="--act-order/--no-act-order")
+    static_groups: bool = opt(True, "GPTQ: fix group grids before the column sweep (g_idx stays in natural "
+                                    "order); off: each group's grid is fitted when the sweep reaches it.",
+                              flag="--static-groups/--no-static-groups")
     damp: float = opt(0.01, "GPTQ: dampening, relative to the mean Hessian diagonal.", min=0, max=1,
                       open_min=True, open_max=True)
     block_size: int = opt(128, "GPTQ: columns per lazy batch update.", min=1)
     grid: str = opt("minmax", "GPTQ: each group's grid spans its min and max, or the shrunken range with the "
                               "least loss-weighted rounding error (mse).", choices=GRIDS)
+    true_sequential: bool = opt(False, "GPTQ: collect each group's Hessian with the block's earlier groups already "
+                                       "quantized (about 1.4x the time); off: every group's Hessian from one pass of "
+                                       "the block as the previous blocks left it, as llm-compressor does.",
+                                flag="--true-sequential/--no-true-sequential")
+
+
+def block_hessians(blk, cfg: GPTQOptions):
+    """Yield ``(group, H)`` for the block's groups in execution order: each collected just before it
+    is solved (true-sequential), or all from one pass of the block as it was."""
+    from calib.stats import HessianAccumulator
+    groups = blk.groups()
+    if cfg.true_sequential:
+        for g in groups:
+            yield g, blk.hessian(g).hessian()
+        return
+    accs = blk.observe_inputs({g: HessianAccumulator for g in groups})
+    for g in groups:
+        yield g, accs[blk.key(g)].hessian()
 
 
 def gptq_into(record, module: torch.nn.Module, name: str, full: str, H: torch.Tensor, scheme,
@@ -65,12 +86,10 @@ class GPTQ(Method):
     config = GPTQOptions
     lm_head = True
 
-    def observe(self, blk, group):
-        return blk.hessian(group).hessian()
-
-    def apply(self, blk, group, H) -> None:
-        for name in blk.targeted(group):
-            gptq_into(blk.record, blk.block, name, blk.full(name), H, blk.scheme(name), self.cfg)
+    def process_block(self, blk) -> None:
+        for group, H in block_hessians(blk, self.cfg):
+            for name in blk.targeted(group):
+                gptq_into(blk.record, blk.block, name, blk.full(name), H, blk.scheme(name), self.cfg)
 
     def process_head(self, run, inputs) -> None:
         name = run.arch.lm_head

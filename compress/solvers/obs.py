@@ -82,7 +82,9 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor | None:
     chol, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0 or not bool(torch.isfinite(chol).all()):
         return None
-    hinv = torch.cholesky_inverse(chol)
+    # cholesky_solve against the identity: the same inverse as cholesky_inverse, which MKL computes
+    # up to 20x slower on some CPUs (121 ms against 6 ms for 576 x 576 on an AMD EPYC)
+    hinv = torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype, device=h.device), chol)
     u, info = torch.linalg.cholesky_ex(hinv, upper=True)
     if int(info) != 0 or not bool(torch.isfinite(u).all()) or not bool((torch.diagonal(u) > 0).all()):
         return None

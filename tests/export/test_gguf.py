@@ -10,7 +10,6 @@ import inspect
 import json
 import os
 import re
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -597,6 +596,36 @@ def test_bad_inputs(tiny_llama, imatrix_file, tmp_path):
                        "corrupt imatrix")
     assert not o.exists() and not any(p.name.startswith(".o.gguf") for p in tmp_path.iterdir())
 
+
+
+def _imatrix_offsets(path: Path) -> dict[str, int]:
+    """Byte offsets of two lengths in a well-formed imatrix GGUF, from gguf's reader (not from the suite)."""
+    from gguf import GGUFReader
+    r = GGUFReader(str(path))
+    ds = r.fields["imatrix.datasets"]
+    return {"datasets array length": ds.offset + 8 + len("imatrix.datasets") + 4 + 4,   # key, type, item type
+            "tensor name length": r.tensors[0].field.offset}
+
+
+# (length, byte within it, xor, what the message must name). Without the structure check both ended in
+# gguf's reader failing with "index 0 is out of bounds for axis 0 with size 0" (reading past the end).
+IMATRIX_FLIPS = [
+    ("datasets array length", 5, 0xFF, ("array 'imatrix.datasets' claims",)),
+    ("tensor name length", 2, 0xFF, ("name of tensor 1 of", "runs past the end of the file")),
+]
+
+
+@pytest.mark.parametrize("field,byte,xor,needles", IMATRIX_FLIPS, ids=[f[0] for f in IMATRIX_FLIPS])
+def test_imatrix_with_a_flipped_length_byte(tiny_llama, imatrix_file, tmp_path, field, byte, xor, needles):
+    data = bytearray(imatrix_file.read_bytes())
+    data[_imatrix_offsets(imatrix_file)[field] + byte] ^= xor
+    bad = tmp_path / "flipped-imatrix.gguf"
+    bad.write_bytes(bytes(data))
+    o = tmp_path / "o.gguf"
+    res = run(["quantize", tiny_llama, "--method", "kquant", "--type", "Q4_K_M", "--imatrix", bad, "-o", o])
+    assert_clean_error(res, f"corrupt imatrix file {bad}", *needles)
+    assert "out of bounds" not in res.output
+    assert not o.exists() and not any(p.name.startswith(".o.gguf") for p in tmp_path.iterdir())
 
 def test_imatrix_of_another_model_and_model_gguf_as_imatrix(tiny_llama, f32_gguf, tmp_path):
     other = build_tiny(tmp_path / "wide", hidden=128, ffn=256)

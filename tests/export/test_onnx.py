@@ -227,7 +227,8 @@ def test_gptq_act_order_checkpoint(tiny_gqa, tiny_data, tmp_path, fmt):
     from calib.data import CalibSpec
     out = tmp_path / "gptq"
     api.quantize_to_folder(str(tiny_gqa), out, "gptq", progress=False, calib=CalibSpec(nsamples=8, seqlen=64),
-                           data_dir=str(tiny_data), bits=4, group_size=64, sym=False, act_order=True)
+                           data_dir=str(tiny_data), bits=4, group_size=64, sym=False, act_order=True,
+                           static_groups=False)
     loaded = models.load(str(out))
     q = loaded.model.model.layers[0].self_attn.q_proj
     assert not bool((q.g_idx[1:] >= q.g_idx[:-1]).all())           # really permuted
