@@ -84,9 +84,12 @@ def compress_model(loaded, recipe: Recipe, out: Path | None = None, data_dir=Non
     ``{"records": [RunRecord], "methods": [Method], "seconds": ..., "resumed": bool}``."""
     if loaded.kind == "packed":
         raise CompressError(f"{loaded.source} is already a quantized checkpoint")
-    if recipe.output == "gguf":
+    if recipe.output == "gguf":          # every tensor goes into the file: all must be finite
         from .export.gguf import HParams
         HParams.from_config(loaded.model.config)
+        for name, p in loaded.model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise CompressError(f"{name} has NaN or Inf weights")
     for n, step in enumerate(recipe.steps, 1):
         check_modules(loaded, step, f"step {n} ({step.method})")
     if windows is None and needs_windows(recipe):

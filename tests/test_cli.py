@@ -218,6 +218,20 @@ def test_nan_inf_weights(tiny_llama, tmp_path, value):
     assert no_leftovers(tmp_path, "o")
 
 
+def test_nan_outside_the_linears_refused_for_gguf(tiny_llama, tmp_path):
+    """A GGUF carries every tensor: a NaN in a norm is refused there (a packed checkpoint keeps
+    norms as they are and only checks the linears it quantizes)."""
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "nan"
+    shutil.copytree(tiny_llama, bad)
+    t = load_file(str(bad / "model.safetensors"))
+    t["model.norm.weight"][5] = float("nan")
+    save_file(t, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    res = run(["quantize", bad, "--method", "kquant", "--type", "Q8_0", "-o", tmp_path / "o.gguf"])
+    assert_clean_error(res, "model.norm.weight", "nan or inf")
+    assert no_leftovers(tmp_path, "o.gguf")
+
+
 @pytest.mark.parametrize("args", [["--bits", "5"], ["--method", "magic"], ["--dtype", "int4"]])
 def test_unknown_option_values(tiny_llama, tmp_path, args):
     res = run(["quantize", tiny_llama, *args, "-o", tmp_path / "o"])
