@@ -1,0 +1,190 @@
+"""`compress export`, `compress eval`, `compress generate`, `compress report`, `compress inspect`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import CompressError
+from . import SuiteGroup, _device, cli
+
+GGUF_TYPE_HELP = ("llama.cpp type mix: Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q8_0, "
+                  "Q4_0, Q4_1, Q5_0, Q5_1, F16, F32")
+
+@cli.group(name="export", cls=SuiteGroup)
+def export_():
+    """Export checkpoints to other runtimes' formats (one subcommand per format)."""
+
+
+@export_.command("onnx")
+@click.argument("checkpoint")
+@click.option("--format", "fmt", type=click.Choice(["matmulnbits", "qdq"]), default="matmulnbits", show_default=True,
+              help="matmulnbits: com.microsoft::MatMulNBits (ONNX Runtime); qdq: opset-21 DequantizeLinear + MatMul.")
+@click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
+              help="Past/present key-value inputs and outputs for token-by-token generation.")
+@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="0", show_default=True,
+              help="MatMulNBits accuracy level: 0 keeps fp32 activations, 4 quantizes them to int8 (faster).")
+@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
+              help="Also quantize lm_head (and a tied embedding) at export; changes the model, off by default.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+def export_onnx(checkpoint, fmt, kv_cache, accuracy_level, lm_head_bits, out):
+    """Export CHECKPOINT (packed or unquantized) to ONNX for ONNX Runtime and other runtimes."""
+    from ..export.onnx import export_onnx as run
+    run(checkpoint, out, fmt=fmt, kv_cache=kv_cache, accuracy_level=int(accuracy_level),
+               lm_head_bits=int(lm_head_bits) if lm_head_bits else None)
+    size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
+    click.echo(f"wrote {out} ({fmt}, {size / 2**20:.1f} MiB)")
+
+
+@export_.command("gguf")
+@click.argument("checkpoint")
+@click.option("--type", "gguf_type", default=None, metavar="TYPE",
+              help=GGUF_TYPE_HELP + ". Default: a gptq-int checkpoint's own integers mapped onto Q4_0/Q4_1/Q8_0 "
+                   "(docs/GGUF.md); F16 for an unquantized model.")
+@click.option("--imatrix", type=click.Path(path_type=Path), default=None,
+              help="Importance matrix for re-quantization (llama.cpp GGUF or .dat).")
+@click.option("--pure", is_flag=True, help="One type for every tensor (llama-quantize --pure).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
+def export_gguf(checkpoint, gguf_type, imatrix, pure, out):
+    """Write CHECKPOINT (packed gptq-int checkpoint, HF folder or registered name) as a GGUF llama.cpp loads."""
+    from ..api import export_gguf as run
+    info = run(checkpoint, out, gguf_type, imatrix=imatrix, pure=pure)
+    counts = ", ".join(f"{t} x{n}" for t, n in sorted(info["type_counts"].items()))
+    click.echo(f"wrote {info['out']} ({counts}; {info['bits_per_weight_matrices']:.3f} bpw in the matrices, "
+               f"{info['size_bytes'] / 2**20:.2f} MiB, tokenizer from {info['tokenizer_from']})")
+    if info.get("mapping"):
+        click.echo(f"mapping: {json.dumps(info['mapping'])}", err=True)
+
+
+def _echo_gguf(info: dict) -> None:
+    click.echo(f"file            {info['path']}")
+    click.echo(f"format          GGUF ({info['architecture']}), file type {info['file_type_name']}"
+               + (f", {info['method']} {info['mix']}{' pure' if info.get('pure') else ''}" if info.get("method") else ""))
+    if info.get("imatrix"):
+        click.echo(f"imatrix         {info['imatrix']}")
+    click.echo(f"size on disk    {info['size_bytes'] / 2**20:.2f} MiB")
+    click.echo(f"parameters      {info['parameters']:,}")
+    click.echo(f"bits per weight {info['bits_per_weight_matrices']:.3f} (matrices), "
+               f"{info['bits_per_weight_overall']:.3f} (all tensors)")
+    click.echo(f"{'tensor':32s} {'shape':>12s} {'type':>5s} {'bpw':>7s}  note")
+    for t in info["tensors"]:
+        shape = "x".join(map(str, t["shape"]))
+        click.echo(f"{t['name']:32s} {shape:>12s} {t['type']:>5s} {t['bits_per_weight']:>7.3f}  {t['note']}")
+
+
+# --------------------------------------------------------------------------- eval
+
+@cli.group(name="eval", cls=SuiteGroup)
+def eval_():
+    """Evaluate models."""
+
+
+@eval_.command("ppl")
+@click.argument("model")
+@click.option("--protocol", type=click.Choice(["wt2-quick", "wt2-full"]), default="wt2-quick", show_default=True)
+@click.option("--max-windows", type=int, default=None, help="Evaluate at most N windows.")
+@click.option("--base", default=None, help="Unquantized model to compare with (KL divergence, top-1 agreement).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder holding wikitext-2-raw/ (default: $COMPRESS_DATA_DIR).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the result here.")
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="onnxruntime: MODEL is a folder written by `compress export onnx`.")
+def eval_ppl(model, protocol, max_windows, base, data_dir, json_out, runtime):
+    """Perplexity of MODEL on a fixed protocol (and KL divergence to --base)."""
+    from ..api import eval_ppl as run, write_json
+    if runtime == "onnxruntime":
+        from ..runtime_onnx import eval_ppl_onnx as run
+    res = run(model, protocol, max_windows, base, data_dir)
+    line = f"{model}: ppl {res['ppl']:.4f} on {protocol} ({res['tokens']} tokens, {res['seconds']:.1f} s)"
+    if res.get("kld") is not None:
+        line += f"  KLD {res['kld']:.5f}  top-1 {100 * res['top1']:.2f}%  base ppl {res['base_ppl']:.4f}"
+    click.echo(line)
+    if json_out:
+        write_json(res, json_out)
+
+
+# --------------------------------------------------------------------------- generate
+
+@cli.command()
+@click.argument("model")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0.0, 10.0), default=0.0, show_default=True,
+              help="0 for greedy decoding.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--kernel-report", is_flag=True, help="Print which kernel path ran the quantized linears.")
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="onnxruntime: MODEL is a folder written by `compress export onnx`.")
+def generate(model, prompt, max_new_tokens, temperature, seed, device, kernel_report, runtime):
+    """Generate text from MODEL (a registered name, folder, packed checkpoint or .gguf)."""
+    if runtime == "onnxruntime":
+        from ..runtime_onnx import generate_text
+        if not prompt:
+            raise CompressError("--prompt must not be empty")
+        res = generate_text(model, prompt, max_new_tokens, temperature, seed)
+    else:
+        from ..api import generate as run
+        res = run(model, prompt, max_new_tokens, temperature, seed, _device(device))
+    click.echo(res["text"])
+    click.echo(f"[{res['new_tokens']} tokens, {res['tokens_per_second']:.1f} tokens/s]", err=True)
+    if kernel_report and "kernel_paths" in res:
+        click.echo(f"kernel paths: {res['kernel_paths']}", err=True)
+
+
+# --------------------------------------------------------------------------- report
+
+@cli.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Markdown report; JSON beside it.")
+@click.option("--max-ppl-increase", type=float, default=None,
+              help="Exit non-zero if a run's perplexity exceeds its base by more than PCT percent.")
+def report(results, out, max_ppl_increase):
+    """Compare evaluation results (JSON files from `compress eval ppl --json`)."""
+    from evals import report as rep
+
+    from ..api import write_json
+    from ..fileio import atomic_text
+    if max_ppl_increase is not None and max_ppl_increase < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--max-ppl-increase")
+    runs = [rep.read_run(p) for p in results]
+    data = rep.build(runs)
+    md = rep.markdown(data)
+    atomic_text(out, md)
+    write_json(data, out.with_suffix(".json"))
+    click.echo(md, nl=False)
+    if max_ppl_increase is not None:
+        if not any(r["base_ppl"] is not None for r in data["rows"]):
+            raise CompressError("--max-ppl-increase needs a base run (an unquantized model's result) among the files")
+        bad = rep.regressions(data, max_ppl_increase)
+        if bad:
+            names = ", ".join(f"{r['model']} ({r['ppl_increase_pct']:+.2f}%)" for r in bad)
+            raise CompressError(f"perplexity regression beyond {max_ppl_increase}%: {names}")
+
+
+# --------------------------------------------------------------------------- inspect
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def inspect(checkpoint, as_json):
+    """Show a packed checkpoint's scheme, format, size and per-layer summary."""
+    from ..api import inspect as run
+    info = run(checkpoint)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    if "tensors" in info and "architecture" in info:
+        return _echo_gguf(info)
+    click.echo(f"checkpoint      {info['path']}")
+    click.echo(f"format          {info['format']} v{info['format_version']}")
+    click.echo(f"method/scheme   {info['label']}")
+    click.echo(f"size on disk    {info['size_bytes'] / 2**20:.2f} MiB (weights {info['weights_bytes'] / 2**20:.2f} MiB)")
+    click.echo(f"parameters      {info['parameters']:,}")
+    click.echo(f"bits per weight {info['bits_per_weight_quantized']:.3f} (quantized linears), "
+               f"{info['bits_per_weight_overall']:.3f} (whole file)")
+    click.echo(f"{'layer':48s} {'shape':>12s} {'bits':>4s} {'groups':>6s} {'bpw':>6s}")
+    for l in info["layers"]:
+        shape = "x".join(map(str, l["shape"]))
+        click.echo(f"{l['name']:48s} {shape:>12s} {l['bits']:>4d} {l['groups']:>6d} {l['bits_per_weight']:>6.3f}")

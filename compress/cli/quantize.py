@@ -1,0 +1,207 @@
+"""`compress quantize`, `compress run` and `compress imatrix`: the options of ``quantize`` come from
+the method registry (every method's config fields)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import CompressError
+from . import _calib_options, _device, _given, cli
+
+# --------------------------------------------------------------------------- quantize / run
+
+def _method_options():
+    """One click option per method option, from the registry (the union over every method)."""
+    from ..config import flag_of
+    from ..registry import methods
+    fields = {}
+    for m in methods().values():
+        for f in m.config.option_fields():
+            fields.setdefault(f.name, f)
+    opts = []
+    for name, f in fields.items():
+        m = f.metadata
+        owners = [n for n, cls in methods().items() if name in {g.name for g in cls.config.option_fields()}]
+        default = "" if f.default is None else f" [default: {str(f.default).lower() if isinstance(f.default, bool) else f.default}]"
+        help = f"{m['help']}{default} ({', '.join(owners)})"
+        flag = flag_of(f)
+        if f.type in ("bool", "bool | None") or isinstance(f.default, bool):
+            if "/" in flag:
+                opts.append(click.option(flag, name, default=None, help=help))
+            else:
+                opts.append(click.option(flag, name, is_flag=True, default=None, help=help))
+        elif m["choices"] is not None:
+            opts.append(click.option(flag, name, type=click.Choice([str(c) for c in m["choices"]]), default=None,
+                                     help=help))
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            opts.append(click.option(flag, name, type=kind, default=None, help=help))
+
+    def apply(fn):
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+    return apply
+
+
+def _method_names() -> list[str]:
+    from ..registry import methods
+    return list(methods())
+
+
+def _method_help() -> str:
+    from ..registry import methods
+    return "; ".join(f"{n}: {m.summary}" for n, m in methods().items())
+
+
+def _step_from_cli(method: str, options: dict, targets, ignore, lm_head):
+    """The step the command line describes; an option given to a method that does not take it is refused."""
+    from ..config import flag_of
+    from ..registry import get, methods
+    cls = get(method)
+    own = {f.name: f for f in cls.config.option_fields()}
+    given = {k: v for k, v in options.items() if v is not None and _given(k)}
+    for k in given:
+        if k not in own:
+            f = next(g for m in methods().values() for g in m.config.option_fields() if g.name == k)
+            owners = [n for n, m in methods().items() if k in {g.name for g in m.config.option_fields()}]
+            raise CompressError(f"{flag_of(f)} applies to {', '.join(owners)}, not to {method}")
+        ch = own[k].metadata["choices"]
+        if ch is not None and isinstance(ch[0], int):
+            given[k] = int(given[k])
+    from ..api import make_step
+    return make_step(method, targets, ignore, (), lm_head, **given)
+
+
+def _print_report(rep: dict) -> None:
+    out = rep["output"]
+    if "type_counts" in out:
+        counts = ", ".join(f"{t} x{n}" for t, n in sorted(out["type_counts"].items()))
+        click.echo(f"wrote {out['out']} ({out['mix']}{' pure' if out.get('pure') else ''}, {counts}; "
+                   f"{out['bits_per_weight_matrices']:.3f} bpw in the matrices, {out['size_bytes'] / 2**20:.2f} MiB, "
+                   f"{rep['compress_seconds']:.1f} s)")
+        if out.get("fallbacks"):
+            click.echo(f"{out['fallbacks']} tensors fell back to a 32-block type (rows not a multiple of 256), "
+                       "as llama.cpp does; `compress inspect` lists them", err=True)
+    else:
+        steps = " then ".join(s["method"] for s in rep["steps"])
+        click.echo(f"wrote {out['out']} ({out['layers']} layers quantized, {steps}, {rep['compress_seconds']:.1f} s)")
+    for name, fb in (rep.get("fallbacks") or {}).items():
+        click.echo(f"fallback: {name}: {fb}", err=True)
+    for p in rep.get("post", []):
+        if "eval" in p:
+            e = p["eval"]
+            line = f"eval {e['protocol']}: ppl {e['ppl']:.4f}"
+            if e.get("kld") is not None:
+                line += f"  KLD {e['kld']:.5f}  top-1 {100 * e['top1']:.2f}%  base ppl {e['base_ppl']:.4f}"
+            click.echo(line)
+        else:
+            click.echo(f"exported {p['export']['format']}: {p['export']['out']}")
+
+
+_run_options = [
+    click.option("--restart", is_flag=True, help="Discard an interrupted run's work folder and start over."),
+    click.option("--report", "report_out", type=click.Path(path_type=Path), default=None,
+                 help="Write the run's report (JSON) here."),
+]
+
+
+def _with(options):
+    def apply(fn):
+        for o in reversed(options):
+            fn = o(fn)
+        return fn
+    return apply
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice(_method_names()), default="rtn", show_default=True,
+              help="Compression method: " + _method_help() + ".")
+@_method_options()
+@click.option("--targets", multiple=True, metavar="NAME|re:PATTERN",
+              help="Modules to compress (repeatable; default: every linear in the decoder blocks).")
+@click.option("--ignore", multiple=True, metavar="NAME|re:PATTERN", help="Modules to leave alone (repeatable).")
+@click.option("--lm-head", is_flag=True, help="Also compress the lm_head (a tied embedding is untied and stays unquantized).")
+@_calib_options("Calibration windows.", "Tokens per calibration window.")
+@click.option("--save-stats", type=click.Path(path_type=Path), default=None,
+              help="Save the calibration statistics (safetensors) for reuse.")
+@click.option("--load-stats", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Reuse saved statistics instead of running calibration.")
+@click.option("--device", default="cpu", show_default=True, help="Device for calibration (cpu, cuda).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
+              show_default=True, help="Storage dtype of the tensors left unquantized.")
+@click.option("--save-recipe", type=click.Path(path_type=Path), default=None,
+              help="Write the recipe this command runs (YAML) for `compress run`.")
+@_with(_run_options)
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output: a checkpoint folder (a .gguf file for kquant and kquant-gptq).")
+def quantize(model, method, targets, ignore, lm_head, calib_source, nsamples, seqlen, seed, data_dir, save_stats,
+             load_stats, device, dtype, save_recipe, restart, report_out, out, **options):
+    """Compress MODEL (registered name, HF folder or .gguf) with one method: a one-step recipe."""
+    from calib.data import CalibSpec
+
+    from ..recipe import Recipe, write
+    from ..session import run
+    step = _step_from_cli(method, options, targets, ignore, lm_head)
+    calib_given = [f"--{n.replace('_', '-')}" for n in ("nsamples", "seqlen", "seed") if _given(n)]
+    calib_given += ["--calib"] if _given("calib_source") else []
+    if not step.cls.calibrated and (calib_given or save_stats or load_stats):
+        bad = calib_given + (["--save-stats"] if save_stats else []) + (["--load-stats"] if load_stats else [])
+        raise CompressError(f"{', '.join(bad)} apply to calibrated methods, not to {method}")
+    calibration = CalibSpec(calib_source, nsamples, seqlen, seed).to_dict() if step.cls.calibrated else {}
+    recipe = Recipe((step,), (), model, calibration, dtype, _device(device),
+                    str(save_stats) if save_stats else None, str(load_stats) if load_stats else None)
+    if save_recipe is not None:
+        write(recipe, save_recipe)
+    rep = run(recipe, model, out, data_dir, restart)
+    _finish_run(rep, report_out)
+
+
+def _finish_run(rep: dict, report_out) -> None:
+    from ..api import write_json
+    _print_report(rep)
+    if report_out is not None:
+        write_json(rep, report_out)
+
+
+@cli.command(name="run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="The model to compress (overrides the recipe's 'model').")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder holding the named calibration and evaluation sets (default: $COMPRESS_DATA_DIR).")
+@_with(_run_options)
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output checkpoint folder (.gguf file for GGUF methods).")
+def run_recipe(recipe, model, data_dir, restart, report_out, out):
+    """Run RECIPE (YAML): compression steps, then evaluation and export steps, with one report."""
+    from ..recipe import read
+    from ..session import run
+    r = read(recipe)
+    rep = run(r, model, out, data_dir, restart)
+    _finish_run(rep, report_out)
+
+
+# --------------------------------------------------------------------------- GGUF (llama.cpp)
+
+
+
+@cli.command()
+@click.argument("model")
+@_calib_options("Calibration windows (chunks).", "Tokens per window (llama.cpp's -c).")
+@click.option("--process-output", is_flag=True,
+              help="Also collect output.weight (llama-imatrix --process-output; not for tied embeddings).")
+@click.option("--output-format", "fmt", type=click.Choice(["gguf", "dat"]), default=None,
+              help="GGUF (llama.cpp's current format) or the legacy binary .dat  [default: by the suffix of -o]")
+@click.option("--device", default="cpu", show_default=True, help="Device for calibration (cpu, cuda).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output imatrix file.")
+def imatrix(model, calib_source, nsamples, seqlen, seed, data_dir, process_output, fmt, device, out):
+    """Importance matrix of MODEL in llama.cpp's format (mean squared input of every linear)."""
+    from calib.data import CalibSpec
+
+    from ..api import compute_imatrix
+    info = compute_imatrix(model, out, CalibSpec(calib_source, nsamples, seqlen, seed), data_dir,
+                           process_output=process_output, fmt=fmt, device=_device(device))
+    click.echo(f"wrote {info['out']} ({info['format']}, {info['entries']} entries, {info['chunks']} chunks of "
+               f"{info['chunk_size']} tokens, {info['seconds']:.1f} s)")
