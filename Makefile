@@ -39,7 +39,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench-rtn: setup
-	$(BIN)/python bench/ptq.py --suite rtn --out bench/results/ptq-rtn-smollm2.json
+	$(BIN)/python bench/ptq.py --suite rtn --eval-chunk 7 --out bench/results/ptq-rtn-smollm2.json
 
 # The README's method comparison (GPTQ, AWQ, awq+gptq, SmoothQuant, both GPTQ grids; about 4 CPU-hours on 2 cores).
 bench-ptq: setup

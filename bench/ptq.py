@@ -7,7 +7,7 @@ a JSON results file and prints a Markdown table. Calibrated methods draw ``--nsa
 ``--seqlen`` tokens from WikiText-2 validation (``--seed``); every row records its quantization
 wall time (calibration and solve; ``wall_seconds`` adds loading and writing the checkpoint).
 
-    python bench/ptq.py --suite rtn --out bench/results/ptq-rtn-smollm2.json
+    python bench/ptq.py --suite rtn --eval-chunk 7 --out bench/results/ptq-rtn-smollm2.json
     python bench/ptq.py --suite compare-gptq --eval-chunk 8 --out bench/results/ptq-compare-gptq-smollm2.json
     python bench/ptq.py --suite compare-awq-sq --eval-chunk 8 --out bench/results/ptq-compare-awq-sq-smollm2.json
     python bench/ptq.py --suite compare-gptq-mse --eval-chunk 8 --out bench/results/ptq-compare-gptq-mse-smollm2.json
