@@ -40,12 +40,7 @@ def make_recipe(steps, calib=None, save_stats=None, load_stats=None, device: str
     from .recipe import Recipe
     if not isinstance(steps, (list, tuple)):
         steps = [steps]
-    calibrated = any(s.cls.calibrated for s in steps)
-    cal = calib.to_dict() if (calib is not None and calibrated) else {}
-    if calib is not None and not calibrated:
-        raise CompressError(f"calibration options apply to calibrated methods, not to "
-                            f"{', '.join(s.method for s in steps)}")
-    return Recipe(tuple(steps), tuple(post), model, cal, dtype, device,
+    return Recipe(tuple(steps), tuple(post), model, calib.to_dict() if calib is not None else {}, dtype, device,
                   str(save_stats) if save_stats else None, str(load_stats) if load_stats else None)
 
 

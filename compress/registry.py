@@ -69,6 +69,15 @@ def get(name: str) -> type["Method"]:
     return REGISTRY[name]
 
 
+def option_fields() -> dict:
+    """Every method's config fields by name (the first declaration of a shared name)."""
+    out = {}
+    for m in methods().values():
+        for f in m.config.option_fields():
+            out.setdefault(f.name, f)
+    return out
+
+
 def owners(option: str) -> list[str]:
     """Names of the methods that take config field ``option``."""
     return [n for n, m in methods().items() if option in {f.name for f in m.config.option_fields()}]

@@ -106,9 +106,7 @@ def compress_model(loaded, recipe: Recipe, out: Path | None = None, data_dir=Non
     work = None
     if out is not None and needs_windows(recipe):     # without calibration a run takes seconds per block: no resume
         fp = {"model": model_fingerprint(loaded.path), "recipe": recipe.fingerprint(),
-              "calibration": tensor_fingerprint(windows),
-              "statistics": model_fingerprint(Path(recipe.load_stats)) if recipe.load_stats else None,
-              "version": __version__}
+              "calibration": tensor_fingerprint(windows), "version": __version__}
         work = WorkFolder(out, fp, restart)
         if work.resumed:
             print(f"resuming the interrupted run from {work.path} (--restart starts over)", flush=True)
@@ -152,10 +150,11 @@ def _run_steps(loaded, recipe: Recipe, work, windows, stats_loaded, progress: bo
             "resumed": bool(work is not None and work.resumed), "work": work, "windows": windows}
 
 
-def module_schemes(records) -> dict:
+def merged(records, field: str) -> dict:
+    """One dict of every step's ``RunRecord.<field>`` (schemes, losses, fallbacks)."""
     out = {}
     for rec, _ in records:
-        out.update(rec.schemes)
+        out.update(getattr(rec, field))
     return out
 
 
@@ -169,13 +168,10 @@ def save_output(loaded, recipe: Recipe, result: dict, out: Path, source: str) ->
         if method.calibrated and not recipe.load_stats:
             import json
             extra["calibration"] = json.dumps(recipe.calib_spec().to_dict())
-        info = save_ggml_model(loaded, state["ggml"], out, {k: v for k, v in extra.items() if k not in ("mix", "pure")})
+        info = save_ggml_model(loaded, state["ggml"], out, extra)
         info.update(mix=state["ggml"].mix, pure=state["ggml"].pure, plan=[c.to_dict() for c in state["ggml"].plan.values()])
         return info
     from .checkpoint import quantization_config, save_packed
-    fallbacks = {}
-    for r, _ in result["records"]:
-        fallbacks.update(r.fallbacks)
     steps = []
     for step, (r, _), m in zip(recipe.steps, result["records"], result["methods"]):
         steps.append({"method": step.method, "options": m.metadata(r), **step.targets.to_dict(),
@@ -184,11 +180,12 @@ def save_output(loaded, recipe: Recipe, result: dict, out: Path, source: str) ->
         extra["calibration"] = recipe.calib_spec().to_dict()
     if recipe.load_stats:
         extra["stats_loaded_from"] = str(recipe.load_stats)
-    extra.update(fallbacks=fallbacks, steps=steps)
-    qc = quantization_config(module_schemes(result["records"]), ",".join(s.method for s in recipe.steps),
+    schemes = merged(result["records"], "schemes")
+    extra.update(fallbacks=merged(result["records"], "fallbacks"), steps=steps)
+    qc = quantization_config(schemes, ",".join(s.method for s in recipe.steps),
                              loaded.arch.linear_names(loaded.model), extra)
     save_packed(loaded, out, qc, recipe.dtype)
-    return {"out": str(out), "layers": len(module_schemes(result["records"]))}
+    return {"out": str(out), "layers": len(schemes)}
 
 
 def run(recipe: Recipe, spec: str | None, out: Path, data_dir=None, restart: bool = False,
@@ -205,14 +202,12 @@ def run(recipe: Recipe, spec: str | None, out: Path, data_dir=None, restart: boo
     info = save_output(loaded, recipe, result, out, spec)
     if result["work"] is not None:
         result["work"].remove()
-    losses = {}
-    for r, _ in result["records"]:
-        losses.update(r.losses)
+    losses = merged(result["records"], "losses")
     report = {"model": spec, "out": str(out), "steps": [s.to_dict() for s in recipe.steps],
               "compress_seconds": round(result["seconds"], 3), "resumed": result["resumed"],
-              "modules": len(module_schemes(result["records"])) if recipe.output != "gguf" else info.get("tensors"),
+              "modules": info["layers"] if recipe.output != "gguf" else info.get("tensors"),
               "total_loss": sum(losses.values()) if losses else None,
-              "fallbacks": {k: v for r, _ in result["records"] for k, v in r.fallbacks.items()},
+              "fallbacks": merged(result["records"], "fallbacks"),
               "output": info, "post": []}
     del loaded
     for p in recipe.post:

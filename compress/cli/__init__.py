@@ -18,9 +18,18 @@ from ..errors import CompressError
 
 
 
+def _with(options):
+    """Apply a list of click options as one decorator (in the order listed)."""
+    def apply(fn):
+        for o in reversed(options):
+            fn = o(fn)
+        return fn
+    return apply
+
+
 def _calib_options(nsamples_help: str, seqlen_help: str):
     """The calibration-set options shared by the calibrated commands."""
-    opts = [
+    return _with([
         click.option("--calib", "calib_source", default="wikitext2", show_default=True,
                      help="Calibration text: a named set (wikitext2) or a UTF-8 text file."),
         click.option("--nsamples", type=int, default=128, show_default=True, help=nsamples_help),
@@ -28,13 +37,7 @@ def _calib_options(nsamples_help: str, seqlen_help: str):
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the window draw."),
         click.option("--data-dir", type=click.Path(path_type=Path), default=None,
                      help="Folder holding the named calibration sets (default: $COMPRESS_DATA_DIR)."),
-    ]
-
-    def apply(f):
-        for o in reversed(opts):
-            f = o(f)
-        return f
-    return apply
+    ])
 
 
 def _user_errors():

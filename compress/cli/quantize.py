@@ -7,24 +7,19 @@ from pathlib import Path
 import click
 
 from ..errors import CompressError
-from . import _calib_options, _device, _given, cli
+from . import _calib_options, _device, _given, _with, cli
 
 # --------------------------------------------------------------------------- quantize / run
 
 def _method_options():
     """One click option per method option, from the registry (the union over every method)."""
     from ..config import flag_of
-    from ..registry import methods
-    fields = {}
-    for m in methods().values():
-        for f in m.config.option_fields():
-            fields.setdefault(f.name, f)
+    from ..registry import option_fields, owners
     opts = []
-    for name, f in fields.items():
+    for name, f in option_fields().items():
         m = f.metadata
-        owners = [n for n, cls in methods().items() if name in {g.name for g in cls.config.option_fields()}]
         default = "" if f.default is None else f" [default: {str(f.default).lower() if isinstance(f.default, bool) else f.default}]"
-        help = f"{m['help']}{default} ({', '.join(owners)})"
+        help = f"{m['help']}{default} ({', '.join(owners(name))})"
         flag = flag_of(f)
         if f.type in ("bool", "bool | None") or isinstance(f.default, bool):
             if "/" in flag:
@@ -37,12 +32,7 @@ def _method_options():
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
             opts.append(click.option(flag, name, type=kind, default=None, help=help))
-
-    def apply(fn):
-        for o in reversed(opts):
-            fn = o(fn)
-        return fn
-    return apply
+    return _with(opts)
 
 
 def _method_names() -> list[str]:
@@ -57,20 +47,14 @@ def _method_help() -> str:
 
 def _step_from_cli(method: str, options: dict, targets, ignore, lm_head):
     """The step the command line describes; an option given to a method that does not take it is refused."""
+    from ..api import make_step
     from ..config import flag_of
-    from ..registry import get, methods
-    cls = get(method)
-    own = {f.name: f for f in cls.config.option_fields()}
+    from ..registry import get, option_fields, owners
+    own = {f.name for f in get(method).config.option_fields()}
     given = {k: v for k, v in options.items() if v is not None and _given(k)}
     for k in given:
         if k not in own:
-            f = next(g for m in methods().values() for g in m.config.option_fields() if g.name == k)
-            owners = [n for n, m in methods().items() if k in {g.name for g in m.config.option_fields()}]
-            raise CompressError(f"{flag_of(f)} applies to {', '.join(owners)}, not to {method}")
-        ch = own[k].metadata["choices"]
-        if ch is not None and isinstance(ch[0], int):
-            given[k] = int(given[k])
-    from ..api import make_step
+            raise CompressError(f"{flag_of(option_fields()[k])} applies to {', '.join(owners(k))}, not to {method}")
     return make_step(method, targets, ignore, (), lm_head, **given)
 
 
@@ -106,13 +90,6 @@ _run_options = [
                  help="Write the run's report (JSON) here."),
 ]
 
-
-def _with(options):
-    def apply(fn):
-        for o in reversed(options):
-            fn = o(fn)
-        return fn
-    return apply
 
 
 @cli.command()

@@ -119,8 +119,7 @@ class KQuant(_GGMLMethod):
             blk.record.add(full, out[0])
 
     def metadata(self, record=None) -> dict:
-        return {"mix": self.cfg.mix, "pure": self.cfg.pure,
-                "imatrix": Path(self.cfg.imatrix).name if self.cfg.imatrix else None}
+        return {"imatrix": Path(self.cfg.imatrix).name if self.cfg.imatrix else None}
 
 
 @register
@@ -154,5 +153,4 @@ class KQuantGPTQ(_GGMLMethod):
 
     def metadata(self, record=None) -> dict:
         errs = (record.extra if record else {}).get("output_errors", {})
-        return {"mix": self.cfg.mix, "pure": self.cfg.pure, "damp": float(self.cfg.damp),
-                "total_output_error": float(sum(errs.values()))}
+        return {"damp": float(self.cfg.damp), "total_output_error": float(sum(errs.values()))}
