@@ -295,12 +295,12 @@ def quantize_row(row, args, calib: CalibSpec, work: Path) -> dict:
 def peer_row(row, args, calib_windows, eval_windows, work: Path) -> dict:
     """llm-compressor's GPTQ on the same calibration windows, evaluated on the same windows in its
     own environment (perplexity only: its model is not loaded here)."""
-    from bench.peers.llmcompressor import run_llmcompressor_gptq, write_windows
+    from bench.peers.llmcompressor import run_llmcompressor, write_windows
     label, _, kw, opts = row
     wpath = write_windows(work / "peer-windows.safetensors", calib_windows, eval_windows)
     folder = models.load(args.model).path
     load = os.getloadavg()
-    res = run_llmcompressor_gptq(args.peer_venv, folder, wpath, work / "peer.json", threads=torch.get_num_threads(),
+    res = run_llmcompressor(args.peer_venv, folder, wpath, work / "peer.json", threads=torch.get_num_threads(),
                                  eval_base=False, **options(kw, opts))
     print(f"{label}: {res['seconds_quantize']:.1f} s, ppl {res['ppl']:.3f}", file=sys.stderr, flush=True)
     return {"label": label, "method": PEER, "scheme": kw, "options": opts,

@@ -13,6 +13,7 @@ from .checkpoint import read_quant_meta
 from .errors import CompressError
 from .fileio import atomic_text
 from .qlinear import QuantLinear, W8A8Linear
+from .solvers.masks import sparsity_of
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def make_step(method: str = "rtn", targets=(), ignore=(), overrides=(), lm_head:
         d["overrides"] = list(overrides)
     if lm_head:
         d["lm_head"] = True
-    return Step.from_dict(d, "quantize")
+    from .registry import REGISTRY
+    return Step.from_dict(d, REGISTRY[method].kind if method in REGISTRY else "quantize")
 
 
 def make_recipe(steps, calib=None, save_stats=None, load_stats=None, device: str = "cpu", dtype: str = "float16",
@@ -87,7 +89,8 @@ def weight_stats(model: torch.nn.Module) -> dict:
             bits, groups = (8, 1) if isinstance(m, W8A8Linear) else (m.bits, int(m.scales.shape[0]))
             layers.append({"name": name, "shape": [m.out_features, m.in_features], "bits": bits,
                            "groups": groups, "bytes": p.nbytes(),
-                           "bits_per_weight": 8 * p.nbytes() / n})
+                           "bits_per_weight": 8 * p.nbytes() / n,
+                           "sparsity": sparsity_of(p.dequantize()) if isinstance(m, QuantLinear) else None})
     return {"quantized_params": q_params, "quantized_bytes": q_bytes,
             "bits_per_weight": (8 * q_bytes / q_params) if q_params else None, "layers": layers}
 
@@ -101,7 +104,10 @@ def inspect(spec: str) -> dict:
         raise CompressError(f"inspect takes a checkpoint folder or a .gguf file, got {spec}")
     config = models.read_config(path)
     if not config.get("quantization_config"):
-        raise CompressError(f"{path} is not a quantized checkpoint (no quantization_config)")
+        raise CompressError(f"{path} is not a quantized or pruned checkpoint (no quantization_config)")
+    from .formats.sparse import inspect_sparse, is_sparse_config
+    if is_sparse_config(config):
+        return inspect_sparse(path, config)
     scheme, meta = read_quant_meta(config, path)
     loaded = models.load(str(path))
     stats = weight_stats(loaded.model)

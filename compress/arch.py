@@ -27,6 +27,28 @@ class LinearGroup:
 
 
 @dataclass(frozen=True)
+class Widths:
+    """Where a block's prunable widths live, for structured pruning: the attention projections
+    that read the hidden state and produce heads (``qkv``), the one that reads the heads back
+    (``attn_out``), the MLP's input and output linears, the block's norms, and the ``config.json``
+    key of each width."""
+
+    q: str
+    k: str
+    v: str
+    attn_out: str
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+    norms: tuple[str, ...]
+    attn_fn: str = "self_attn"          # module whose ``layer_idx`` addresses the KV cache
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str = "num_key_value_heads"
+    mlp_key: str = "intermediate_size"
+    hidden_key: str = "hidden_size"
+    layers_key: str = "num_hidden_layers"
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     family: str
     model_types: tuple[str, ...]
@@ -39,6 +61,7 @@ class ArchSpec:
     # config.json keys the weight shapes come from: transformers fills a missing one with its own
     # default (hidden_size 4096 for llama) and only fails later, on a size mismatch in the weights
     required_config: tuple[str, ...] = ()
+    widths: Widths | None = None      # None: structured pruning is not described for this family
 
     @property
     def block_linears(self) -> tuple[str, ...]:
@@ -68,6 +91,9 @@ LLAMA = ArchSpec(
     ),
     qk_linears=("self_attn.q_proj", "self_attn.k_proj"),
     required_config=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    widths=Widths(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", attn_out="self_attn.o_proj",
+                  mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
+                  norms=("input_layernorm", "post_attention_layernorm")),
 )
 
 OPT = ArchSpec(

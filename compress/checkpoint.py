@@ -136,8 +136,9 @@ def _w8a8_config(scheme: W8A8Scheme, method: str, schemes: dict, extra: dict) ->
     }
 
 
-def save_packed(loaded, out: Path, qconfig: dict, dtype: str = "float16") -> Path:
-    """Write the model held by ``loaded`` (its linears already replaced by QuantLinear) to ``out``."""
+def model_tensors(loaded, dtype: str = "float16") -> dict[str, torch.Tensor]:
+    """The model's state dict as written: floats in ``dtype`` (quantization scales kept as they
+    are), a tied lm_head left out."""
     if dtype not in DTYPES:
         raise CompressError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     model = loaded.model
@@ -150,20 +151,48 @@ def save_packed(loaded, out: Path, qconfig: dict, dtype: str = "float16") -> Pat
         if t.is_floating_point() and not name.endswith(_KEEP_DTYPE):
             t = t.to(DTYPES[dtype])
         tensors[name] = t.detach().contiguous().cpu()
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = qconfig
-    cfg["torch_dtype"] = dtype
+    return tensors
+
+
+def write_folder(loaded, out: Path, tensors: dict, cfg: dict, metadata: dict) -> Path:
+    """Write ``config.json`` (``cfg``), ``model.safetensors`` (``tensors``, header ``metadata``),
+    the generation config and the tokenizer to ``out``, atomically."""
+    model = loaded.model
     with AtomicFolder(out) as tmp:
-        fmt = (qconfig.get("compress") or {})
-        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={
-            "format": "pt", "compress_format": fmt.get("format", gptq_int.FORMAT_ID),
-            "compress_format_version": str(fmt.get("format_version", gptq_int.FORMAT_VERSION))})
+        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", **metadata})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(str(tmp))
     return out
+
+
+def save_dense(loaded, out: Path, dtype: str, meta: dict) -> dict:
+    """Write ``loaded``'s float model as a plain checkpoint folder (what ``from_pretrained`` reads),
+    with the suite's record of how it was made under ``compress`` in ``config.json``."""
+    from . import __version__
+    tensors = model_tensors(loaded, dtype)
+    cfg = loaded.model.config.to_dict()
+    cfg.pop("compress", None)
+    cfg["torch_dtype"] = dtype
+    cfg["compress"] = {**meta, "package_version": __version__}
+    write_folder(loaded, out, tensors, cfg, {})
+    return {"out": str(out), "layers": len(loaded.arch.linear_names(loaded.model)),
+            "parameters": sum(p.numel() for p in loaded.model.parameters()),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+
+
+def save_packed(loaded, out: Path, qconfig: dict, dtype: str = "float16") -> Path:
+    """Write the model held by ``loaded`` (its linears already replaced by QuantLinear) to ``out``."""
+    tensors = model_tensors(loaded, dtype)
+    cfg = loaded.model.config.to_dict()
+    cfg["quantization_config"] = qconfig
+    cfg["torch_dtype"] = dtype
+    fmt = (qconfig.get("compress") or {})
+    return write_folder(loaded, out, tensors, cfg, {
+        "compress_format": fmt.get("format", gptq_int.FORMAT_ID),
+        "compress_format_version": str(fmt.get("format_version", gptq_int.FORMAT_VERSION))})
 
 
 # quant_method -> (format id, readable versions, scheme class)
@@ -224,26 +253,13 @@ def read_quant_meta(config: dict, path: Path) -> tuple[IntScheme, dict]:
 
 def load_packed(path: Path, source: str):
     """Build the model from config.json, swap in QuantLinear modules, load the safetensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .models import Loaded, arch_for, load_tokenizer, read_config, safetensors_files
+    from .models import Loaded, arch_for, load_tokenizer, read_config
 
     config_dict = read_config(path)
     arch = arch_for(config_dict.get("model_type"), config_dict.get("architectures"))
     scheme, meta = read_quant_meta(config_dict, path)
-    files = safetensors_files(path)
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            state.update(load_file(str(f)))
-        except Exception as e:
-            raise CompressError(f"corrupt safetensors file {f}: {str(e).splitlines()[0]}") from None
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    state = read_state(path)
+    model, config = empty_model(path)
     for name, mscheme in meta["modules"].items():
         try:
             lin = model.get_submodule(name)
@@ -263,11 +279,42 @@ def load_packed(path: Path, source: str):
         p = gptq_int.from_tensors(t, mscheme.bits, lin.in_features, lin.out_features)
         _check_packed_shapes(p, mscheme, name, path)
         set_submodule(model, name, QuantLinear.from_packed(p, bias))
+    fill_model(model, config, state, arch, set(meta["quantized_modules"]), path)
+    quant = dict(meta)
+    quant["scheme_obj"] = scheme
+    return Loaded(model, load_tokenizer(path), arch, source, path, "packed", quant)
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    from .models import safetensors_files
+    state: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(path):
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:
+            raise CompressError(f"corrupt safetensors file {f}: {str(e).splitlines()[0]}") from None
+    return state
+
+
+def empty_model(path: Path):
+    """The float32 model ``config.json`` describes, without its quantization config or weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    return model, config
+
+
+def fill_model(model, config, state: dict, arch, replaced: set, path: Path) -> None:
+    """Load the remaining float tensors; every weight the model has must be there (those of the
+    modules in ``replaced`` and a tied lm_head excepted), and nothing else."""
     state = {k: (v.to(torch.float32) if v.is_floating_point() else v) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = arch.lm_head + ".weight"
-    quantized = set(meta["quantized_modules"])
-    missing = [m for m in missing if m.rpartition(".")[0] not in quantized
+    missing = [m for m in missing if m.rpartition(".")[0] not in replaced
                and not (m == head and getattr(config, "tie_word_embeddings", False))]
     if missing or unexpected:
         raise CompressError(f"{path}: weights do not match the config "
@@ -275,10 +322,24 @@ def load_packed(path: Path, source: str):
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.eval()
-    tok = load_tokenizer(path)
-    quant = dict(meta)
-    quant["scheme_obj"] = scheme
-    return Loaded(model, tok, arch, source, path, "packed", quant)
+
+
+def load_sparse(path: Path, source: str):
+    """A sparse float checkpoint (compressed-tensors sparse-bitmask / sparse-24-bitmask), decoded
+    to the dense model (the same weights as the pruned model that was saved)."""
+    from .formats import sparse
+    from .models import Loaded, arch_for, load_tokenizer, read_config
+    config_dict = read_config(path)
+    arch = arch_for(config_dict.get("model_type"), config_dict.get("architectures"))
+    fmt, meta = sparse.read_sparse_meta(config_dict, path)
+    state, modules = sparse.decode_state(read_state(path), fmt, path)
+    model, config = empty_model(path)
+    fill_model(model, config, state, arch, set(), path)
+    info = {"format": fmt, "method": meta.get("method"), "sparsity": meta.get("sparsity") or {},
+            "patterns": meta.get("patterns") or {}, "sparse_modules": modules,
+            "label": f"{meta.get('method', 'sparse')} {meta.get('label', fmt)}",
+            "source_model": meta.get("source_model")}
+    return Loaded(model, load_tokenizer(path), arch, source, path, "hf", info)
 
 
 def _load_w8a8(state: dict, prefix: str, lin, scheme: W8A8Scheme, name: str, path: Path) -> W8A8Linear:

@@ -255,8 +255,9 @@ def load(spec: str, fetch_missing: bool = True) -> Loaded:
     check_tokenizer_files(path)
     qc = config.get("quantization_config") or {}
     if qc:
-        from .checkpoint import load_packed
-        return load_packed(path, spec)
+        from .checkpoint import load_packed, load_sparse
+        from .formats.sparse import is_sparse_config
+        return load_sparse(path, spec) if is_sparse_config(config) else load_packed(path, spec)
     safetensors_files(path)
     model = _from_pretrained(path)
     tok = load_tokenizer(path)

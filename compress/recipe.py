@@ -63,6 +63,11 @@ class Step:
     def cls(self) -> type[Method]:
         return get(self.method)
 
+    @property
+    def writes(self) -> str | None:
+        """The packed format this step writes (None: it leaves the weights float)."""
+        return self.cls.writes(self.config)
+
     def to_dict(self) -> dict:
         d = {"method": self.method, **{k: v for k, v in self.config.to_dict().items() if v is not None}}
         t = self.targets.to_dict()
@@ -186,7 +191,13 @@ class Recipe:
         outputs = {s.cls.output for s in self.steps}
         if "gguf" in outputs and len(self.steps) > 1:
             raise CompressError("a method writing a GGUF file (kquant, kquant-gptq) must be the only compression step")
-        formats = {s.cls.format for s in self.steps}
+        whole = [s.method for s in self.steps if s.cls.whole_model]
+        if whole and len(self.steps) > 1:
+            raise CompressError(f"{whole[0]} changes the model's shape: it must be the only compression step "
+                                "(compress its output in a second run)")
+        if whole and (self.save_stats or self.load_stats):
+            raise CompressError(f"{whole[0]} keeps no statistics (save_stats/load_stats)")
+        formats = {s.writes for s in self.steps} - {None}
         if len(formats) > 1:
             raise CompressError(f"the compression steps write different formats ({', '.join(sorted(formats))}); "
                                 "one checkpoint holds one format")
@@ -203,6 +214,11 @@ class Recipe:
     @property
     def output(self) -> str:
         return self.steps[0].cls.output
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether a step quantizes (else the output is a float, pruned checkpoint)."""
+        return any(s.writes is not None for s in self.steps)
 
     def calib_spec(self):
         from calib.data import CalibSpec

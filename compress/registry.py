@@ -40,7 +40,8 @@ def register(cls: type["Method"]) -> type["Method"]:
     return cls
 
 
-_BUILT_IN = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "kquant", "kquant-gptq")   # the order shown
+_BUILT_IN = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "kquant", "kquant-gptq",
+             "magnitude", "wanda", "sparsegpt", "structured")   # the order shown
 
 
 def _load_all() -> None:
@@ -54,12 +55,13 @@ def _load_all() -> None:
         importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
-def methods() -> dict[str, type["Method"]]:
-    """Every registered method: the built-in ones in a fixed order, then the others as registered."""
+def methods(kind: str | None = None) -> dict[str, type["Method"]]:
+    """Every registered method (of ``kind``, "quantize" or "prune", if given): the built-in ones in
+    a fixed order, then the others as registered."""
     _load_all()
     rank = {n: i for i, n in enumerate(_BUILT_IN)}
     names = sorted(REGISTRY, key=lambda n: (rank.get(n, len(rank)), list(REGISTRY).index(n)))
-    return {n: REGISTRY[n] for n in names}
+    return {n: REGISTRY[n] for n in names if kind is None or REGISTRY[n].kind == kind}
 
 
 def get(name: str) -> type["Method"]:
@@ -69,18 +71,18 @@ def get(name: str) -> type["Method"]:
     return REGISTRY[name]
 
 
-def option_fields() -> dict:
+def option_fields(kind: str | None = None) -> dict:
     """Every method's config fields by name (the first declaration of a shared name)."""
     out = {}
-    for m in methods().values():
+    for m in methods(kind).values():
         for f in m.config.option_fields():
             out.setdefault(f.name, f)
     return out
 
 
-def owners(option: str) -> list[str]:
-    """Names of the methods that take config field ``option``."""
-    return [n for n, m in methods().items() if option in {f.name for f in m.config.option_fields()}]
+def owners(option: str, kind: str | None = None) -> list[str]:
+    """Names of the methods (of ``kind``) that take config field ``option``."""
+    return [n for n, m in methods(kind).items() if option in {f.name for f in m.config.option_fields()}]
 
 
 @dataclass
@@ -149,6 +151,7 @@ class BlockContext:
     record: RunRecord
     stats: StatsBook
     run_state: dict = field(default_factory=dict)   # the method's own state for the whole step
+    pruned: frozenset = frozenset()  # full names of the linears an earlier step pruned (their zeros stay)
 
     def full(self, name: str) -> str:
         return f"{self.arch.blocks}.{self.i}.{name}"
@@ -212,14 +215,25 @@ class Method:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    kind: ClassVar[str] = "quantize"          # "quantize" or "prune" (the CLI command that offers it)
     config: ClassVar[type[MethodConfig]] = MethodConfig
     calibrated: ClassVar[bool] = True
     output: ClassVar[str] = "packed"          # "packed" or "gguf"
     format: ClassVar[str] = "gptq-int"        # packed format written ("gptq-int", "w8a8-int8", "gguf")
     lm_head: ClassVar[bool] = False           # can also compress the lm_head
+    # works on the whole model at once and may change its shape (structured pruning): the runner
+    # calls run_model instead of walking the blocks; such a step is a recipe's only compression
+    # step, and it does not resume (it is one pass over the windows)
+    whole_model: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
+
+    @classmethod
+    def writes(cls, cfg: MethodConfig) -> str | None:
+        """The packed format a step with ``cfg`` writes, or None when it leaves the weights float
+        (pruning alone)."""
+        return cls.format
 
     def scheme_for(self, full_name: str, override: dict):
         """The scheme of one module (the config's, changed by an override)."""
@@ -228,6 +242,13 @@ class Method:
     def check_module(self, full_name: str, linear: torch.nn.Linear, override: dict) -> None:
         """Refuse a module this method cannot compress (before any work starts)."""
         self.scheme_for(full_name, override).check_layer(linear.in_features, full_name)
+
+    def check_model(self, loaded, targets) -> None:
+        """Refuse a model (or targets) this method cannot work on, before any work starts."""
+
+    def run_model(self, run) -> None:
+        """The whole step, for a ``whole_model`` method (it may replace ``run.loaded.model``)."""
+        raise NotImplementedError
 
     def begin(self, run) -> None:
         """Called once before the first block (``run``: the runner's :class:`~compress.runners.sequential.StepRun`)."""

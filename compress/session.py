@@ -38,7 +38,8 @@ def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None) -> None:
     if kind == "folder":
         config = models.read_config(path)
         models.arch_for(config.get("model_type"), config.get("architectures"))
-        if config.get("quantization_config"):
+        from .formats.sparse import is_sparse_config
+        if config.get("quantization_config") and not is_sparse_config(config):
             raise CompressError(f"{spec} is already a quantized checkpoint")
     elif kind == "gguf":
         from .formats.gguf_file import check_gguf
@@ -74,6 +75,7 @@ def check_modules(loaded, step: Step, where: str) -> list[str]:
         if not torch.isfinite(lin.weight).all():
             raise CompressError(f"{name} has NaN or Inf weights")
         inst.check_module(name, lin, step.targets.override_for(name))
+    inst.check_model(loaded, step.targets)
     return names
 
 
@@ -104,7 +106,8 @@ def compress_model(loaded, recipe: Recipe, out: Path | None = None, data_dir=Non
         except (ValueError, OSError) as e:
             raise CompressError(f"cannot load statistics from {recipe.load_stats}: {e}") from None
     work = None
-    if out is not None and needs_windows(recipe):     # without calibration a run takes seconds per block: no resume
+    # without calibration a run takes seconds per block, and a whole-model step is one pass: no resume
+    if out is not None and needs_windows(recipe) and not any(s.cls.whole_model for s in recipe.steps):
         fp = {"model": model_fingerprint(loaded.path), "recipe": recipe.fingerprint(),
               "calibration": tensor_fingerprint(windows), "version": __version__}
         work = WorkFolder(out, fp, restart)
@@ -128,7 +131,8 @@ def _run_steps(loaded, recipe: Recipe, work, windows, stats_loaded, progress: bo
         stats = StatsBook(stats_loaded if calibrated else None, keep=bool(recipe.save_stats) and calibrated,
                           source=str(recipe.load_stats))
         record = RunRecord()
-        run = StepRun(loaded, step.targets, method, record, stats, step.lm_head, recipe.device, progress)
+        run = StepRun(loaded, step.targets, method, record, stats, step.lm_head, recipe.device, progress,
+                      pruned=frozenset(pruned_modules(loaded, records)))
         if work is not None:
             work.load_record(s, loaded.model, record, stats)
         if work is not None and work.step_done(s):
@@ -158,6 +162,19 @@ def merged(records, field: str) -> dict:
     return out
 
 
+def merged_extra(loaded, records, key: str) -> dict:
+    """``extra[key]`` (per-module sparsity, patterns) of a sparse input checkpoint and every step."""
+    out = dict((loaded.quant or {}).get(key) or {}) if loaded.kind == "hf" else {}
+    for rec, _ in records:
+        out.update(rec.extra.get(key) or {})
+    return out
+
+
+def pruned_modules(loaded, records) -> set[str]:
+    """Linears pruned by the input checkpoint or an earlier step: later steps keep their zeros."""
+    return set(merged_extra(loaded, records, "sparsity"))
+
+
 def save_output(loaded, recipe: Recipe, result: dict, out: Path, source: str) -> dict:
     """Write the compressed model: a packed checkpoint folder, or the GGUF file."""
     extra = {"source_model": source}
@@ -180,12 +197,36 @@ def save_output(loaded, recipe: Recipe, result: dict, out: Path, source: str) ->
         extra["calibration"] = recipe.calib_spec().to_dict()
     if recipe.load_stats:
         extra["stats_loaded_from"] = str(recipe.load_stats)
+    sparsity = merged_extra(loaded, result["records"], "sparsity")
+    patterns = merged_extra(loaded, result["records"], "pattern")
+    if any(s.cls.whole_model for s in recipe.steps):
+        from .checkpoint import save_dense
+        extra.update(method=recipe.steps[0].method, steps=steps, **result["records"][0][0].extra)
+        info = save_dense(loaded, out, recipe.dtype, extra)
+        info["structured"] = result["records"][0][0].extra.get("structured")
+        return info
+    if not recipe.quantizes:
+        from .formats.sparse import save_sparse
+        method = ",".join(s.method for s in recipe.steps)
+        extra.update(method=method, steps=steps, fallbacks=merged(result["records"], "fallbacks"),
+                     label=_sparse_label(sparsity, patterns))
+        return save_sparse(loaded, out, sparsity, patterns, recipe.dtype, extra)
+    if sparsity:
+        extra.update(sparsity=sparsity, patterns=patterns)
     schemes = merged(result["records"], "schemes")
     extra.update(fallbacks=merged(result["records"], "fallbacks"), steps=steps)
     qc = quantization_config(schemes, ",".join(s.method for s in recipe.steps),
                              loaded.arch.linear_names(loaded.model), extra)
     save_packed(loaded, out, qc, recipe.dtype)
     return {"out": str(out), "layers": len(schemes)}
+
+
+def _sparse_label(sparsity: dict, patterns: dict) -> str:
+    kinds = set(patterns.values())
+    if len(kinds) == 1 and len(patterns) == len(sparsity):
+        return kinds.pop()
+    mean = sum(sparsity.values()) / max(1, len(sparsity))
+    return f"{100 * mean:.1f}% sparse"
 
 
 def run(recipe: Recipe, spec: str | None, out: Path, data_dir=None, restart: bool = False,

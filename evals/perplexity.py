@@ -90,7 +90,6 @@ def evaluate(model, wins: torch.Tensor, base=None, progress: bool = True, desc: 
 def evaluate_many(models: dict, wins: torch.Tensor, base, progress: bool = True) -> dict[str, PplResult]:
     """Evaluate several models against one base in a single pass over the windows: the base's
     distribution is computed once per window and shared (same numbers as :func:`evaluate`)."""
-    t0 = time.perf_counter()
     acc = {name: {"nll": 0.0, "kl": 0.0, "kl_max": 0.0, "agree": 0, "sec": 0.0} for name in models}
     base_nll = 0.0
     count = 0

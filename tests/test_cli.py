@@ -267,7 +267,7 @@ def test_corrupt_results_file(tmp_path):
 
 
 def test_inspect_unquantized_folder(tiny_llama):
-    assert_clean_error(run(["inspect", tiny_llama]), "not a quantized checkpoint")
+    assert_clean_error(run(["inspect", tiny_llama]), "not a quantized or pruned checkpoint")
 
 
 def test_corrupt_packed_checkpoint(q4, tmp_path):

@@ -14,15 +14,20 @@ from compress.quantizer import dequantize_values, quantize_rtn
 from compress.registry import REGISTRY, Method, methods, register
 from tests.test_cli import assert_clean_error, run
 
-BUILT_IN = ["rtn", "gptq", "awq", "awq+gptq", "smoothquant", "kquant", "kquant-gptq"]
+BUILT_IN = {"quantize": ["rtn", "gptq", "awq", "awq+gptq", "smoothquant", "kquant", "kquant-gptq"],
+            "prune": ["magnitude", "wanda", "sparsegpt", "structured"]}
 
 
-def test_every_method_is_registered_and_offered_by_the_cli():
-    assert list(methods()) == BUILT_IN
-    res = run(["quantize", "--help"])
+@pytest.mark.parametrize("kind", list(BUILT_IN))
+def test_every_method_is_registered_and_offered_by_the_cli(kind):
+    assert list(methods(kind)) == BUILT_IN[kind]
+    res = run([kind, "--help"])
     assert res.exit_code == 0
     text = " ".join(res.output.split())
-    for name, m in methods().items():
+    for other in BUILT_IN:
+        if other != kind:
+            assert not any(f"{n}:" in text for n in BUILT_IN[other] if n not in BUILT_IN[kind])
+    for name, m in methods(kind).items():
         assert name in text and " ".join(m.summary.split())[:30] in text
         for f in m.config.option_fields():
             assert flag_of(f).split("/")[0] in text
@@ -32,23 +37,26 @@ def _foreign_options():
     """Every (method, option of another method) pair, with a value the option's own method accepts."""
     values = {"bits": "4", "group_size": "64", "damp": "0.05", "block_size": "64", "grid": "mse", "alpha": "0.5",
               "act_scheme": "static", "objective": "linear", "n_grid": "10", "max_shrink": "0.3",
-              "search_windows": "2", "type": "Q4_K_M", "imatrix": "x.gguf"}
+              "search_windows": "2", "type": "Q4_K_M", "imatrix": "x.gguf", "sparsity": "0.5", "pattern": "2:4",
+              "profile": "owl", "owl_lambda": "0.1", "owl_m": "3", "heads": "0.25", "mlp": "0.25",
+              "layers": "1", "hidden": "0.1", "importance": "gradient", "multiple_of": "64"}
     out = []
-    for name, m in methods().items():
-        own = {f.name for f in m.config.option_fields()}
-        for other in methods().values():
-            for f in other.config.option_fields():
-                if f.name in own or any(f.name == o[1].name for o in out if o[0] == name):
-                    continue
-                flag = flag_of(f).split("/")[0]
-                out.append((name, f, [flag] if f.name not in values else [flag, values[f.name]]))
+    for kind in BUILT_IN:
+        for name, m in methods(kind).items():
+            own = {f.name for f in m.config.option_fields()}
+            for other in methods(kind).values():
+                for f in other.config.option_fields():
+                    if f.name in own or any(f.name == o[2].name for o in out if o[1] == name):
+                        continue
+                    flag = flag_of(f).split("/")[0]
+                    out.append((kind, name, f, [flag] if f.name not in values else [flag, values[f.name]]))
     return out
 
 
-@pytest.mark.parametrize("method,field,args", _foreign_options(),
+@pytest.mark.parametrize("kind,method,field,args", _foreign_options(),
                          ids=lambda v: v if isinstance(v, str) else getattr(v, "name", None))
-def test_an_option_of_another_method_is_refused(tiny_llama, tmp_path, method, field, args):
-    res = run(["quantize", tiny_llama, "--method", method, *args, "-o", tmp_path / "o"])
+def test_an_option_of_another_method_is_refused(tiny_llama, tmp_path, kind, method, field, args):
+    res = run([kind, tiny_llama, "--method", method, *args, "-o", tmp_path / "o"])
     assert_clean_error(res, flag_of(field), f"not to {method}")
     assert not (tmp_path / "o").exists()
 

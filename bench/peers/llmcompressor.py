@@ -1,17 +1,17 @@
-"""Run llm-compressor's GPTQ side by side with ours: same model, same windows, same evaluator protocol.
+"""Run llm-compressor's GPTQ or pruning side by side with ours: same model, same windows, same evaluator protocol.
 
 Imported by OUR bench scripts under OUR venv (stdlib + torch + safetensors only). llm-compressor
 itself lives in its own venv (it needs transformers 5.x), made by
 
     bench/peers/setup.sh llmcompressor [DIR]        # DIR: ~/.cache/compress/peers/llmcompressor
 
-and runs there as a subprocess (bench/peers/llmcompressor_gptq.py). Our side tokenizes: the peer
+and runs there as a subprocess (bench/peers/llmcompressor_oneshot.py). Our side tokenizes: the peer
 only ever sees token ids (docs/REFERENCE.md section 7: transformers 5 tokenizes our SmolLM2 folder
 differently).
 
-    from bench.peers.llmcompressor import write_windows, run_llmcompressor_gptq
+    from bench.peers.llmcompressor import write_windows, run_llmcompressor
     write_windows(tmp / "windows.safetensors", calib_windows, eval_windows)
-    res = run_llmcompressor_gptq(None, model_folder, tmp / "windows.safetensors", tmp / "lc.json",
+    res = run_llmcompressor(None, model_folder, tmp / "windows.safetensors", tmp / "lc.json",
                                  bits=4, group_size=64, sym=False, act_order="static", damp=0.01)
     res["ppl"], res["seconds_quantize"]
 """
@@ -29,10 +29,11 @@ import torch
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
-SCRIPT = HERE / "llmcompressor_gptq.py"
+SCRIPT = HERE / "llmcompressor_oneshot.py"
 SETUP = HERE / "setup.sh"
 DEFAULT_VENV = Path("~/.cache/compress/peers/llmcompressor").expanduser()
 ACT_ORDERS = ("none", "static", "group", "weight")
+MODIFIERS = ("gptq", "sparsegpt", "wanda", "magnitude")
 
 
 class PeerError(RuntimeError):
@@ -66,18 +67,24 @@ def peer_python(venv=None) -> Path:
     return py
 
 
-def run_llmcompressor_gptq(venv, model_folder, windows_path, out_json, *, bits: int = 4, group_size: int = 64,
-                           sym: bool = False, act_order: str = "static", damp: float = 0.01,
-                           block_size: int = 128, eval_base: bool = True, threads: int | None = None,
-                           timeout: float | None = None, log=None) -> dict:
-    """Quantize ``model_folder`` (our fp32 HF folder) with llm-compressor's GPTQModifier on the
-    ``calib`` windows of ``windows_path`` and evaluate perplexity on its ``eval`` windows, in the
-    peer venv ``venv`` (None: the default one). Runs with our torch thread count (``threads``,
-    default ``torch.get_num_threads()``) set explicitly. ``eval_base``: also evaluate the unquantized
-    model in the peer venv first (result["base"]; it must match our fp32 perplexity on the same windows). Returns the JSON the script writes
-    (also left at ``out_json``); ``log``: a file object for the peer's stdout/stderr (default: ours)."""
+def run_llmcompressor(venv, model_folder, windows_path, out_json, *, modifier: str = "gptq", bits: int = 4,
+                      group_size: int = 64, sym: bool = False, act_order: str = "static", damp: float = 0.01,
+                      block_size: int = 128, sparsity: float | None = None, pattern: str | None = None,
+                      eval_base: bool = True, threads: int | None = None, timeout: float | None = None,
+                      log=None) -> dict:
+    """Compress ``model_folder`` (our fp32 HF folder) with one llm-compressor modifier (``gptq``:
+    GPTQModifier with ``bits``/``group_size``/``sym``/``act_order``; ``sparsegpt``, ``wanda``,
+    ``magnitude``: its pruning modifiers at ``sparsity`` or N:M ``pattern``; ``damp`` and
+    ``block_size`` for GPTQ and SparseGPT) on the ``calib`` windows of ``windows_path`` and
+    evaluate perplexity on its ``eval`` windows, in the peer venv ``venv`` (None: the default one).
+    Runs with our torch thread count (``threads``, default ``torch.get_num_threads()``) set
+    explicitly. ``eval_base``: also evaluate the unquantized model in the peer venv first
+    (result["base"]; it must match our fp32 perplexity on the same windows). Returns the JSON the
+    script writes (also left at ``out_json``); ``log``: a file object for the peer's output (default: ours)."""
     if act_order not in ACT_ORDERS:
         raise ValueError(f"act_order must be one of {ACT_ORDERS}, got {act_order!r}")
+    if modifier not in MODIFIERS:
+        raise ValueError(f"modifier must be one of {MODIFIERS}, got {modifier!r}")
     py = peer_python(venv)
     model_folder = Path(model_folder).expanduser().resolve()
     windows_path = Path(windows_path).expanduser().resolve()
@@ -94,7 +101,9 @@ def run_llmcompressor_gptq(venv, model_folder, windows_path, out_json, *, bits: 
     cmd = [str(py), "-P", str(SCRIPT), "--model", str(model_folder), "--windows", str(windows_path),
            "--bits", str(bits), "--group-size", str(group_size), "--sym" if sym else "--asym",
            "--act-order", act_order, "--damp", repr(float(damp)), "--block-size", str(block_size),
-           "--threads", str(threads), "--out", str(out_json)] + (["--eval-base"] if eval_base else [])
+           "--threads", str(threads), "--out", str(out_json), "--modifier", modifier] \
+        + (["--eval-base"] if eval_base else []) + (["--sparsity", repr(float(sparsity))] if sparsity else []) \
+        + (["--pattern", pattern] if pattern else [])
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",

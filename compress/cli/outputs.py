@@ -165,6 +165,22 @@ def report(results, out, max_ppl_increase):
 
 # --------------------------------------------------------------------------- inspect
 
+def _echo_sparse(info: dict) -> None:
+    click.echo(f"checkpoint      {info['path']}")
+    click.echo(f"format          {info['format']} (compressed-tensors layout) v{info['format_version']}")
+    click.echo(f"method          {info['label']}")
+    click.echo(f"size on disk    {info['size_bytes'] / 2**20:.2f} MiB (weights {info['weights_bytes'] / 2**20:.2f} MiB)")
+    click.echo(f"pruned linears  {info['pruned_bytes'] / 2**20:.2f} MiB stored for {info['pruned_dense_bytes'] / 2**20:.2f} "
+               f"MiB dense ({info['bytes_saved'] / 2**20:.2f} MiB saved)")
+    if info.get("block_sparsity"):
+        click.echo("block sparsity  " + " ".join(f"{s:.3f}" for s in info["block_sparsity"]))
+    click.echo(f"{'layer':48s} {'shape':>12s} {'sparsity':>9s} {'pattern':>7s} {'stored':>8s}")
+    for l in info["layers"]:
+        shape = "x".join(map(str, l["shape"]))
+        click.echo(f"{l['name']:48s} {shape:>12s} {100 * l['sparsity']:8.2f}% {l['pattern'] or '-':>7s} "
+                   f"{l['bytes'] / l['dense_bytes']:7.3f}x")
+
+
 @cli.command()
 @click.argument("checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
@@ -177,6 +193,8 @@ def inspect(checkpoint, as_json):
         return
     if "tensors" in info and "architecture" in info:
         return _echo_gguf(info)
+    if "pruned_bytes" in info:
+        return _echo_sparse(info)
     click.echo(f"checkpoint      {info['path']}")
     click.echo(f"format          {info['format']} v{info['format_version']}")
     click.echo(f"method/scheme   {info['label']}")
@@ -184,7 +202,9 @@ def inspect(checkpoint, as_json):
     click.echo(f"parameters      {info['parameters']:,}")
     click.echo(f"bits per weight {info['bits_per_weight_quantized']:.3f} (quantized linears), "
                f"{info['bits_per_weight_overall']:.3f} (whole file)")
-    click.echo(f"{'layer':48s} {'shape':>12s} {'bits':>4s} {'groups':>6s} {'bpw':>6s}")
+    sparse = any(l.get("sparsity") for l in info["layers"])
+    click.echo(f"{'layer':48s} {'shape':>12s} {'bits':>4s} {'groups':>6s} {'bpw':>6s}" + ("  sparsity" if sparse else ""))
     for l in info["layers"]:
         shape = "x".join(map(str, l["shape"]))
-        click.echo(f"{l['name']:48s} {shape:>12s} {l['bits']:>4d} {l['groups']:>6d} {l['bits_per_weight']:>6.3f}")
+        click.echo(f"{l['name']:48s} {shape:>12s} {l['bits']:>4d} {l['groups']:>6d} {l['bits_per_weight']:>6.3f}"
+                   + (f"  {100 * (l.get('sparsity') or 0):7.2f}%" if sparse else ""))

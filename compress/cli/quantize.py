@@ -1,5 +1,6 @@
-"""`compress quantize`, `compress run` and `compress imatrix`: the options of ``quantize`` come from
-the method registry (every method's config fields)."""
+"""`compress quantize`, `compress prune`, `compress run` and `compress imatrix`: the options of
+``quantize`` and ``prune`` come from the method registry (the config fields of every method of
+that kind)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,15 +12,15 @@ from . import _calib_options, _device, _given, _with, cli
 
 # --------------------------------------------------------------------------- quantize / run
 
-def _method_options():
-    """One click option per method option, from the registry (the union over every method)."""
+def _method_options(kind: str):
+    """One click option per method option, from the registry (the union over the methods of ``kind``)."""
     from ..config import flag_of
     from ..registry import option_fields, owners
     opts = []
-    for name, f in option_fields().items():
+    for name, f in option_fields(kind).items():
         m = f.metadata
         default = "" if f.default is None else f" [default: {str(f.default).lower() if isinstance(f.default, bool) else f.default}]"
-        help = f"{m['help']}{default} ({', '.join(owners(name))})"
+        help = f"{m['help']}{default} ({', '.join(owners(name, kind))})"
         flag = flag_of(f)
         if f.type in ("bool", "bool | None") or isinstance(f.default, bool):
             if "/" in flag:
@@ -30,22 +31,22 @@ def _method_options():
             opts.append(click.option(flag, name, type=click.Choice([str(c) for c in m["choices"]]), default=None,
                                      help=help))
         else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            opts.append(click.option(flag, name, type=kind, default=None, help=help))
+            typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            opts.append(click.option(flag, name, type=typ, default=None, help=help))
     return _with(opts)
 
 
-def _method_names() -> list[str]:
+def _method_names(kind: str) -> list[str]:
     from ..registry import methods
-    return list(methods())
+    return list(methods(kind))
 
 
-def _method_help() -> str:
+def _method_help(kind: str) -> str:
     from ..registry import methods
-    return "; ".join(f"{n}: {m.summary}" for n, m in methods().items())
+    return "; ".join(f"{n}: {m.summary}" for n, m in methods(kind).items())
 
 
-def _step_from_cli(method: str, options: dict, targets, ignore, lm_head):
+def _step_from_cli(method: str, options: dict, targets, ignore, lm_head, kind: str):
     """The step the command line describes; an option given to a method that does not take it is refused."""
     from ..api import make_step
     from ..config import flag_of
@@ -54,7 +55,8 @@ def _step_from_cli(method: str, options: dict, targets, ignore, lm_head):
     given = {k: v for k, v in options.items() if v is not None and _given(k)}
     for k in given:
         if k not in own:
-            raise CompressError(f"{flag_of(option_fields()[k])} applies to {', '.join(owners(k))}, not to {method}")
+            raise CompressError(f"{flag_of(option_fields(kind)[k])} applies to {', '.join(owners(k, kind))}, "
+                                f"not to {method}")
     return make_step(method, targets, ignore, (), lm_head, **given)
 
 
@@ -68,6 +70,15 @@ def _print_report(rep: dict) -> None:
         if out.get("fallbacks"):
             click.echo(f"{out['fallbacks']} tensors fell back to a 32-block type (rows not a multiple of 256), "
                        "as llama.cpp does; `compress inspect` lists them", err=True)
+    elif "parameters" in out:
+        st = (out.get("structured") or {})
+        click.echo(f"wrote {out['out']} (a smaller dense model: {st.get('parameters_before', 0) / 1e6:.1f}M -> "
+                   f"{out['parameters'] / 1e6:.1f}M parameters, {_widths(st)}, {rep['compress_seconds']:.1f} s)")
+    elif "stored_bytes" in out:
+        steps = " then ".join(s["method"] for s in rep["steps"])
+        click.echo(f"wrote {out['out']} ({out['layers']} layers pruned, {steps}, {out['format']}: pruned weights in "
+                   f"{out['stored_bytes'] / 2**20:.1f} MiB instead of {out['dense_bytes'] / 2**20:.1f} MiB, "
+                   f"{rep['compress_seconds']:.1f} s)")
     else:
         steps = " then ".join(s["method"] for s in rep["steps"])
         click.echo(f"wrote {out['out']} ({out['layers']} layers quantized, {steps}, {rep['compress_seconds']:.1f} s)")
@@ -84,6 +95,12 @@ def _print_report(rep: dict) -> None:
             click.echo(f"exported {p['export']['format']}: {p['export']['out']}")
 
 
+def _widths(st: dict) -> str:
+    b, a = st.get("widths_before") or {}, st.get("widths_after") or {}
+    names = {"layers": "blocks", "heads": "heads", "kv_heads": "kv heads", "mlp": "mlp", "hidden": "hidden"}
+    return ", ".join(f"{label} {b[k]}->{a[k]}" for k, label in names.items() if k in b and b[k] != a.get(k)) or "same widths"
+
+
 _run_options = [
     click.option("--restart", is_flag=True, help="Discard an interrupted run's work folder and start over."),
     click.option("--report", "report_out", type=click.Path(path_type=Path), default=None,
@@ -92,48 +109,65 @@ _run_options = [
 
 
 
-@cli.command()
-@click.argument("model")
-@click.option("--method", type=click.Choice(_method_names()), default="rtn", show_default=True,
-              help="Compression method: " + _method_help() + ".")
-@_method_options()
-@click.option("--targets", multiple=True, metavar="NAME|re:PATTERN",
-              help="Modules to compress (repeatable; default: every linear in the decoder blocks).")
-@click.option("--ignore", multiple=True, metavar="NAME|re:PATTERN", help="Modules to leave alone (repeatable).")
-@click.option("--lm-head", is_flag=True, help="Also compress the lm_head (a tied embedding is untied and stays unquantized).")
-@_calib_options("Calibration windows.", "Tokens per calibration window.")
-@click.option("--save-stats", type=click.Path(path_type=Path), default=None,
-              help="Save the calibration statistics (safetensors) for reuse.")
-@click.option("--load-stats", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="Reuse saved statistics instead of running calibration.")
-@click.option("--device", default="cpu", show_default=True, help="Device for calibration (cpu, cuda).")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
-              show_default=True, help="Storage dtype of the tensors left unquantized.")
-@click.option("--save-recipe", type=click.Path(path_type=Path), default=None,
-              help="Write the recipe this command runs (YAML) for `compress run`.")
-@_with(_run_options)
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
-              help="Output: a checkpoint folder (a .gguf file for kquant and kquant-gptq).")
-def quantize(model, method, targets, ignore, lm_head, calib_source, nsamples, seqlen, seed, data_dir, save_stats,
-             load_stats, device, dtype, save_recipe, restart, report_out, out, **options):
-    """Compress MODEL (registered name, HF folder or .gguf) with one method: a one-step recipe."""
-    from calib.data import CalibSpec
+def _compress_command(name: str, kind: str, default: str, doc: str, out_help: str):
+    """``compress quantize`` / ``compress prune``: one method of ``kind`` as a one-step recipe."""
 
-    from ..recipe import Recipe, write
-    from ..session import run
-    step = _step_from_cli(method, options, targets, ignore, lm_head)
-    calib_given = [f"--{n.replace('_', '-')}" for n in ("nsamples", "seqlen", "seed") if _given(n)]
-    calib_given += ["--calib"] if _given("calib_source") else []
-    if not step.cls.calibrated and (calib_given or save_stats or load_stats):
-        bad = calib_given + (["--save-stats"] if save_stats else []) + (["--load-stats"] if load_stats else [])
-        raise CompressError(f"{', '.join(bad)} apply to calibrated methods, not to {method}")
-    calibration = CalibSpec(calib_source, nsamples, seqlen, seed).to_dict() if step.cls.calibrated else {}
-    recipe = Recipe((step,), (), model, calibration, dtype, _device(device),
-                    str(save_stats) if save_stats else None, str(load_stats) if load_stats else None)
-    if save_recipe is not None:
-        write(recipe, save_recipe)
-    rep = run(recipe, model, out, data_dir, restart)
-    _finish_run(rep, report_out)
+    @cli.command(name=name, help=doc)
+    @click.argument("model")
+    @click.option("--method", type=click.Choice(_method_names(kind)), default=default, show_default=True,
+                  help="Method: " + _method_help(kind) + ".")
+    @_method_options(kind)
+    @click.option("--targets", multiple=True, metavar="NAME|re:PATTERN",
+                  help="Modules to compress (repeatable; default: every linear in the decoder blocks).")
+    @click.option("--ignore", multiple=True, metavar="NAME|re:PATTERN", help="Modules to leave alone (repeatable).")
+    @click.option("--lm-head", is_flag=True,
+                  help="Also compress the lm_head (a tied embedding is untied and stays unquantized).")
+    @_calib_options("Calibration windows.", "Tokens per calibration window.")
+    @click.option("--save-stats", type=click.Path(path_type=Path), default=None,
+                  help="Save the calibration statistics (safetensors) for reuse.")
+    @click.option("--load-stats", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+                  help="Reuse saved statistics instead of running calibration.")
+    @click.option("--device", default="cpu", show_default=True, help="Device for calibration (cpu, cuda).")
+    @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
+                  show_default=True, help="Storage dtype of the tensors left unquantized.")
+    @click.option("--save-recipe", type=click.Path(path_type=Path), default=None,
+                  help="Write the recipe this command runs (YAML) for `compress run`.")
+    @_with(_run_options)
+    @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help=out_help)
+    def command(model, method, targets, ignore, lm_head, calib_source, nsamples, seqlen, seed, data_dir, save_stats,
+                load_stats, device, dtype, save_recipe, restart, report_out, out, **options):
+        from calib.data import CalibSpec
+
+        from ..recipe import Recipe, write
+        from ..session import run
+        step = _step_from_cli(method, options, targets, ignore, lm_head, kind)
+        calib_given = [f"--{n.replace('_', '-')}" for n in ("nsamples", "seqlen", "seed") if _given(n)]
+        calib_given += ["--calib"] if _given("calib_source") else []
+        if not step.cls.calibrated and (calib_given or save_stats or load_stats):
+            bad = calib_given + (["--save-stats"] if save_stats else []) + (["--load-stats"] if load_stats else [])
+            raise CompressError(f"{', '.join(bad)} apply to calibrated methods, not to {method}")
+        calibration = CalibSpec(calib_source, nsamples, seqlen, seed).to_dict() if step.cls.calibrated else {}
+        recipe = Recipe((step,), (), model, calibration, dtype, _device(device),
+                        str(save_stats) if save_stats else None, str(load_stats) if load_stats else None)
+        if save_recipe is not None:
+            write(recipe, save_recipe)
+        rep = run(recipe, model, out, data_dir, restart)
+        _finish_run(rep, report_out)
+
+    return command
+
+
+quantize = _compress_command(
+    "quantize", "quantize", "rtn",
+    "Quantize MODEL (registered name, HF folder or .gguf) with one method: a one-step recipe.",
+    "Output: a checkpoint folder (a .gguf file for kquant and kquant-gptq).")
+prune = _compress_command(
+    "prune", "prune", "sparsegpt",
+    "Prune MODEL (registered name, HF folder) with one method: a one-step recipe. The output stores the pruned "
+    "linears compactly (compressed-tensors sparse-bitmask, or sparse-24-bitmask for 2:4); with --bits "
+    "(sparsegpt) the kept weights are also quantized into a packed checkpoint. --method structured removes whole "
+    "heads, MLP channels, blocks or hidden channels instead: the output is a smaller dense model.",
+    "Output checkpoint folder.")
 
 
 def _finish_run(rep: dict, report_out) -> None:

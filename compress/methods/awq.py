@@ -215,7 +215,7 @@ class AWQ(Method):
             blk.stats.put(f"{full}/awq_clip", clip.cpu())
             lin.weight.data = apply_clip(w, clip, scheme).to(w.dtype)
         if self.use_gptq:
-            gptq_into(blk.record, blk.block, name, full, H, scheme, self.cfg)
+            gptq_into(blk.record, blk.block, name, full, H, scheme, self.cfg, keep_zeros=full in blk.pruned)
             return
         q, s, z, g = quantize_rtn(lin.weight.data, scheme)
         dq = dequantize_values(q, s, z, g)

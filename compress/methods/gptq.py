@@ -50,13 +50,15 @@ def block_hessians(blk, cfg: GPTQOptions):
 
 
 def gptq_into(record, module: torch.nn.Module, name: str, full: str, H: torch.Tensor, scheme,
-              cfg: GPTQOptions) -> None:
+              cfg: GPTQOptions, keep_zeros: bool = False) -> None:
     """Solve ``module.<name>`` against ``H``, record the packed result under ``full``, and leave the
-    quantized values in its weight so that later groups and blocks see them."""
+    quantized values in its weight so that later groups and blocks see them. ``keep_zeros``: the
+    layer was pruned by an earlier step; its zeros stay exactly zero."""
     lin = module.get_submodule(name) if name else module
     w = lin.weight.data
+    keep = (w != 0) if keep_zeros else None
     res = gptq_solve(w.to(torch.float32), H.to(w.device, torch.float32), scheme, damp=cfg.damp,
-                     block_size=cfg.block_size, static_groups=cfg.static_groups, grid=cfg.grid)
+                     block_size=cfg.block_size, static_groups=cfg.static_groups, grid=cfg.grid, keep=keep)
     record.add(full, gptq_int.pack(res.q.cpu(), res.scales.cpu(), res.zeros.cpu(), res.g_idx.cpu(), scheme.bits),
                scheme.to_dict(), res.loss, res.fallback)
     lin.weight.data = res.dequantize().to(w.device, w.dtype)
@@ -89,7 +91,8 @@ class GPTQ(Method):
     def process_block(self, blk) -> None:
         for group, H in block_hessians(blk, self.cfg):
             for name in blk.targeted(group):
-                gptq_into(blk.record, blk.block, name, blk.full(name), H, blk.scheme(name), self.cfg)
+                gptq_into(blk.record, blk.block, name, blk.full(name), H, blk.scheme(name), self.cfg,
+                          keep_zeros=blk.full(name) in blk.pruned)
 
     def process_head(self, run, inputs) -> None:
         name = run.arch.lm_head

@@ -37,6 +37,8 @@ class StepRun:
     device: str = "cpu"
     progress: bool = True
     state: dict = field(default_factory=dict)      # method-private state kept across begin/finish
+    windows: torch.Tensor | None = None            # the calibration windows (None without calibration)
+    pruned: frozenset = frozenset()                # linears earlier steps pruned (their zeros must stay)
 
     @property
     def model(self):
@@ -96,6 +98,12 @@ def run_step(run: StepRun, windows: torch.Tensor | None, work=None, step_index: 
     ``work`` (a :class:`compress.resume.WorkFolder` or None) saves progress after every block and
     tells where to start.
     """
+    run.windows = windows
+    if run.method.whole_model:
+        if run.method.calibrated and windows is None:
+            raise CompressError(f"{run.method.name} needs calibration windows")
+        run.method.run_model(run)
+        return run.record
     model, arch, method = run.model, run.arch, run.method
     blocks = arch.get_blocks(model)
     start, saved_inputs = (work.resume_point(step_index) if work is not None else (0, None))
@@ -106,7 +114,7 @@ def run_step(run: StepRun, windows: torch.Tensor | None, work=None, step_index: 
         log.info("%s: resuming at block %d of %d", method.name, start, len(blocks))
 
     def process(i, block, inputs):
-        blk = BlockContext(i, block, inputs, arch, run.targets, method, run.record, run.stats, run.state)
+        blk = BlockContext(i, block, inputs, arch, run.targets, method, run.record, run.stats, run.state, run.pruned)
         method.process_block(blk)
         swap_packed(block, f"{arch.blocks}.{i}.", run.record)
 

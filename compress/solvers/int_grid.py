@@ -22,7 +22,7 @@ import torch
 from ..errors import CompressError
 from ..quantizer import dequantize_values, grid_params, grid_search, quantize_rtn, quantize_values
 from ..scheme import IntScheme
-from .obs import check_inputs, damped_inverse_cholesky, output_error, prepare, sweep
+from .obs import FixedMask, check_inputs, damped_inverse_cholesky, output_error, prepare, sweep
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class IntGrid:
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, scheme: IntScheme, damp: float = 0.01,
                block_size: int = 128, static_groups: bool = False,
-               max_damp_tries: int = 5, grid: str = "minmax") -> GPTQResult:
+               max_damp_tries: int = 5, grid: str = "minmax", keep: torch.Tensor | None = None) -> GPTQResult:
     """Quantize ``W (N, K)`` with GPTQ against the Hessian ``H (K, K)`` (e.g. ``2/n X^T X``).
 
     Works in float32 on ``W``'s device; ``W`` and ``H`` are not modified. ``damp`` is relative to
@@ -132,6 +132,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, scheme: IntScheme, damp: float 
     ``grid``: ``"minmax"`` spans each group's current min and max (the reference quantizer);
     ``"mse"`` shrinks that range where it lowers the sweep's own per-column loss, weights
     ``1 / U[i, i]^2`` times the squared rounding error (:func:`grid_search`).
+    ``keep`` (boolean ``(N, K)``): weights outside it end exactly 0 (a pruned layer stays pruned).
     """
     check_inputs(W, H, block_size, damp, max_damp_tries)
     scheme.check_layer(W.shape[1])
@@ -153,7 +154,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, scheme: IntScheme, damp: float 
                           damp=cur, fallback="rtn", info=info)
     col_w = torch.diagonal(u).reciprocal().square() if grid == "mse" else None
     g = IntGrid(w_nat, perm, scheme, grid, static_groups, col_w)
-    _, loss = sweep(w, u, g, block_size)
+    _, loss = sweep(w, u, g, block_size, FixedMask(keep.to(w.device), perm) if keep is not None else None)
     q, scales, zeros, g_idx = g.result()
     info["output_error"] = output_error(w0, dequantize_values(q, scales, zeros, g_idx), h_given)
     return GPTQResult(q=q, scales=scales, zeros=zeros, g_idx=g_idx, loss=loss, damp=cur,

@@ -12,8 +12,9 @@ For ``W (N, K)`` and ``H (K, K)`` (``2/n X^T X`` of the layer's input):
    (``w_j -= err * U[i, j]``): eagerly inside a lazy block of ``block_size`` columns, onto later
    blocks in one matrix product per block.
 
-What differs between methods is the grid (an integer grid with group scales, a GGML block grid)
-and an optional keep-mask (pruning); the sweep knows neither.
+What differs between methods is the grid (an integer grid with group scales, a GGML block grid, or
+:class:`FloatGrid`: no rounding at all) and an optional keep-mask (:class:`ColumnMask`: pruning);
+the sweep knows neither.
 """
 from __future__ import annotations
 
@@ -36,7 +37,39 @@ class ColumnGrid(Protocol):
     def column(self, i: int, col: torch.Tensor, current: Callable[[int], torch.Tensor]) -> torch.Tensor: ...
 
 
-MaskFn = Callable[[int, int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+class FloatGrid:
+    """No rounding: a visited column keeps its current (error-compensated) values. With a mask this
+    is SparseGPT's pruning-only sweep."""
+
+    def column(self, i, col, current):
+        return col
+
+
+class ColumnMask(Protocol):
+    """Which weights the sweep zeroes. ``block(i1, i2, w1, d)`` is called when the lazy block
+    ``[i1, i2)`` starts, with its current weights ``w1 (i2 - i1, N)`` and ``d = diag(U)[i1:i2]``,
+    and returns a boolean keep-mask of ``w1``'s shape (or None: keep everything);
+    ``column(j, w1, d, keep)`` is called before visiting column ``i1 + j`` and may update ``keep``
+    in place from the weights as they are then (N:M masks chosen M columns at a time)."""
+
+    def block(self, i1: int, i2: int, w1: torch.Tensor, d: torch.Tensor) -> "torch.Tensor | None": ...
+
+    def column(self, j: int, w1: torch.Tensor, d: torch.Tensor, keep: torch.Tensor) -> None: ...
+
+
+class FixedMask:
+    """A keep-mask given up front (natural column order ``(N, K)``), e.g. the zeros a pruning step
+    left that GPTQ must keep; ``perm`` is the sweep's visiting order, if any."""
+
+    def __init__(self, keep: torch.Tensor, perm: torch.Tensor | None = None):
+        k = keep.t()
+        self.keep = (k[perm] if perm is not None else k).contiguous()     # (K, N), visiting order
+
+    def block(self, i1, i2, w1, d):
+        return self.keep[i1:i2]
+
+    def column(self, j, w1, d, keep) -> None:
+        pass
 
 
 def output_error(w: torch.Tensor, q_w: torch.Tensor, h: torch.Tensor) -> float:
@@ -135,13 +168,12 @@ class _Sweep:
 
 
 def sweep(w: torch.Tensor, u: torch.Tensor, grid: ColumnGrid, block_size: int = 128,
-          mask_fn: MaskFn | None = None) -> tuple[torch.Tensor, float]:
+          mask: ColumnMask | None = None) -> tuple[torch.Tensor, float]:
     """The column sweep over ``w (N, K)`` (in visiting order) with ``u = chol(H^-1)`` (upper).
 
-    ``mask_fn(i1, i2, w1, d)``, called when a lazy block ``[i1, i2)`` starts with its current weights
-    ``w1 (i2 - i1, N)`` and ``d = diag(U)[i1:i2]``, may return a keep-mask of the same shape: masked
-    weights become exactly 0 (and their error is compensated like a rounding error).
-    Returns the new weights ``(N, K)`` in visiting order and the loss ``sum err^2 / 2``.
+    With ``mask`` (:class:`ColumnMask`), masked weights reach the grid as 0 (a grid must map 0 to
+    exactly 0: the integer grids and :class:`FloatGrid` do) and their error is compensated like a
+    rounding error. Returns the new weights ``(N, K)`` in visiting order and the loss ``sum err^2 / 2``.
     """
     n, k = w.shape
     st = _Sweep(w, u)
@@ -151,13 +183,16 @@ def sweep(w: torch.Tensor, u: torch.Tensor, grid: ColumnGrid, block_size: int = 
         st.i1, st.i2 = i1, i2
         st.w1 = w1 = st.wt[i1:i2]                        # view: updates land in wt
         u1 = u[i1:i2, i1:i2]
-        keep = mask_fn(i1, i2, w1, torch.diagonal(u1)) if mask_fn is not None else None
+        d1 = torch.diagonal(u1)
+        keep = mask.block(i1, i2, w1, d1) if mask is not None else None
         for j in range(i2 - i1):
             i = st.i = i1 + j
             col = w1[j]
-            dq = grid.column(i, col, st.current)
             if keep is not None:
-                dq = dq * keep[j]
+                mask.column(j, w1, d1, keep)
+                dq = grid.column(i, col * keep[j], st.current)
+            else:
+                dq = grid.column(i, col, st.current)
             qt[i] = dq
             e = (col - dq) / u1[j, j]
             st.errt[i] = e

@@ -426,7 +426,7 @@ def test_quantized_lm_head(tiny_gqa, ckpt, tmp_path, head_bits):
 def test_folder_contents_checker_and_external_data(tiny_gqa, ckpt, tmp_path):
     src = ckpt(tiny_gqa, 3, 128, False)
     out = tmp_path / "onnx"
-    info = xo.export_onnx(str(src), out)          # a path works as well as a Loaded
+    xo.export_onnx(str(src), out)                 # a path works as well as a Loaded
     assert is_onnx_dir(out) and not is_onnx_dir(src)
     onnx.checker.check_model(str(out / xo.MODEL_FILE))
     m = onnx.load(str(out / xo.MODEL_FILE), load_external_data=False)

@@ -1,20 +1,24 @@
-"""llm-compressor's GPTQ on our model, our calibration windows and our evaluation windows.
+"""llm-compressor's GPTQ or pruning on our model, our calibration windows and our evaluation windows.
 
 Runs under the peer venv made by ``bench/peers/setup.sh llmcompressor`` (llmcompressor 0.14.0.1,
 transformers 5.x, CPU torch), never under ours; bench/peers/llmcompressor.py launches it:
 
-    ~/.cache/compress/peers/llmcompressor/bin/python bench/peers/llmcompressor_gptq.py \\
+    ~/.cache/compress/peers/llmcompressor/bin/python bench/peers/llmcompressor_oneshot.py \\
         --model ~/.cache/compress/models/smollm2-135m --windows windows.safetensors \\
         --bits 4 --group-size 64 --asym --act-order static --damp 0.01 --out result.json
+    ... llmcompressor_oneshot.py --modifier sparsegpt --sparsity 0.5 [--pattern 2:4] ...
 
 ``--windows`` is a safetensors file written by OUR side (``llmcompressor.write_windows``): int64
 ``calib`` (n, seqlen) and ``eval`` (m, seqlen_eval) token ids. Nothing is tokenized here:
 transformers 5 builds a different tokenizer from our converted folder (docs/REFERENCE.md section 7).
 
-1. ``oneshot(model, dataset=<exactly the n calib windows>, recipe=[GPTQModifier(...)],
-   pipeline="sequential")`` on the CPU in fp32 (no shuffling, batch 1, no truncation); the call is timed.
-2. Perplexity of the quantized model (compressed-tensors fake-quant forward) on the eval windows with
-   our protocol (docs/REFERENCE.md section 3): no BOS, each window on its own,
+1. ``oneshot(model, dataset=<exactly the n calib windows>, recipe=[modifier], pipeline=...)`` on
+   the CPU in fp32 (no shuffling, batch 1, no truncation); the call is timed. ``--modifier gptq``:
+   GPTQModifier; ``sparsegpt``/``wanda``: SparseGPTModifier/WandaPruningModifier (mask_structure
+   "0:0" for unstructured, "N:M" for ``--pattern``), on the sequential pipeline; ``magnitude``:
+   the mask creator of its MagnitudePruningModifier applied once (see ``magnitude_masks``).
+2. Perplexity of the compressed model (compressed-tensors fake-quant forward for GPTQ) on the eval
+   windows with our protocol (docs/REFERENCE.md section 3): no BOS, each window on its own,
    ppl = exp(sum NLL / predicted tokens), seqlen - 1 predicted tokens per window.
 
 Act-order mapping (ours -> llm-compressor 0.14 / compressed-tensors 0.19 ``actorder``):
@@ -57,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-base", action="store_true",
                    help="also evaluate the unquantized model first (\"base\" in the JSON: checks that this venv's "
                         "transformers gives our fp32 numbers)")
+    p.add_argument("--modifier", choices=("gptq", "sparsegpt", "wanda", "magnitude"), default="gptq")
+    p.add_argument("--sparsity", type=float, default=None, help="pruning: fraction of weights set to zero")
+    p.add_argument("--pattern", default=None, help="pruning: N:M mask structure (e.g. 2:4)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--out", required=True, help="result JSON")
     return p.parse_args(argv)
@@ -94,6 +101,54 @@ def grid_check(model, bits: int) -> dict:
     return out
 
 
+def pruning_modifier(a):
+    """The pruning modifier of ``a.modifier`` at ``a.sparsity`` (or the N:M ``a.pattern``)."""
+    if a.pattern:
+        n, m = (int(x) for x in a.pattern.split(":"))
+        sparsity, structure = (m - n) / m, a.pattern
+    else:
+        if a.sparsity is None:
+            raise SystemExit("pruning needs --sparsity or --pattern")
+        sparsity, structure = a.sparsity, "0:0"
+    if a.modifier == "sparsegpt":
+        from llmcompressor.modifiers.pruning import SparseGPTModifier
+        return SparseGPTModifier(sparsity=sparsity, mask_structure=structure, block_size=a.block_size,
+                                 dampening_frac=a.damp, targets=["Linear"], ignore=["lm_head"])
+    if a.modifier == "wanda":
+        from llmcompressor.modifiers.pruning import WandaPruningModifier
+        return WandaPruningModifier(sparsity=sparsity, mask_structure=structure, targets=["Linear"],
+                                    ignore=["lm_head"])
+    raise SystemExit(f"no oneshot modifier for {a.modifier}")
+
+
+def magnitude_masks(model, a) -> None:
+    """Magnitude pruning with llm-compressor's own mask creator. Its MagnitudePruningModifier is a
+    training-time modifier: under ``oneshot`` it computes masks but applies them only at optimizer
+    steps, so the weights stay dense; here the mask it would apply (its "unstructured" creator,
+    the lowest |w| of each layer) is multiplied in directly. It has no N:M mask structure."""
+    import torch
+    from llmcompressor.modifiers.pruning.utils.pytorch import PruningMaskCreatorArgs, PruningMaskFactory
+    if a.pattern or a.sparsity is None:
+        raise SystemExit("llm-compressor's magnitude pruning has no N:M mask structure: give --sparsity")
+    create = PruningMaskFactory.create_mask_creator("unstructured")
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and ".layers." in name:
+                w = m.weight
+                w.mul_(create(PruningMaskCreatorArgs(parameter=w, sparsity=a.sparsity, scores=w.abs())).to(w.dtype))
+
+
+def sparsity_check(model) -> dict:
+    """Measured zeros of the decoder blocks' linears (the pruned ones)."""
+    import torch
+    zeros = total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in name:
+            zeros += int((m.weight == 0).sum())
+            total += m.weight.numel()
+    return {"linears_sparsity": zeros / max(total, 1)}
+
+
 def perplexity(model, wins):
     """Our protocol: each window alone, no BOS (ids used as given), NLL of tokens 1..L-1."""
     import torch
@@ -129,10 +184,13 @@ def main(argv=None) -> int:
 
     # built first, so that options the library refuses (actorder="group") fail before any work
     modifier_actorder = ACT_ORDER[a.act_order]   # None must be explicit: the modifier's default is "static"
-    recipe = [GPTQModifier(
-        targets="Linear", ignore=["lm_head"],
-        config_groups={"group_0": {"targets": ["Linear"], "weights": weight_args(a)}},
-        actorder=modifier_actorder, dampening_frac=a.damp, block_size=a.block_size)]
+    if a.modifier == "gptq":
+        recipe = [GPTQModifier(
+            targets="Linear", ignore=["lm_head"],
+            config_groups={"group_0": {"targets": ["Linear"], "weights": weight_args(a)}},
+            actorder=modifier_actorder, dampening_frac=a.damp, block_size=a.block_size)]
+    elif a.modifier != "magnitude":
+        recipe = [pruning_modifier(a)]
 
     wins = load_file(a.windows)
     calib, evalw = wins["calib"], wins["eval"]
@@ -159,12 +217,15 @@ def main(argv=None) -> int:
                                      "attention_mask": torch.ones_like(calib).tolist()})
 
     t0 = time.perf_counter()
-    oneshot(model=model, dataset=ds, recipe=recipe, pipeline="sequential",
-            num_calibration_samples=n, shuffle_calibration_samples=False, batch_size=1,
-            max_seq_length=seqlen)
+    if a.modifier == "magnitude":
+        magnitude_masks(model, a)
+    else:
+        oneshot(model=model, dataset=ds, recipe=recipe, pipeline="sequential",
+                num_calibration_samples=n, shuffle_calibration_samples=False, batch_size=1,
+                max_seq_length=seqlen)
     seconds = time.perf_counter() - t0
 
-    check = grid_check(model, a.bits)
+    check = grid_check(model, a.bits) if a.modifier == "gptq" else sparsity_check(model)
 
     # evaluation: our protocol, each window alone, no BOS (the ids are used as given)
     t1 = time.perf_counter()
@@ -195,7 +256,8 @@ def main(argv=None) -> int:
             "weights": weight_args(a),
         },
         "base": base,
-        "grid_check": check,
+        "grid_check" if a.modifier == "gptq" else "sparsity_check": check,
+        "modifier": a.modifier, "sparsity": a.sparsity, "pattern": a.pattern,
         "threads": torch.get_num_threads(),
         "model": str(Path(a.model).expanduser()),
     }

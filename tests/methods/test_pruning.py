@@ -1,0 +1,149 @@
+"""Pruning methods end to end through the CLI and recipes on a tiny random Llama."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compress import models
+from compress.solvers.masks import follows_pattern, sparsity_of
+from tests.test_cli import assert_clean_error, no_leftovers, run
+
+CAL = ["--nsamples", 8, "--seqlen", 64]
+
+
+def _linears(model):
+    return {n: m.weight.detach() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in n}
+
+
+@pytest.fixture
+def env(tiny_data, monkeypatch):
+    monkeypatch.setenv("COMPRESS_DATA_DIR", str(tiny_data))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_prune_writes_a_sparse_checkpoint_that_loads_as_the_pruned_model(method, pattern, tiny_llama, env, tmp_path):
+    out = tmp_path / "p"
+    args = ["prune", tiny_llama, "--method", method, "-o", out] + (["--pattern", pattern] if pattern else
+                                                                     ["--sparsity", 0.5])
+    res = run(args + (CAL if method != "magnitude" else []))
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    sc = cfg["quantization_config"]["sparsity_config"]
+    assert sc["format"] == ("sparse-24-bitmask" if pattern else "sparse-bitmask")
+    loaded = models.load(str(out))
+    ws = _linears(loaded.model)
+    assert len(ws) == 14
+    for n, w in ws.items():
+        if pattern:
+            assert follows_pattern(w, (2, 4)), n
+        else:
+            assert abs(sparsity_of(w) - 0.5) < 0.02, n
+    # the file is smaller than the dense float16 model's weights
+    dense = sum(w.numel() * 2 for w in ws.values())
+    info = json.loads(run(["inspect", out, "--json"]).output)
+    # values (half) + a bit per weight (1/16) [+ an int64 offset per row, 4 % on these 96-wide layers]
+    assert info["pruned_bytes"] < (0.57 if pattern else 0.61) * dense
+    assert all(abs(l["sparsity"] - 0.5) < 0.02 for l in info["layers"])
+
+
+def test_sparse_checkpoint_gives_the_masked_dense_models_outputs(tiny_llama, env, tmp_path):
+    out = tmp_path / "p"
+    assert run(["prune", tiny_llama, "--method", "sparsegpt", *CAL, "--dtype", "float32", "-o", out]).exit_code == 0
+    theirs = pytest.importorskip("compressed_tensors.compressors").ModelCompressor
+    cfg = json.loads((out / "config.json").read_text())
+    dense = dict(theirs.from_compression_config(cfg["quantization_config"]).sparsity_compressor.decompress(str(out)))
+    ref = models.load(str(tiny_llama)).model
+    ref.load_state_dict({k: v for k, v in dense.items()}, strict=False)
+    ours = models.load(str(out)).model
+    x = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(ours(x).logits, ref(x).logits)
+
+
+def test_ignore_leaves_modules_dense_and_owl_records_block_sparsity(tiny_llama, env, tmp_path):
+    out = tmp_path / "owl"
+    res = run(["prune", tiny_llama, "--method", "wanda", "--sparsity", 0.6, "--profile", "owl", *CAL,
+               "--ignore", "re:.*(q|k)_proj", "-o", out])
+    assert res.exit_code == 0, res.output
+    ws = _linears(models.load(str(out)).model)
+    assert all(sparsity_of(w) == 0 for n, w in ws.items() if n.endswith(("q_proj", "k_proj")))
+    steps = json.loads((out / "config.json").read_text())["compress"]["steps"]
+    per_block = steps[0]["options"]["block_sparsity"]
+    assert len(per_block) == 2 and per_block[0] != per_block[1]
+    assert abs(sum(per_block) / 2 - 0.6) < 1e-6
+    for n, w in ws.items():
+        if not n.endswith(("q_proj", "k_proj")):
+            assert abs(sparsity_of(w) - per_block[int(n.split(".")[2])]) < 0.02, n
+
+
+def test_joint_sparsegpt_writes_a_packed_checkpoint_with_the_mask(tiny_llama, env, tmp_path):
+    out = tmp_path / "j"
+    res = run(["prune", tiny_llama, "--method", "sparsegpt", "--pattern", "2:4", "--bits", 4, "--group-size", 32,
+               *CAL, "-o", out])
+    assert res.exit_code == 0, res.output
+    loaded = models.load(str(out))
+    assert loaded.kind == "packed"
+    for name, m in loaded.model.named_modules():
+        if hasattr(m, "packed") and ".layers." in name:
+            assert follows_pattern(m.packed().dequantize(), (2, 4)), name
+
+
+def test_gptq_after_pruning_in_a_recipe_keeps_the_zeros(tiny_llama, tiny_data, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+model: {tiny_llama}
+calibration: {{nsamples: 8, seqlen: 64, data_dir: {tiny_data}}}
+steps:
+  - method: wanda
+    sparsity: 0.5
+  - method: gptq
+    bits: 4
+    group_size: 32
+""")
+    out = tmp_path / "pg"
+    res = run(["run", recipe, "-o", out])
+    assert res.exit_code == 0, res.output
+    loaded = models.load(str(out))
+    meta = loaded.quant
+    assert set(meta["sparsity"]) == set(meta["quantized_modules"])
+    for name, m in loaded.model.named_modules():
+        if hasattr(m, "packed") and ".layers." in name:
+            assert sparsity_of(m.packed().dequantize()) >= 0.5, name
+    # and quantizing a pruned checkpoint later keeps them too
+    p = tmp_path / "p"
+    assert run(["prune", tiny_llama, "--method", "magnitude", "-o", p]).exit_code == 0
+    q = tmp_path / "q"
+    res = run(["quantize", p, "--method", "gptq", "--group-size", 32, *CAL, "-o", q], env={"COMPRESS_DATA_DIR": str(tiny_data)})
+    assert res.exit_code == 0, res.output
+    for name, m in models.load(str(q)).model.named_modules():
+        if hasattr(m, "packed") and ".layers." in name:
+            assert sparsity_of(m.packed().dequantize()) >= 0.5, name
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--sparsity", 1.5], "--sparsity"),
+    (["--sparsity", 0], "--sparsity"),
+    (["--pattern", "3:2"], "N:M"),
+    (["--method", "wanda", "--pattern", "2:5"], "divisible by 5"),
+    (["--pattern", "2:6"], "multiple of the pattern"),
+    (["--pattern", "2:4", "--sparsity", 0.7], "disagrees"),
+    (["--pattern", "2:4", "--profile", "owl"], "--profile"),
+    (["--method", "magnitude", "--profile", "owl"], "activations"),
+    (["--method", "wanda", "--bits", 4], "--bits applies to sparsegpt"),
+    (["--method", "magnitude", "--nsamples", 8], "calibrated methods"),
+    (["--owl-lambda", 0.9], "--owl-lambda"),
+])
+def test_bad_prune_options_are_one_line_errors_with_nothing_written(args, needle, tiny_llama, env, tmp_path):
+    out = tmp_path / "bad"
+    res = run(["prune", tiny_llama, *args, "-o", out])
+    assert_clean_error(res, needle)
+    assert no_leftovers(tmp_path, "bad")
+
+
+def test_quantize_does_not_offer_pruning_methods(tiny_llama, env, tmp_path):
+    res = run(["quantize", tiny_llama, "--method", "wanda", "-o", tmp_path / "x"])
+    assert res.exit_code != 0 and "wanda" in res.output
