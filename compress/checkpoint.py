@@ -183,9 +183,18 @@ def save_dense(loaded, out: Path, dtype: str, meta: dict) -> dict:
             "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
 
 
-def save_packed(loaded, out: Path, qconfig: dict, dtype: str = "float16") -> Path:
-    """Write the model held by ``loaded`` (its linears already replaced by QuantLinear) to ``out``."""
+def save_packed(loaded, out: Path, qconfig: dict, dtype: str = "float16", compact: tuple = ()) -> Path:
+    """Write the model held by ``loaded`` (its linears already replaced by QuantLinear) to ``out``;
+    the modules named in ``compact`` (pruned ones) store their codes compactly (format version 3)."""
     tensors = model_tensors(loaded, dtype)
+    if compact:
+        for name in compact:
+            for k in ("qweight", "qzeros", "scales", "g_idx"):
+                tensors.pop(f"{name}.{k}")
+            for k, v in gptq_int.compact(loaded.model.get_submodule(name).packed()).items():
+                tensors[f"{name}.{k}"] = v.contiguous()
+        qconfig = dict(qconfig, compress=dict(qconfig["compress"], format_version=gptq_int.COMPACT_VERSION,
+                                              compact_modules=sorted(compact)))
     cfg = loaded.model.config.to_dict()
     cfg["quantization_config"] = qconfig
     cfg["torch_dtype"] = dtype
@@ -260,6 +269,9 @@ def load_packed(path: Path, source: str):
     scheme, meta = read_quant_meta(config_dict, path)
     state = read_state(path)
     model, config = empty_model(path)
+    compact_modules = set(meta.get("compact_modules") or [])
+    if compact_modules - set(meta["modules"]):
+        raise CompressError(f"{path}: compact_modules names a module that is not quantized")
     for name, mscheme in meta["modules"].items():
         try:
             lin = model.get_submodule(name)
@@ -271,12 +283,20 @@ def load_packed(path: Path, source: str):
         if isinstance(mscheme, W8A8Scheme):
             set_submodule(model, name, _load_w8a8(state, prefix, lin, mscheme, name, path))
             continue
+        compact = name in compact_modules
         try:
-            t = {k: state.pop(prefix + k) for k in ("qweight", "qzeros", "scales", "g_idx")}
+            t = {k: state.pop(prefix + k) for k in (gptq_int.COMPACT_TENSORS if compact else
+                                                    ("qweight", "qzeros", "scales", "g_idx"))}
         except KeyError as e:
             raise CompressError(f"{path}: tensor {e.args[0]} of {name} is missing") from None
         bias = state.pop(prefix + "bias", None)
-        p = gptq_int.from_tensors(t, mscheme.bits, lin.in_features, lin.out_features)
+        if compact:
+            try:
+                p = gptq_int.from_compact(t, mscheme.bits, lin.in_features, lin.out_features, name)
+            except (ValueError, RuntimeError) as e:
+                raise CompressError(f"{path}: {str(e).splitlines()[0]}") from None
+        else:
+            p = gptq_int.from_tensors(t, mscheme.bits, lin.in_features, lin.out_features)
         _check_packed_shapes(p, mscheme, name, path)
         set_submodule(model, name, QuantLinear.from_packed(p, bias))
     fill_model(model, config, state, arch, set(meta["quantized_modules"]), path)

@@ -31,7 +31,8 @@ from .config import MethodConfig, Override, Targets
 from .errors import CompressError
 from .registry import Method, get
 
-TOP_KEYS = ("model", "calibration", "dtype", "device", "save_stats", "load_stats", "steps")
+TOP_KEYS = ("model", "calibration", "dtype", "device", "save_stats", "load_stats", "sparse_storage", "steps")
+SPARSE_STORAGE = ("compact", "gptq")
 STEP_KEYS = ("targets", "ignore", "overrides", "lm_head")
 CALIB_KEYS = ("source", "nsamples", "seqlen", "seed", "data_dir")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -182,8 +183,11 @@ class Recipe:
     device: str = "cpu"
     save_stats: str | None = None
     load_stats: str | None = None
+    sparse_storage: str = "compact"          # pruned and quantized modules: compact codes, or plain GPTQ layout
 
     def __post_init__(self):
+        if self.sparse_storage not in SPARSE_STORAGE:
+            raise CompressError(f"sparse_storage must be one of {', '.join(SPARSE_STORAGE)}, got {self.sparse_storage!r}")
         if not self.steps:
             raise CompressError("a recipe needs at least one compression step (a 'method' step)")
         if self.dtype not in DTYPES:
@@ -234,6 +238,8 @@ class Recipe:
         for k in ("save_stats", "load_stats"):
             if getattr(self, k):
                 d[k] = getattr(self, k)
+        if self.sparse_storage != "compact":
+            d["sparse_storage"] = self.sparse_storage
         d["steps"] = [s.to_dict() for s in self.steps] + [p.to_dict() for p in self.post]
         return {k: v for k, v in d.items() if v is not None}
 
@@ -283,7 +289,8 @@ class Recipe:
             except (CalibError, TypeError) as e:
                 raise CompressError(f"recipe: calibration: {e}") from None
         return cls(tuple(steps), tuple(post), d.get("model"), dict(calib), d.get("dtype", "float16"),
-                   d.get("device", "cpu"), d.get("save_stats"), d.get("load_stats"))
+                   d.get("device", "cpu"), d.get("save_stats"), d.get("load_stats"),
+                   d.get("sparse_storage", "compact"))
 
 
 def read(path: Path) -> Recipe:

@@ -217,7 +217,10 @@ def save_output(loaded, recipe: Recipe, result: dict, out: Path, source: str) ->
     extra.update(fallbacks=merged(result["records"], "fallbacks"), steps=steps)
     qc = quantization_config(schemes, ",".join(s.method for s in recipe.steps),
                              loaded.arch.linear_names(loaded.model), extra)
-    save_packed(loaded, out, qc, recipe.dtype)
+    compact = ()
+    if recipe.sparse_storage == "compact" and qc.get("quant_method") == "gptq":
+        compact = tuple(m for m in sparsity if m in schemes)
+    save_packed(loaded, out, qc, recipe.dtype, compact)
     return {"out": str(out), "layers": len(schemes)}
 
 

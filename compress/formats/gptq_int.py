@@ -13,7 +13,8 @@ from kernels.reference import dequantize_gptq, unpack_bitstream
 
 FORMAT_ID = "gptq-int"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
+COMPACT_VERSION = 3            # written when some module stores its codes compactly (below)
 
 
 def packed_words(count: int, bits: int) -> int:
@@ -97,3 +98,48 @@ def unpack(p: PackedInt) -> tuple[torch.Tensor, torch.Tensor]:
 def from_tensors(t: dict[str, torch.Tensor], bits: int, in_features: int, out_features: int) -> PackedInt:
     return PackedInt(qweight=t["qweight"], qzeros=t["qzeros"], scales=t["scales"], g_idx=t["g_idx"],
                      bits=bits, in_features=in_features, out_features=out_features)
+
+
+# --------------------------------------------------------------------------- compact codes of a sparse layer
+# A pruned and quantized layer holds mostly codes equal to their group's zero point (the codes of
+# 0.0). Stored compactly, ``qweight`` is replaced by ``codes_bitmask`` (uint8 (N, ceil(K/8)), bit k
+# of row n set where code (n, k) differs from its zero point, little-endian bit order) and
+# ``codes`` (int32, the bitstream of those codes in row-major order, packed as qweight's columns
+# are). Decoding fills the other positions with the zero point, so the codes come back bit for bit.
+COMPACT_TENSORS = ("codes", "codes_bitmask", "qzeros", "scales", "g_idx")
+
+
+def _zero_codes(p: PackedInt) -> torch.Tensor:
+    z = unpack_bitstream(p.qzeros.t().contiguous(), p.bits, p.out_features).t() + 1       # (G, N)
+    return z.index_select(0, p.g_idx.to(torch.int64)).t()                                # (N, K)
+
+
+def compact(p: PackedInt) -> dict[str, torch.Tensor]:
+    import numpy as np
+    q = unpack_bitstream(p.qweight, p.bits, p.in_features).t()                           # (N, K)
+    keep = q != _zero_codes(p)
+    kept = q[keep].to(torch.int64)
+    bitmask = torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little"))
+    codes = pack_bitstream(kept, p.bits) if kept.numel() else torch.zeros(0, dtype=torch.int32)
+    return {"codes": codes, "codes_bitmask": bitmask, "qzeros": p.qzeros, "scales": p.scales, "g_idx": p.g_idx}
+
+
+def from_compact(t: dict[str, torch.Tensor], bits: int, in_features: int, out_features: int,
+                 name: str = "") -> PackedInt:
+    """The :class:`PackedInt` of :func:`compact`'s tensors (ValueError when they disagree)."""
+    import numpy as np
+    n, k = out_features, in_features
+    bm = t["codes_bitmask"]
+    if bm.dtype != torch.uint8 or tuple(bm.shape) != (n, -(-k // 8)):
+        raise ValueError(f"{name}.codes_bitmask has shape {tuple(bm.shape)} ({bm.dtype}), expected ({n}, {-(-k // 8)}) uint8")
+    keep = torch.from_numpy(np.unpackbits(bm.numpy(), axis=-1, count=k, bitorder="little").astype(bool))
+    count = int(keep.sum())
+    if t["codes"].dtype != torch.int32 or t["codes"].dim() != 1 or t["codes"].numel() != packed_words(count, bits):
+        raise ValueError(f"{name}.codes holds {t['codes'].numel()} words, the bitmask marks {count} codes "
+                         f"({packed_words(count, bits)} words)")
+    shell = PackedInt(torch.zeros(0, dtype=torch.int32), t["qzeros"], t["scales"], t["g_idx"], bits, k, n)
+    q = _zero_codes(shell).to(torch.int64).clone()
+    q[keep] = unpack_bitstream(t["codes"], bits, count).to(torch.int64) if count else q[keep]
+    if q.numel() and int(q.max()) >= (1 << bits):
+        raise ValueError(f"{name}: a zero point lies outside the {bits}-bit code range")
+    return PackedInt(pack_bitstream(q.t().contiguous(), bits), t["qzeros"], t["scales"], t["g_idx"], bits, k, n)

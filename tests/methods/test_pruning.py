@@ -92,6 +92,35 @@ def test_joint_sparsegpt_writes_a_packed_checkpoint_with_the_mask(tiny_llama, en
             assert follows_pattern(m.packed().dequantize(), (2, 4)), name
 
 
+def test_compact_codes_are_smaller_and_load_to_the_same_model(tiny_llama, env, tmp_path):
+    """Pruned and quantized layers store a bitmask and the codes that are not their zero point:
+    the same codes come back as with the plain GPTQ layout, in fewer bytes; a tampered bitmask is
+    a one-line error."""
+    import safetensors.torch as st
+    args = ["prune", tiny_llama, "--method", "sparsegpt", "--pattern", "2:4", "--bits", 4, "--group-size", 32, *CAL]
+    assert run(args + ["-o", tmp_path / "c"]).exit_code == 0
+    assert run(args + ["--sparse-storage", "gptq", "-o", tmp_path / "g"]).exit_code == 0
+    c, g = models.load(str(tmp_path / "c")), models.load(str(tmp_path / "g"))
+    assert len(c.quant["compact_modules"]) == 14 and c.quant["format_version"] == 3
+    assert "compact_modules" not in g.quant and g.quant["format_version"] == 2
+    cs, gs = (dict(m.model.named_buffers()) for m in (c, g))
+    assert cs.keys() == gs.keys() and all(torch.equal(cs[k], gs[k]) for k in cs)
+    tc = st.load_file(str(tmp_path / "c" / "model.safetensors"))
+    tg = st.load_file(str(tmp_path / "g" / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj"
+    assert f"{name}.qweight" not in tc and f"{name}.qweight" in tg
+
+    def linear_bytes(t):
+        return sum(v.numel() * v.element_size() for k, v in t.items() if ".layers." in k and not k.endswith("norm.weight"))
+    # 2 of 4 codes kept (2 bits a weight) + a bit a weight, against 4 bits a weight, plus the same scales
+    assert linear_bytes(tc) < 0.85 * linear_bytes(tg)
+    tc[f"{name}.codes_bitmask"] = tc[f"{name}.codes_bitmask"] ^ 1
+    st.save_file(tc, str(tmp_path / "c" / "model.safetensors"), metadata={"format": "pt"})
+    from compress.errors import CompressError
+    with pytest.raises(CompressError, match="codes"):
+        models.load(str(tmp_path / "c"))
+
+
 def test_gptq_after_pruning_in_a_recipe_keeps_the_zeros(tiny_llama, tiny_data, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"""
