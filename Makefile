@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-out
 MODEL ?= smollm2-135m
 export COMPRESS_DATA_DIR := $(abspath $(DATA))
 
-.PHONY: setup demo oracle test test-fast bench-rtn bench-ptq bench-llmcompressor clean
+.PHONY: setup demo oracle test test-fast bench-rtn bench-ptq bench-llmcompressor bench-prune clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,14 @@ bench-ptq: setup
 bench-llmcompressor: setup
 	bench/peers/setup.sh llmcompressor
 	$(BIN)/python bench/ptq.py --suite compare-llmcompressor --eval-chunk 4 --out bench/results/ptq-compare-llmcompressor-smollm2.json
+
+# Pruning: ours beside llm-compressor's (its own virtual environment), OWL, joint quantization, sizes,
+# and structured pruning with its CPU speed (about 1.5 CPU-hours on 2 cores).
+bench-prune: setup
+	bench/peers/setup.sh llmcompressor
+	$(BIN)/python bench/prune.py --suite compare --max-windows 16 --out bench/results/prune-compare-smollm2.json
+	$(BIN)/python bench/prune.py --suite quality --max-windows 16 --out bench/results/prune-quality-smollm2.json
+	$(BIN)/python bench/prune.py --suite structured --max-windows 16 --out bench/results/prune-structured-smollm2.json
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

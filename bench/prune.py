@@ -2,7 +2,7 @@
 llm-compressor's (its SparseGPTModifier, WandaPruningModifier and MagnitudePruningModifier, in its own
 virtual environment: ``bench/peers/setup.sh llmcompressor``) on the same calibration and evaluation
 windows, in the same run; and structured pruning with both importance measures, with the CPU
-prefill and decode speed of the smaller model against the unpruned one.
+prefill and decode speed of the smaller model against the unpruned one (measured alternately).
 
     python bench/prune.py --suite compare --max-windows 16 --out bench/results/prune-compare-smollm2.json
     python bench/prune.py --suite quality --max-windows 16 --out bench/results/prune-quality-smollm2.json
@@ -99,8 +99,6 @@ def main(argv=None):
     data = {"model": args.model, "protocol": args.protocol, "windows": int(wins.shape[0]),
             "tokens": base_res.tokens, "suite": args.suite, "calibration": calib.to_dict(),
             "base": {"ppl": base_res.ppl, "eval_seconds": base_res.seconds}, "rows": []}
-    if args.suite == "structured":
-        data["base"]["speed"] = speed(base.model, args.speed_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for label, steps in suite:
@@ -113,7 +111,7 @@ def main(argv=None):
                 p = evaluate_many({label: loaded.model}, wins, base.model, progress=False)[label]
                 row.update(ppl=p.ppl, kld=p.kld, top1=p.top1, eval_seconds=p.seconds)
                 if args.suite == "structured":
-                    row["speed"] = speed(loaded.model, args.speed_tokens)
+                    row["base_speed"], row["speed"] = speeds(base.model, loaded.model, args.speed_tokens)
                 del loaded
             data["rows"].append(row)
             print(f"{label}: ppl {row['ppl']:.3f}, {row['prune_seconds']:.1f} s", file=sys.stderr, flush=True)
@@ -160,25 +158,33 @@ def peer_row(label, step, args, calib_windows, eval_windows, work: Path) -> dict
 
 
 @torch.no_grad()
-def speed(model, new_tokens: int, prompt_tokens: int = 512, repeats: int = 3) -> dict:
+def speeds(base, pruned, new_tokens: int, prompt_tokens: int = 512, repeats: int = 3) -> tuple[dict, dict]:
     """Prefill tokens/s (one ``prompt_tokens`` forward pass) and decode tokens/s (``new_tokens``
-    greedy steps through the KV cache) on CPU in float32; the median of ``repeats``."""
+    greedy steps through the KV cache) of ``base`` and ``pruned`` on the CPU in float32, measured
+    alternately (base, pruned, base, ...) so that both see the same machine load; the median of
+    ``repeats`` each."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=g)
-    pre, dec = [], []
+    ids = torch.randint(0, base.config.vocab_size, (1, prompt_tokens), generator=g)
+    runs = {0: ([], []), 1: ([], [])}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = model(ids, use_cache=True)
-        pre.append(prompt_tokens / (time.perf_counter() - t0))
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(tok, past_key_values=past, use_cache=True)
+        for which, model in enumerate((base, pruned)):
+            pre, dec = runs[which]
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True)
+            pre.append(prompt_tokens / (time.perf_counter() - t0))
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        dec.append(new_tokens / (time.perf_counter() - t0))
-    return {"prefill_tokens_per_s": sorted(pre)[len(pre) // 2], "decode_tokens_per_s": sorted(dec)[len(dec) // 2],
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
-            "parameters": sum(p.numel() for p in model.parameters())}
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(tok, past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            dec.append(new_tokens / (time.perf_counter() - t0))
+
+    def summary(which, model):
+        pre, dec = runs[which]
+        return {"prefill_tokens_per_s": sorted(pre)[len(pre) // 2], "decode_tokens_per_s": sorted(dec)[len(dec) // 2],
+                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
+                "parameters": sum(p.numel() for p in model.parameters())}
+    return summary(0, base), summary(1, pruned)
 
 
 def table(data: dict) -> str:
@@ -187,16 +193,15 @@ def table(data: dict) -> str:
              f"calibration {data['calibration']['nsamples']} x {data['calibration']['seqlen']}, "
              f"{data['threads']} threads; unpruned ppl {base.get('ppl', float('nan')):.2f}", ""]
     if data["suite"] == "structured":
-        bs = base["speed"]
-        lines += ["| setting | parameters | ppl | prune s | prefill tok/s | decode tok/s | decode speed-up |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-                  f"| unpruned | {bs['parameters'] / 1e6:.1f}M | {base['ppl']:.2f} | | "
-                  f"{bs['prefill_tokens_per_s']:.0f} | {bs['decode_tokens_per_s']:.1f} | 1.00x |"]
+        lines += ["| setting | parameters | ppl | prune s | prefill tok/s (unpruned) | decode tok/s (unpruned) | "
+                  "prefill speed-up | decode speed-up |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in data["rows"]:
-            s = r["speed"]
-            lines.append(f"| {r['label']} | {s['parameters'] / 1e6:.1f}M | {r['ppl']:.2f} | {r['prune_seconds']:.1f} | "
-                         f"{s['prefill_tokens_per_s']:.0f} | {s['decode_tokens_per_s']:.1f} | "
-                         f"{s['decode_tokens_per_s'] / bs['decode_tokens_per_s']:.2f}x |")
+            s, b = r["speed"], r["base_speed"]
+            lines.append(f"| {r['label']} | {b['parameters'] / 1e6:.1f}M -> {s['parameters'] / 1e6:.1f}M | {r['ppl']:.2f} | "
+                         f"{r['prune_seconds']:.1f} | {s['prefill_tokens_per_s']:.0f} ({b['prefill_tokens_per_s']:.0f}) | "
+                         f"{s['decode_tokens_per_s']:.1f} ({b['decode_tokens_per_s']:.1f}) | "
+                         f"{s['prefill_tokens_per_s'] / b['prefill_tokens_per_s']:.2f}x | "
+                         f"{s['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x |")
         return "\n".join(lines)
     lines += ["| setting | ppl | KLD | prune s | file MiB |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in data["rows"]:

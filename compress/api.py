@@ -103,6 +103,10 @@ def inspect(spec: str) -> dict:
     if kind != "folder":
         raise CompressError(f"inspect takes a checkpoint folder or a .gguf file, got {spec}")
     config = models.read_config(path)
+    structured = (config.get("compress") or {}).get("structured")
+    if not config.get("quantization_config") and structured:
+        return {"path": str(path), "format": "dense (structured pruning)", "method": "structured",
+                "weights_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")), **structured}
     if not config.get("quantization_config"):
         raise CompressError(f"{path} is not a quantized or pruned checkpoint (no quantization_config)")
     from .formats.sparse import inspect_sparse, is_sparse_config

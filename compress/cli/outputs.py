@@ -165,6 +165,17 @@ def report(results, out, max_ppl_increase):
 
 # --------------------------------------------------------------------------- inspect
 
+def _echo_structured(info: dict) -> None:
+    b, a = info["widths_before"], info["widths_after"]
+    click.echo(f"checkpoint      {info['path']}")
+    click.echo(f"format          {info['format']} ({info['importance']} importance)")
+    click.echo(f"parameters      {info['parameters_before']:,} -> {info['parameters_after']:,} "
+               f"({info['parameters_after'] / info['parameters_before']:.3f}x); weights {info['weights_bytes'] / 2**20:.2f} MiB")
+    for k in ("layers", "heads", "kv_heads", "head_dim", "mlp", "hidden"):
+        click.echo(f"{k:15s} {b[k]} -> {a[k]}")
+    click.echo(f"removed blocks  {', '.join(map(str, info['removed_layers'])) or 'none'}")
+
+
 def _echo_sparse(info: dict) -> None:
     click.echo(f"checkpoint      {info['path']}")
     click.echo(f"format          {info['format']} (compressed-tensors layout) v{info['format_version']}")
@@ -195,6 +206,8 @@ def inspect(checkpoint, as_json):
         return _echo_gguf(info)
     if "pruned_bytes" in info:
         return _echo_sparse(info)
+    if info.get("method") == "structured":
+        return _echo_structured(info)
     click.echo(f"checkpoint      {info['path']}")
     click.echo(f"format          {info['format']} v{info['format_version']}")
     click.echo(f"method/scheme   {info['label']}")

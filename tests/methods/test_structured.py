@@ -128,6 +128,8 @@ def test_structured_prune_writes_a_plain_smaller_model(importance, tiny3, env, t
     plain = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     ours = models.load(str(out)).model
     assert torch.equal(_logits(plain, X), _logits(ours, X))
+    info = json.loads(run(["inspect", out, "--json"]).output)
+    assert info["widths_after"]["layers"] == 2 and info["parameters_after"] == sum(p.numel() for p in plain.parameters())
 
 
 def test_structured_model_exports_to_gguf_and_onnx(tiny3, env, tmp_path):
