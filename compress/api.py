@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from pathlib import Path
@@ -132,34 +133,64 @@ def inspect(spec: str) -> dict:
 # --------------------------------------------------------------------------- evaluation
 
 def eval_ppl(model_spec: str, protocol: str = "wt2-quick", max_windows: int | None = None,
-             base_spec: str | None = None, data_dir: str | None = None, progress: bool = True) -> dict:
-    from evals.data import PROTOCOLS, data_dir as resolve_data, read_text
-    from evals.perplexity import evaluate, tokenize, windows
+             base_spec: str | None = None, data_dir: str | None = None, progress: bool = True,
+             text_file: str | None = None, seqlen: int | None = None, stride: int | None = None) -> dict:
+    """Perplexity (and bits per byte; KL divergence and top-1 agreement against ``base_spec``) on
+    a fixed protocol, or on any UTF-8 ``text_file`` with windows of ``seqlen`` tokens every
+    ``stride`` tokens (non-overlapping when ``stride`` is not given)."""
+    import hashlib
 
-    if protocol not in PROTOCOLS:
-        raise CompressError(f"unknown protocol '{protocol}'; available: {', '.join(PROTOCOLS)}")
+    from evals.data import PROTOCOLS, data_dir as resolve_data, read_text
+    from evals.perplexity import evaluate, predicted_bytes, strided_windows, tokenize, windows
+
     if max_windows is not None and max_windows < 1:
         raise CompressError(f"--max-windows must be at least 1, got {max_windows}")
-    proto = PROTOCOLS[protocol]
+    if text_file is None:
+        if protocol not in PROTOCOLS:
+            raise CompressError(f"unknown protocol '{protocol}'; available: {', '.join(PROTOCOLS)}")
+        if seqlen is not None or stride is not None:
+            raise CompressError("--seqlen and --stride apply to --text; a protocol fixes its windows")
+        proto = PROTOCOLS[protocol]
+        text_path = resolve_data(data_dir) / proto.file
+    else:
+        seqlen = 512 if seqlen is None else seqlen
+        stride = seqlen if stride is None else stride
+        if seqlen < 2:
+            raise CompressError(f"--seqlen must be at least 2, got {seqlen}")
+        if not 0 < stride <= seqlen:
+            raise CompressError(f"--stride must be in [1, --seqlen = {seqlen}], got {stride}")
+        text_path = Path(text_file)
+    text = read_text(text_path)             # before any model is loaded
     loaded = models.load(model_spec)
     base = models.load(base_spec) if base_spec else None
-    text = read_text(resolve_data(data_dir) / proto.file)
     tokens = tokenize(loaded.tokenizer, text)
     if base is not None:
         btokens = tokenize(base.tokenizer, text)
         if not torch.equal(tokens, btokens):
             raise CompressError(f"{model_spec} and {base_spec} tokenize the text differently; KL divergence needs one vocabulary")
-    limit = proto.max_windows if max_windows is None else (
-        max_windows if proto.max_windows is None else min(max_windows, proto.max_windows))
-    wins = windows(tokens, proto.seqlen, limit)
-    res = evaluate(loaded.model, wins, base.model if base else None, progress, desc=f"{protocol}")
+    skip = None
+    if text_file is None:
+        limit = proto.max_windows if max_windows is None else (
+            max_windows if proto.max_windows is None else min(max_windows, proto.max_windows))
+        wins = windows(tokens, proto.seqlen, limit)
+        description = proto.description
+    else:
+        wins, skip = strided_windows(tokens, seqlen, stride, max_windows)
+        protocol = "text"
+        description = (f"{text_path.name}, no BOS, {wins.shape[0]} windows of {seqlen} tokens every {stride} "
+                       "tokens, each token scored once")
+    res = evaluate(loaded.model, wins, base.model if base else None, progress, desc=f"{protocol}", skip=skip)
+    nbytes = predicted_bytes(loaded.tokenizer, wins, skip)
     stats = weight_stats(loaded.model)
     out = {
         "model": model_spec, "path": str(loaded.path), "kind": loaded.kind,
         "scheme": loaded.scheme_label, "quantized": loaded.kind != "hf",
         "method": loaded.quant.get("method"), "protocol": protocol,
-        "protocol_description": proto.description, "max_windows": max_windows,
+        "protocol_description": description, "max_windows": max_windows,
+        "text_file": str(text_path), "text_sha256": hashlib.sha256(text_path.read_bytes()).hexdigest(),
+        "stride": stride if text_file is not None else None,
         "text_tokens": int(tokens.numel()), **res.to_dict(),
+        "predicted_bytes": nbytes, "bits_per_byte": res.nll * res.tokens / math.log(2) / nbytes,
         "bits_per_weight": stats["bits_per_weight"], "base": base_spec,
         "package_version": __version__, "torch_version": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -45,6 +45,10 @@ def read_text(path: Path) -> str:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(f"text file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise DataError(f"cannot read text file {path}: {e.strerror}") from None
+    if "\x00" in text:
+        raise DataError(f"text file {path} holds NUL bytes: it is binary, not text")
     if not text.strip():
         raise DataError(f"text file {path} is empty")
     return text

@@ -28,6 +28,31 @@ def windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None) -> torch
     return tokens[: n * seqlen].view(n, seqlen)
 
 
+def strided_windows(tokens: torch.Tensor, seqlen: int, stride: int, max_windows: int | None) -> tuple[torch.Tensor, list[int]]:
+    """Sliding windows ``(n, seqlen)`` starting every ``stride`` tokens (full windows only; the
+    tokens after the last one are not scored), and per window the number of leading targets to
+    skip because an earlier window scored them: each token is predicted once, by the window that
+    gives it the most context. ``stride == seqlen`` gives :func:`windows`."""
+    if not 0 < stride <= seqlen:
+        raise DataError(f"--stride must be in [1, --seqlen = {seqlen}], got {stride}")
+    if tokens.numel() < seqlen:
+        raise DataError(f"the text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    n = (tokens.numel() - seqlen) // stride + 1
+    if max_windows is not None:
+        n = min(n, max_windows)
+    wins = torch.stack([tokens[i * stride: i * stride + seqlen] for i in range(n)])
+    return wins, [0] + [max(0, seqlen - stride - 1)] * (n - 1)
+
+
+def predicted_bytes(tokenizer, wins: torch.Tensor, skip: list[int] | None = None) -> int:
+    """UTF-8 bytes of the text the scored targets spell (for bits per byte)."""
+    total = 0
+    for i, ids in enumerate(wins):
+        s = skip[i] if skip else 0
+        total += len(tokenizer.decode(ids[1 + s:].tolist()).encode("utf-8"))
+    return total
+
+
 @dataclass
 class PplResult:
     ppl: float
@@ -53,9 +78,11 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, wins: torch.Tensor, base=None, progress: bool = True, desc: str = "ppl") -> PplResult:
+def evaluate(model, wins: torch.Tensor, base=None, progress: bool = True, desc: str = "ppl",
+             skip: list[int] | None = None) -> PplResult:
     """Perplexity of ``model`` on ``wins``; with ``base``, the mean KL(base || model) of the
-    next-token distributions and the share of positions where both pick the same top-1 token."""
+    next-token distributions and the share of positions where both pick the same top-1 token.
+    ``skip[i]``: leading targets of window i not scored (sliding windows)."""
     t0 = time.perf_counter()
     nll = 0.0
     base_nll = 0.0
@@ -63,14 +90,15 @@ def evaluate(model, wins: torch.Tensor, base=None, progress: bool = True, desc: 
     kl_sum = 0.0
     kl_max = 0.0
     agree = 0
-    for ids in tqdm(wins, desc=desc, unit="win", disable=not progress, leave=False):
-        logits = _logits(model, ids)[:-1]
-        target = ids[1:]
+    for i, ids in enumerate(tqdm(wins, desc=desc, unit="win", disable=not progress, leave=False)):
+        s = skip[i] if skip else 0
+        logits = _logits(model, ids)[s:-1]
+        target = ids[1 + s:]
         logp = F.log_softmax(logits, dim=-1)
         nll += float(-logp.gather(1, target[:, None]).sum())
         count += target.numel()
         if base is not None:
-            blogp = F.log_softmax(_logits(base, ids)[:-1], dim=-1)
+            blogp = F.log_softmax(_logits(base, ids)[s:-1], dim=-1)
             base_nll += float(-blogp.gather(1, target[:, None]).sum())
             kl = (blogp.exp() * (blogp - logp)).sum(-1)
             kl_sum += float(kl.sum())

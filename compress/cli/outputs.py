@@ -90,13 +90,26 @@ def eval_():
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the result here.")
 @click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="onnxruntime: MODEL is a folder written by `compress export onnx`.")
-def eval_ppl(model, protocol, max_windows, base, data_dir, json_out, runtime):
-    """Perplexity of MODEL on a fixed protocol (and KL divergence to --base)."""
+@click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
+              help="Evaluate on this UTF-8 text file instead of a protocol (your own domain data).")
+@click.option("--seqlen", type=int, default=None, help="--text: tokens per window  [default: 512]")
+@click.option("--stride", type=int, default=None,
+              help="--text: a window starts every N tokens (sliding windows; each token is scored once, with "
+                   "the most context)  [default: --seqlen, non-overlapping]")
+def eval_ppl(model, protocol, max_windows, base, data_dir, json_out, runtime, text_file, seqlen, stride):
+    """Perplexity and bits per byte of MODEL on a fixed protocol or a text file (and KL divergence to --base)."""
     from ..api import eval_ppl as run, write_json
     if runtime == "onnxruntime":
+        if text_file is not None:
+            raise CompressError("--text works with the torch runtime; ONNX Runtime evaluates the fixed protocols")
         from ..runtime_onnx import eval_ppl_onnx as run
-    res = run(model, protocol, max_windows, base, data_dir)
-    line = f"{model}: ppl {res['ppl']:.4f} on {protocol} ({res['tokens']} tokens, {res['seconds']:.1f} s)"
+        res = run(model, protocol, max_windows, base, data_dir)
+    else:
+        res = run(model, protocol, max_windows, base, data_dir, text_file=str(text_file) if text_file else None,
+                  seqlen=seqlen, stride=stride)
+    where = protocol if text_file is None else f"{text_file} (stride {res['stride']})"
+    bpb = f", {res['bits_per_byte']:.4f} bits/byte" if res.get("bits_per_byte") is not None else ""
+    line = f"{model}: ppl {res['ppl']:.4f}{bpb} on {where} ({res['tokens']} tokens, {res['seconds']:.1f} s)"
     if res.get("kld") is not None:
         line += f"  KLD {res['kld']:.5f}  top-1 {100 * res['top1']:.2f}%  base ppl {res['base_ppl']:.4f}"
     click.echo(line)
