@@ -98,14 +98,14 @@ def eval_():
                    "the most context)  [default: --seqlen, non-overlapping]")
 def eval_ppl(model, protocol, max_windows, base, data_dir, json_out, runtime, text_file, seqlen, stride):
     """Perplexity and bits per byte of MODEL on a fixed protocol or a text file (and KL divergence to --base)."""
-    from ..api import eval_ppl as run, write_json
+    from ..api import eval_ppl, write_json
     if runtime == "onnxruntime":
         if text_file is not None:
             raise CompressError("--text works with the torch runtime; ONNX Runtime evaluates the fixed protocols")
-        from ..runtime_onnx import eval_ppl_onnx as run
-        res = run(model, protocol, max_windows, base, data_dir)
+        from ..runtime_onnx import eval_ppl_onnx
+        res = eval_ppl_onnx(model, protocol, max_windows, base, data_dir)
     else:
-        res = run(model, protocol, max_windows, base, data_dir, text_file=str(text_file) if text_file else None,
+        res = eval_ppl(model, protocol, max_windows, base, data_dir, text_file=str(text_file) if text_file else None,
                   seqlen=seqlen, stride=stride)
     where = protocol if text_file is None else f"{text_file} (stride {res['stride']})"
     bpb = f", {res['bits_per_byte']:.4f} bits/byte" if res.get("bits_per_byte") is not None else ""
