@@ -40,6 +40,7 @@ class Widths:
     mlp_in: tuple[str, ...]
     mlp_out: str
     norms: tuple[str, ...]
+    head_norms: tuple[str, ...] = ()    # per-head norms (Qwen3's q/k norms): head_dim wide, never cut
     attn_fn: str = "self_attn"          # module whose ``layer_idx`` addresses the KV cache
     heads_key: str = "num_attention_heads"
     kv_heads_key: str = "num_key_value_heads"
@@ -78,7 +79,7 @@ class ArchSpec:
 
 LLAMA = ArchSpec(
     family="llama",
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama", "mistral", "qwen2", "qwen3"),     # qwen3: q/k norms per head, after the projections
     blocks="model.layers",
     embeddings=("model.embed_tokens",),
     final_norm="model.norm",
@@ -93,7 +94,8 @@ LLAMA = ArchSpec(
     required_config=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
     widths=Widths(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", attn_out="self_attn.o_proj",
                   mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
-                  norms=("input_layernorm", "post_attention_layernorm")),
+                  norms=("input_layernorm", "post_attention_layernorm"),
+                  head_norms=("self_attn.q_norm", "self_attn.k_norm")),
 )
 
 OPT = ArchSpec(

@@ -133,6 +133,8 @@ def sliced_state(model, arch, plan: Plan) -> dict[str, torch.Tensor]:
                 t = _take(t, hid, mlp) if is_w else _take(t, hid)
             elif mod in w.norms:
                 t = _take(t, hid)
+            elif mod in w.head_norms:
+                pass
             elif hid is not None:
                 raise CompressError(f"{name} is not in the description of the {arch.family} widths: "
                                     "its hidden channels cannot be pruned")

@@ -1,0 +1,68 @@
+"""Every described Llama-family model type end to end on a tiny random model: quantize (RTN, GPTQ,
+AWQ), load the packed checkpoint and match the dequantized model, prune, and cut into a smaller
+dense model that plain transformers loads. Qwen2 has q/k/v biases; Qwen3 has per-head q/k norms
+and a head_dim that is not hidden / heads."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress import models
+from tests.conftest import build_tiny
+from tests.test_cli import run
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+CAL = ["--nsamples", 8, "--seqlen", 64]
+X = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("fam") / request.param, request.param)
+
+
+@pytest.fixture
+def env(tiny_data, monkeypatch):
+    monkeypatch.setenv("COMPRESS_DATA_DIR", str(tiny_data))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(X, use_cache=False).logits
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_quantized_checkpoint_matches_its_dequantized_model(method, tiny, env, tmp_path):
+    out = tmp_path / "q"
+    res = run(["quantize", tiny, "--method", method, "--bits", 4, "--group-size", 32, "--dtype", "float32",
+               *(CAL if method != "rtn" else []), "-o", out])
+    assert res.exit_code == 0, res.output
+    packed = models.load(str(out))
+    ref = models.load(str(tiny)).model
+    base = _logits(ref)
+    with torch.no_grad():
+        for name, m in packed.model.named_modules():
+            if hasattr(m, "packed"):
+                lin = ref.get_submodule(name)
+                lin.weight.copy_(m.packed().dequantize())
+                if m.bias is not None:
+                    lin.bias.copy_(m.bias)
+        if method == "awq":      # AWQ also rescaled the norms: take every float tensor from the checkpoint
+            floats = {k: v for k, v in packed.model.state_dict().items() if k in ref.state_dict()}
+            ref.load_state_dict(floats, strict=False)
+    torch.testing.assert_close(_logits(packed.model), _logits(ref), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(_logits(packed.model), base, atol=1e-4)     # it did quantize
+
+
+def test_pruned_and_structured_models_load(tiny, env, tmp_path):
+    res = run(["prune", tiny, "--method", "wanda", "--pattern", "2:4", *CAL, "-o", tmp_path / "w"])
+    assert res.exit_code == 0, res.output
+    w = models.load(str(tmp_path / "w"))
+    assert float((w.model.model.layers[0].mlp.down_proj.weight == 0).float().mean()) == 0.5
+    res = run(["prune", tiny, "--method", "structured", "--heads", 0.5, "--mlp", 0.25, "--layers", 1,
+               "--hidden", 0.25, "--multiple-of", 8, *CAL, "--dtype", "float32", "-o", tmp_path / "s"])
+    assert res.exit_code == 0, res.output
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "s")).eval()
+    assert plain.config.num_hidden_layers == 1 and plain.config.hidden_size == 72
+    assert torch.equal(_logits(plain), _logits(models.load(str(tmp_path / "s")).model))
