@@ -31,7 +31,8 @@ from .config import MethodConfig, Override, Targets
 from .errors import CompressError
 from .registry import Method, get
 
-TOP_KEYS = ("model", "calibration", "dtype", "device", "save_stats", "load_stats", "sparse_storage", "steps")
+TOP_KEYS = ("model", "calibration", "dtype", "device", "save_stats", "load_stats", "sparse_storage", "max_memory",
+            "steps")
 SPARSE_STORAGE = ("compact", "gptq")
 STEP_KEYS = ("targets", "ignore", "overrides", "lm_head")
 CALIB_KEYS = ("source", "nsamples", "seqlen", "seed", "data_dir")
@@ -184,8 +185,12 @@ class Recipe:
     save_stats: str | None = None
     load_stats: str | None = None
     sparse_storage: str = "compact"          # pruned and quantized modules: compact codes, or plain GPTQ layout
+    max_memory: str | None = None            # refuse a run whose estimated peak exceeds this (else: available memory)
 
     def __post_init__(self):
+        if self.max_memory is not None:
+            from .memory import parse_size
+            parse_size(self.max_memory)
         if self.sparse_storage not in SPARSE_STORAGE:
             raise CompressError(f"sparse_storage must be one of {', '.join(SPARSE_STORAGE)}, got {self.sparse_storage!r}")
         if not self.steps:
@@ -240,6 +245,8 @@ class Recipe:
                 d[k] = getattr(self, k)
         if self.sparse_storage != "compact":
             d["sparse_storage"] = self.sparse_storage
+        if self.max_memory is not None:
+            d["max_memory"] = self.max_memory
         d["steps"] = [s.to_dict() for s in self.steps] + [p.to_dict() for p in self.post]
         return {k: v for k, v in d.items() if v is not None}
 
@@ -247,7 +254,7 @@ class Recipe:
         """The recipe as it affects the output: steps, calibration and storage dtype."""
         d = self.to_dict()
         d["steps"] = [s.to_dict() for s in self.steps]
-        for k in ("model", "save_stats", "device"):
+        for k in ("model", "save_stats", "device", "max_memory"):
             d.pop(k, None)
         d.get("calibration", {}).pop("data_dir", None)
         return json.dumps(d, sort_keys=True, default=str)
@@ -290,7 +297,7 @@ class Recipe:
                 raise CompressError(f"recipe: calibration: {e}") from None
         return cls(tuple(steps), tuple(post), d.get("model"), dict(calib), d.get("dtype", "float16"),
                    d.get("device", "cpu"), d.get("save_stats"), d.get("load_stats"),
-                   d.get("sparse_storage", "compact"))
+                   d.get("sparse_storage", "compact"), d.get("max_memory"))
 
 
 def read(path: Path) -> Recipe:

@@ -35,12 +35,19 @@ def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None) -> None:
     """Checks that need no weights: the model's architecture, the output path, the data and files."""
     _check_output(recipe, out)
     kind, path = models.resolve(spec)
+    if kind == "name" and models.is_cached(spec):
+        kind = "folder"
     if kind == "folder":
         config = models.read_config(path)
         models.arch_for(config.get("model_type"), config.get("architectures"))
         from .formats.sparse import is_sparse_config
         if config.get("quantization_config") and not is_sparse_config(config):
             raise CompressError(f"{spec} is already a quantized checkpoint")
+        from calib.runner import DEFAULT_BUDGET
+
+        from .memory import check, parse_size
+        check(config, path, recipe.steps, recipe.calib_spec() if needs_windows(recipe) else None,
+              parse_size(recipe.max_memory) if recipe.max_memory else None, DEFAULT_BUDGET)
     elif kind == "gguf":
         from .formats.gguf_file import check_gguf
         check_gguf(path)

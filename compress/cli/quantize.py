@@ -133,12 +133,16 @@ def _compress_command(name: str, kind: str, default: str, doc: str, out_help: st
     @click.option("--sparse-storage", type=click.Choice(["compact", "gptq"]), default="compact", show_default=True,
                   help="Pruned and quantized layers: codes stored compactly (a bitmask and the codes that are not "
                        "zero), or the plain GPTQ layout that GPTQ runtimes read.")
+    @click.option("--max-memory", default=None, metavar="SIZE",
+                  help="Refuse the run (before any work) if its estimated peak memory exceeds SIZE (e.g. 8GiB) "
+                       "[default: the memory available].")
     @click.option("--save-recipe", type=click.Path(path_type=Path), default=None,
                   help="Write the recipe this command runs (YAML) for `compress run`.")
     @_with(_run_options)
     @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help=out_help)
     def command(model, method, targets, ignore, lm_head, calib_source, nsamples, seqlen, seed, data_dir, save_stats,
-                load_stats, device, dtype, sparse_storage, save_recipe, restart, report_out, out, **options):
+                load_stats, device, dtype, sparse_storage, max_memory, save_recipe, restart, report_out, out,
+                **options):
         from calib.data import CalibSpec
 
         from ..recipe import Recipe, write
@@ -152,7 +156,7 @@ def _compress_command(name: str, kind: str, default: str, doc: str, out_help: st
         calibration = CalibSpec(calib_source, nsamples, seqlen, seed).to_dict() if step.cls.calibrated else {}
         recipe = Recipe((step,), (), model, calibration, dtype, _device(device),
                         str(save_stats) if save_stats else None, str(load_stats) if load_stats else None,
-                        sparse_storage)
+                        sparse_storage, str(max_memory) if max_memory else None)
         if save_recipe is not None:
             write(recipe, save_recipe)
         rep = run(recipe, model, out, data_dir, restart)

@@ -1,0 +1,148 @@
+"""Memory preflight: the peak memory of a compression run, estimated from the checkpoint's tensor
+headers, ``config.json`` and the recipe before any weight is read, checked against the memory
+available (or ``--max-memory``), so that a run that cannot fit is refused in a second instead of
+being killed by the OS half-way.
+
+The estimate (CPU, float32 compute, the whole model resident):
+
+* weights: every tensor of the checkpoint as float32;
+* calibration activations: the block inputs of every window (``nsamples x seqlen x hidden``
+  float32), held twice while a block's outputs replace its inputs; beyond the runner's in-memory
+  budget (8 GiB) they spill to disk, so at most twice that;
+* per window inside a block: attention scores (``heads x seqlen^2``) and the MLP's intermediate
+  activations (3 x ``seqlen x intermediate``);
+* statistics: GPTQ-style Hessians of the widest input (``K^2`` float32, with the solver's
+  working copies, 4 of them);
+* a whole-model pass (structured pruning, OWL): the logits of one window (``seqlen x vocab``,
+  3 copies); with gradients (structured ``--importance gradient``) also the weights' gradients
+  and every block's saved activations;
+* the interpreter, torch and the tokenizer: a fixed 0.6 GiB.
+
+It is an estimate, meant to be on the safe side by tens of percent, not a measurement.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CompressError
+
+GiB = 1 << 30
+FIXED = int(0.6 * GiB)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+          "g": GiB, "gb": GiB, "gib": GiB, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"8GiB"``, ``"8G"``, ``"512MB"``, ``"1.5g"`` or a number of bytes (binary units)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise CompressError(f"--max-memory must be a size such as 8GiB or 512MB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def available_bytes() -> int:
+    """Memory this process may still use: MemAvailable, capped by a cgroup (v2) limit if any."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        import psutil
+        avail = int(psutil.virtual_memory().available)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def checkpoint_numel(folder: Path) -> int:
+    """Elements of every tensor in the folder's safetensors files, from their headers alone."""
+    total = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CompressError(f"corrupt safetensors file {f}: shorter than its header")
+            (n,) = struct.unpack("<Q", head)
+            try:
+                header = json.loads(fh.read(n))
+            except (ValueError, UnicodeDecodeError):
+                raise CompressError(f"corrupt safetensors file {f}: unreadable header") from None
+        for k, v in header.items():
+            if k != "__metadata__":
+                count = 1
+                for d in v.get("shape", []):
+                    count *= int(d)
+                total += count
+    return total
+
+
+@dataclass
+class Estimate:
+    parts: dict            # name -> bytes
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.parts.items() if v)
+
+
+def estimate(config: dict, numel: int, steps, calib, budget: int) -> Estimate:
+    """Peak bytes of running ``steps`` (recipe steps) on a model of ``numel`` elements whose
+    ``config.json`` is ``config``; ``calib``: the calibration spec (None without calibration)."""
+    hidden = int(config.get("hidden_size") or 0)
+    inter = int(config.get("intermediate_size") or config.get("ffn_dim") or 4 * hidden)
+    heads = int(config.get("num_attention_heads") or 1)
+    layers = int(config.get("num_hidden_layers") or 1)
+    vocab = int(config.get("vocab_size") or 0)
+    parts = {"weights": 4 * numel, "runtime": FIXED}
+    if calib is not None:
+        n, seq = calib.nsamples, calib.seqlen
+        parts["calibration activations"] = 2 * min(4 * n * seq * hidden, budget)
+        parts["one window in a block"] = 4 * (heads * seq * seq + 3 * seq * inter + 4 * seq * hidden)
+        parts["statistics"] = 4 * 4 * max(hidden, inter) ** 2
+        cfgs = [s.config for s in steps]
+        whole = any(s.cls.whole_model or getattr(c, "profile", None) == "owl" for s, c in zip(steps, cfgs))
+        if whole:
+            parts["one window through the model"] = 4 * 3 * seq * vocab
+        if any(getattr(c, "importance", None) == "gradient" for c in cfgs):
+            parts["gradients"] = 4 * numel
+            parts["saved activations"] = 4 * layers * (heads * seq * seq + 4 * seq * inter + 8 * seq * hidden)
+    return Estimate(parts)
+
+
+def check(config: dict, folder: Path, steps, calib, max_memory: int | None, budget: int) -> Estimate:
+    """Print the estimate; refuse a run that does not fit in ``max_memory`` (else the available
+    memory) with a one-line error naming the estimate, the limit and what would make it fit."""
+    import sys
+    est = estimate(config, checkpoint_numel(folder), steps, calib, budget)
+    limit = max_memory if max_memory is not None else available_bytes()
+    what = "--max-memory" if max_memory is not None else "the available memory"
+    print(f"memory: estimated peak {est.total / GiB:.2f} GiB ({est.describe()}), {what} {limit / GiB:.2f} GiB",
+          file=sys.stderr, flush=True)
+    if est.total > limit:
+        hint = "a machine with more memory"
+        acts = est.parts.get("calibration activations", 0)
+        if calib is not None and acts:
+            spare = limit - (est.total - acts)
+            fit = int(calib.nsamples * spare / acts) if spare > 0 else 0
+            if fit >= 1:
+                hint = (f"fewer or shorter calibration windows (--nsamples {fit} at --seqlen {calib.seqlen} "
+                        f"would fit), or {hint}")
+        raise CompressError(f"this run needs about {est.total / GiB:.2f} GiB ({est.describe()}) but {what} is "
+                            f"{limit / GiB:.2f} GiB: use {hint}")
+    return est
+
