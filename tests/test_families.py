@@ -66,3 +66,27 @@ def test_pruned_and_structured_models_load(tiny, env, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "s")).eval()
     assert plain.config.num_hidden_layers == 1 and plain.config.hidden_size == 72
     assert torch.equal(_logits(plain), _logits(models.load(str(tmp_path / "s")).model))
+
+
+def test_gguf_export_reads_back_as_the_same_model(tiny, env, tmp_path):
+    """llama.cpp's names and metadata per family (q/k rows permuted for llama only, Qwen2's
+    biases, Qwen3's q/k norms and key length): gguf's reader gives back every weight, and the
+    file loads in transformers with the same logits."""
+    import gguf
+
+    from compress.export.gguf import read_gguf_weights
+    out = tmp_path / "m.gguf"
+    assert run(["export", "gguf", tiny, "--type", "f32", "-o", out]).exit_code == 0
+    ref = models.load(str(tiny))
+    r = gguf.GGUFReader(str(out))
+    fam = ref.model.config.model_type
+    assert r.fields["general.architecture"].contents() == {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[fam]
+    names = {t.name for t in r.tensors}
+    assert ("blk.0.attn_q.bias" in names) == (fam == "qwen2")
+    assert ("blk.0.attn_q_norm.weight" in names) == (fam == "qwen3")
+    back = read_gguf_weights(out)
+    state = {k: v for k, v in ref.model.state_dict().items() if k != "lm_head.weight"}
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    g = models.load(str(out))
+    torch.testing.assert_close(_logits(g.model), _logits(ref.model), rtol=1e-4, atol=1e-4)

@@ -40,8 +40,11 @@ from ..solvers.ggml_grid import CODECS, pack_codes
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-GGUF_ARCH = "llama"
+# Hugging Face model type -> llama.cpp architecture written
+GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_MODEL_TYPES = tuple(GGUF_ARCHS)
+# architectures whose q/k rows llama.cpp's converter permutes (rotary halves interleaved)
+PERMUTED_QK = ("llama",)
 QUANTIZATION_VERSION = 2
 
 # block-relative Hugging Face module -> llama.cpp tensor base name
@@ -51,6 +54,8 @@ BLOCK_NAMES = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",          # qwen3: per-head norms after the projections
+    "self_attn.k_norm": "attn_k_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
@@ -95,8 +100,7 @@ def hf_name(name: str, blocks_prefix: str = "model.layers") -> str:
 def check_exportable(config) -> None:
     mt = getattr(config, "model_type", None)
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise CompressError(f"GGUF export supports the llama architecture ({', '.join(SUPPORTED_MODEL_TYPES)}), "
-                            f"not '{mt}'")
+        raise CompressError(f"GGUF export supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}, not '{mt}'")
     if getattr(config, "rope_scaling", None):
         raise CompressError(f"GGUF export does not handle rope scaling ({config.rope_scaling})")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
@@ -116,6 +120,11 @@ class HParams:
     rms_eps: float
     vocab: int
     tied: bool
+    arch: str = "llama"              # llama.cpp architecture
+
+    @property
+    def permuted(self) -> bool:
+        return self.arch in PERMUTED_QK
 
     @classmethod
     def from_config(cls, config) -> "HParams":
@@ -127,7 +136,7 @@ class HParams:
                    head_dim=int(getattr(config, "head_dim", None) or n_embd // n_head),
                    n_ctx=int(config.max_position_embeddings), rope_theta=float(getattr(config, "rope_theta", 10000.0)),
                    rms_eps=float(config.rms_norm_eps), vocab=int(config.vocab_size),
-                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+                   tied=bool(getattr(config, "tie_word_embeddings", False)), arch=GGUF_ARCHS[config.model_type])
 
 
 def permute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
@@ -324,7 +333,7 @@ def _pre_name(pre: dict, folder) -> str:
 def model_metadata(hp: HParams, file_type: int, name: str, general: list[KV] | None = None,
                    extra: dict | None = None) -> list[KV]:
     from gguf import GGUFValueType as T
-    a = GGUF_ARCH
+    a = hp.arch
     kvs = [KV("general.type", "model", T.STRING)]
     general = [g for g in (general or []) if g.key != "general.type"]
     if not any(g.key == "general.name" for g in general):
@@ -391,16 +400,16 @@ def write_gguf(path: Path, kvs: list[KV], tensors: list[GGMLTensor], hp: HParams
         raise CompressError(f"GGUF output must end with .gguf, got {path}")
 
     def write(tmp: Path) -> None:
-        w = gguf.GGUFWriter(str(tmp), GGUF_ARCH)
+        w = gguf.GGUFWriter(str(tmp), hp.arch)
         for kv in kvs:
             if kv.key == "general.architecture":
                 continue
             w.add_key_value(kv.key, kv.value, kv.vtype, sub_type=kv.sub_type)
         for t in tensors:
             data = t.data
-            if re.search(r"\.attn_q\.(weight|bias)$", t.name):
+            if hp.permuted and re.search(r"\.attn_q\.(weight|bias)$", t.name):
                 data = permute_qk(data, hp.n_head, hp.n_head)
-            elif re.search(r"\.attn_k\.(weight|bias)$", t.name):
+            elif hp.permuted and re.search(r"\.attn_k\.(weight|bias)$", t.name):
                 data = permute_qk(data, hp.n_head, hp.n_head_kv)
             arr = _np(GGMLTensor(t.name, t.type, t.shape, data))
             if t.type in FLOAT_TYPES:
@@ -653,8 +662,10 @@ def read_gguf_weights(path: Path, blocks_prefix: str = "model.layers") -> dict[s
     from ..formats import kquants
     check_gguf(Path(path))
     r = GGUFReader(str(path))
-    n_head = int(r.fields[f"{GGUF_ARCH}.attention.head_count"].contents())
-    n_kv = int(r.fields[f"{GGUF_ARCH}.attention.head_count_kv"].contents())
+    arch = r.fields["general.architecture"].contents()
+    n_head = int(r.fields[f"{arch}.attention.head_count"].contents())
+    n_kv = int(r.fields[f"{arch}.attention.head_count_kv"].contents())
+    permuted = arch in PERMUTED_QK
     out = {}
     for t in r.tensors:
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
@@ -666,9 +677,9 @@ def read_gguf_weights(path: Path, blocks_prefix: str = "model.layers") -> dict[s
             w = raw.to(torch.float32).reshape(shape)
         else:
             w = kquants.dequantize(raw.reshape(-1).view(torch.uint8), tname, shape)
-        if re.search(r"\.attn_q\.(weight|bias)$", t.name):
+        if permuted and re.search(r"\.attn_q\.(weight|bias)$", t.name):
             w = unpermute_qk(w, n_head, n_head)
-        elif re.search(r"\.attn_k\.(weight|bias)$", t.name):
+        elif permuted and re.search(r"\.attn_k\.(weight|bias)$", t.name):
             w = unpermute_qk(w, n_head, n_kv)
         out[hf_name(t.name, blocks_prefix)] = w
     return out

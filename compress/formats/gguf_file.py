@@ -26,7 +26,7 @@ _GGUF_SCALAR = {0: ("uint8", "<B"), 1: ("int8", "<b"), 2: ("uint16", "<H"), 3: (
 _GGUF_BOOL, _GGUF_STRING, _GGUF_ARRAY = 7, 8, 9
 _GGUF_INTS = (0, 1, 2, 3, 4, 5, 10, 11)
 _GGUF_MAX_DIMS = 4
-GGUF_MODEL_ARCHS = ("llama", "mistral", "qwen2")     # what transformers' GGUF loader and arch.LLAMA share
+GGUF_MODEL_ARCHS = ("llama", "mistral", "qwen2", "qwen3")     # what transformers' GGUF loader and arch.LLAMA share
 
 
 class _BadGGUF(Exception):
@@ -342,13 +342,16 @@ def check_gguf(path: Path) -> GGUFLayout:
     block = {"attn_norm.weight": (emb,), "attn_q.weight": (qd, emb), "attn_k.weight": (kd, emb),
              "attn_v.weight": (vd, emb), "attn_output.weight": (emb, od), "ffn_norm.weight": (emb,),
              "ffn_gate.weight": (ffn, emb), "ffn_up.weight": (ffn, emb), "ffn_down.weight": (emb, ffn),
-             "attn_q.bias": (qd,), "attn_k.bias": (kd,), "attn_v.bias": (vd,), "attn_output.bias": (emb,)}
+             "attn_q.bias": (qd,), "attn_k.bias": (kd,), "attn_v.bias": (vd,), "attn_output.bias": (emb,),
+             "attn_q_norm.weight": ((hk, "key length"),), "attn_k_norm.weight": ((hk, "key length"),)}
     have = {t.name for t in lay.tensors}
     for name in ("token_embd.weight", "output_norm.weight"):
         if name not in have:
             raise CompressError(f"GGUF file {p} lacks the tensor {name}")
     for i in range(n_layer):            # stops at the first gap, so a corrupt block_count costs nothing
         for name in block:
+            if name.startswith(("attn_q_norm", "attn_k_norm")) and arch != "qwen3":
+                continue
             if name.endswith(".weight") and f"blk.{i}.{name}" not in have:
                 raise CompressError(f"GGUF file {p} lacks the tensor blk.{i}.{name} ({arch}.block_count is {n_layer})")
     for t in lay.tensors:
