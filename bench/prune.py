@@ -127,7 +127,9 @@ def our_row(label, steps, args, calib: CalibSpec, work: Path, base) -> dict:
     load = os.getloadavg()
     t0 = time.perf_counter()
     if steps:
-        recipe = Recipe.from_dict({"calibration": calib.to_dict(), "steps": steps})
+        from compress.registry import get
+        calibrated = any(get(st["method"]).calibrated for st in steps)
+        recipe = Recipe.from_dict({"calibration": calib.to_dict() if calibrated else {}, "steps": steps})
         rep = session.run(recipe, args.model, out, args.data_dir, progress=False)
         seconds = rep["compress_seconds"]
         extra = rep["output"].get("structured")
