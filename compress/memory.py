@@ -22,9 +22,8 @@ It is an estimate, meant to be on the safe side by tens of percent, not a measur
 """
 from __future__ import annotations
 
-import json
+import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,24 +66,13 @@ def available_bytes() -> int:
 
 
 def checkpoint_numel(folder: Path) -> int:
-    """Elements of every tensor in the folder's safetensors files, from their headers alone."""
+    """Elements of every tensor in the folder's safetensors files, from their (checked) headers alone."""
+    from .models import check_safetensors, safetensors_files
     total = 0
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise CompressError(f"corrupt safetensors file {f}: shorter than its header")
-            (n,) = struct.unpack("<Q", head)
-            try:
-                header = json.loads(fh.read(n))
-            except (ValueError, UnicodeDecodeError):
-                raise CompressError(f"corrupt safetensors file {f}: unreadable header") from None
-        for k, v in header.items():
+    for f in safetensors_files(Path(folder)):
+        for k, v in check_safetensors(f).items():
             if k != "__metadata__":
-                count = 1
-                for d in v.get("shape", []):
-                    count *= int(d)
-                total += count
+                total += math.prod(int(d) for d in v.get("shape", []))
     return total
 
 

@@ -102,6 +102,10 @@ class RunRecord:
         self.packed[name] = packed
         if scheme is not None:
             self.schemes[name] = scheme
+        self.note(name, loss, fallback)
+
+    def note(self, name: str, loss: float | None = None, fallback: str | None = None) -> None:
+        """Record a module's solver loss and numerical fallback (logged)."""
         if loss is not None:
             self.losses[name] = float(loss)
         if fallback:

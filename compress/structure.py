@@ -102,9 +102,9 @@ def _take(t: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
     return t.contiguous()
 
 
-def sliced_state(model, arch, plan: Plan) -> dict[str, torch.Tensor]:
-    """The model's state dict cut to ``plan`` (blocks renumbered)."""
-    w, d = arch.widths, widths_of(model, arch)
+def sliced_state(model, arch, plan: Plan, d: Dims) -> dict[str, torch.Tensor]:
+    """The model's state dict (widths ``d``) cut to ``plan`` (blocks renumbered)."""
+    w = arch.widths
     _check(plan, d)
     hid = None if len(plan.hidden) == d.hidden else torch.tensor(plan.hidden, dtype=torch.long)
     new_index = {old: new for new, old in enumerate(plan.layers)}
@@ -173,7 +173,7 @@ def apply_plan(model, arch, plan: Plan):
     from transformers import AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
     d = widths_of(model, arch)
-    state = sliced_state(model, arch, plan)
+    state = sliced_state(model, arch, plan, d)
     cfg = pruned_config(model.config, arch, plan, d)
     param = next(model.parameters())
     with no_init_weights():

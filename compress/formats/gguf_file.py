@@ -26,7 +26,9 @@ _GGUF_SCALAR = {0: ("uint8", "<B"), 1: ("int8", "<b"), 2: ("uint16", "<H"), 3: (
 _GGUF_BOOL, _GGUF_STRING, _GGUF_ARRAY = 7, 8, 9
 _GGUF_INTS = (0, 1, 2, 3, 4, 5, 10, 11)
 _GGUF_MAX_DIMS = 4
-GGUF_MODEL_ARCHS = ("llama", "mistral", "qwen2", "qwen3")     # what transformers' GGUF loader and arch.LLAMA share
+GGUF_MODEL_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+# block tensors only some architectures have (and then must have): name -> those architectures
+_ARCH_ONLY = {"attn_q_norm.weight": ("qwen3",), "attn_k_norm.weight": ("qwen3",)}     # what transformers' GGUF loader and arch.LLAMA share
 
 
 class _BadGGUF(Exception):
@@ -350,7 +352,7 @@ def check_gguf(path: Path) -> GGUFLayout:
             raise CompressError(f"GGUF file {p} lacks the tensor {name}")
     for i in range(n_layer):            # stops at the first gap, so a corrupt block_count costs nothing
         for name in block:
-            if name.startswith(("attn_q_norm", "attn_k_norm")) and arch != "qwen3":
+            if name in _ARCH_ONLY and arch not in _ARCH_ONLY[name]:
                 continue
             if name.endswith(".weight") and f"blk.{i}.{name}" not in have:
                 raise CompressError(f"GGUF file {p} lacks the tensor blk.{i}.{name} ({arch}.block_count is {n_layer})")

@@ -88,11 +88,14 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torc
                      g_idx=g_idx.to(torch.int32).contiguous(), bits=bits, in_features=k, out_features=n)
 
 
+def zero_points(p: PackedInt) -> torch.Tensor:
+    """The zero points ``(G, N)`` as int32 (stored minus one)."""
+    return (unpack_bitstream(p.qzeros.t().contiguous(), p.bits, p.out_features).t() + 1).contiguous()
+
+
 def unpack(p: PackedInt) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack`: returns ``(q (N, K), zeros (G, N))`` as int32."""
-    q = unpack_bitstream(p.qweight, p.bits, p.in_features).t().contiguous()
-    z = unpack_bitstream(p.qzeros.t().contiguous(), p.bits, p.out_features).t() + 1
-    return q, z.contiguous()
+    return unpack_bitstream(p.qweight, p.bits, p.in_features).t().contiguous(), zero_points(p)
 
 
 def from_tensors(t: dict[str, torch.Tensor], bits: int, in_features: int, out_features: int) -> PackedInt:
@@ -110,16 +113,16 @@ COMPACT_TENSORS = ("codes", "codes_bitmask", "qzeros", "scales", "g_idx")
 
 
 def _zero_codes(p: PackedInt) -> torch.Tensor:
-    z = unpack_bitstream(p.qzeros.t().contiguous(), p.bits, p.out_features).t() + 1       # (G, N)
-    return z.index_select(0, p.g_idx.to(torch.int64)).t()                                # (N, K)
+    """The code of 0.0 at every position ``(N, K)``: each column's group's zero point."""
+    return zero_points(p).index_select(0, p.g_idx.to(torch.int64)).t()
 
 
 def compact(p: PackedInt) -> dict[str, torch.Tensor]:
-    import numpy as np
+    from .bits import pack_bits
     q = unpack_bitstream(p.qweight, p.bits, p.in_features).t()                           # (N, K)
     keep = q != _zero_codes(p)
     kept = q[keep].to(torch.int64)
-    bitmask = torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little"))
+    bitmask = pack_bits(keep)
     codes = pack_bitstream(kept, p.bits) if kept.numel() else torch.zeros(0, dtype=torch.int32)
     return {"codes": codes, "codes_bitmask": bitmask, "qzeros": p.qzeros, "scales": p.scales, "g_idx": p.g_idx}
 
@@ -127,12 +130,12 @@ def compact(p: PackedInt) -> dict[str, torch.Tensor]:
 def from_compact(t: dict[str, torch.Tensor], bits: int, in_features: int, out_features: int,
                  name: str = "") -> PackedInt:
     """The :class:`PackedInt` of :func:`compact`'s tensors (ValueError when they disagree)."""
-    import numpy as np
+    from .bits import unpack_bits
     n, k = out_features, in_features
     bm = t["codes_bitmask"]
     if bm.dtype != torch.uint8 or tuple(bm.shape) != (n, -(-k // 8)):
         raise ValueError(f"{name}.codes_bitmask has shape {tuple(bm.shape)} ({bm.dtype}), expected ({n}, {-(-k // 8)}) uint8")
-    keep = torch.from_numpy(np.unpackbits(bm.numpy(), axis=-1, count=k, bitorder="little").astype(bool))
+    keep = unpack_bits(bm, (n, k))
     count = int(keep.sum())
     if t["codes"].dtype != torch.int32 or t["codes"].dim() != 1 or t["codes"].numel() != packed_words(count, bits):
         raise ValueError(f"{name}.codes holds {t['codes'].numel()} words, the bitmask marks {count} codes "

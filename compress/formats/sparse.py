@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import CompressError
+from .bits import pack_bits, unpack_bits
 
 BITMASK = "sparse-bitmask"
 BITMASK_24 = "sparse-24-bitmask"
@@ -30,15 +30,6 @@ FORMATS = (BITMASK, BITMASK_24)
 QUANT_METHOD = "compressed-tensors"
 CT_VERSION = "0.14.0.1"          # the compressed-tensors release whose layout this follows
 FORMAT_VERSION = 1
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(mask.cpu().numpy().astype(bool), axis=-1, bitorder="little"))
-
-
-def unpack_bits(bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    arr = np.unpackbits(bits.cpu().numpy(), axis=-1, count=shape[-1], bitorder="little")
-    return torch.from_numpy(arr.reshape(shape).astype(bool))
 
 
 def mask_24(w: torch.Tensor) -> torch.Tensor:

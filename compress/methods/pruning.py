@@ -11,7 +11,6 @@ model-wide mean stays the target. The per-block sparsities are recorded in the c
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +20,6 @@ from ..errors import CompressError
 from ..registry import Method
 from ..scheme import INT_BITS, IntScheme
 from ..solvers.masks import check_pattern_fits, parse_pattern, pattern_sparsity, sparsity_of
-
-log = logging.getLogger(__name__)
 
 PROFILES = ("uniform", "owl")
 DEFAULT_SPARSITY = 0.5
@@ -159,11 +156,7 @@ class PruneMethod(Method):
         if packed is not None:
             blk.record.add(full, packed, sc.quant.to_dict(), loss, fallback)
         else:
-            if loss is not None:
-                blk.record.losses[full] = float(loss)
-            if fallback:
-                log.warning("%s: %s", full, fallback)
-                blk.record.fallbacks[full] = fallback
+            blk.record.note(full, loss, fallback)
 
     def metadata(self, record=None) -> dict:
         d = self.cfg.to_dict()
