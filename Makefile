@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-out
 MODEL ?= smollm2-135m
 export COMPRESS_DATA_DIR := $(abspath $(DATA))
 
-.PHONY: setup demo oracle test test-fast bench-rtn bench-ptq bench-llmcompressor bench-prune clean
+.PHONY: setup demo oracle test test-fast bench-rtn bench-ptq bench-llmcompressor bench-prune bench-train clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,12 @@ bench-prune: setup
 	$(BIN)/python bench/prune.py --suite compare --max-windows 16 --out bench/results/prune-compare-smollm2.json
 	$(BIN)/python bench/prune.py --suite quality --max-windows 16 --out bench/results/prune-quality-smollm2.json
 	$(BIN)/python bench/prune.py --suite structured --max-windows 16 --out bench/results/prune-structured-smollm2.json
+
+# Training: QAT against post-training quantization, and distillation healing structured pruning
+# (about 2 CPU-hours on 2 cores).
+bench-train: setup
+	$(BIN)/python bench/train.py --suite distill --seqlen 256 --kd-steps 40 --kd-batch 8 --kd-lr 1e-4 --out bench/results/train-distill-smollm2.json
+	$(BIN)/python bench/train.py --suite qat --nsamples 64 --out bench/results/train-qat-smollm2.json
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

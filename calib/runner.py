@@ -87,7 +87,8 @@ class BlockInputs:
     def __len__(self):
         return len(self.store)
 
-    def _kw(self):
+    def kwargs_on_device(self) -> dict:
+        """The keyword arguments the block is called with, on the compute device."""
         return {k: _to(v, self.device) for k, v in self.kwargs.items()}
 
     def _batches(self):
@@ -106,7 +107,7 @@ class BlockInputs:
         forward hooks have run): statistics of early linears need no full block pass.
         With ``keep``, return the block outputs.
         """
-        kw = self._kw()
+        kw = self.kwargs_on_device()
         outs = [] if keep else None
         handle = stop_at.register_forward_hook(_raise_stop) if stop_at is not None else None
         try:
@@ -149,7 +150,7 @@ class BlockInputs:
     @torch.no_grad()
     def advance(self, block: torch.nn.Module) -> None:
         """Replace the stored inputs by ``block``'s outputs (the next block's inputs)."""
-        kw = self._kw()
+        kw = self.kwargs_on_device()
         for idx, x in self._batches():
             y = block(x, **kw)
             y = y[0] if isinstance(y, (tuple, list)) else y

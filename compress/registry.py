@@ -41,7 +41,7 @@ def register(cls: type["Method"]) -> type["Method"]:
 
 
 _BUILT_IN = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "kquant", "kquant-gptq",
-             "magnitude", "wanda", "sparsegpt", "structured")   # the order shown
+             "magnitude", "wanda", "sparsegpt", "structured", "qat")   # the order shown
 
 
 def _load_all() -> None:
@@ -219,7 +219,7 @@ class Method:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    kind: ClassVar[str] = "quantize"          # "quantize" or "prune" (the CLI command that offers it)
+    kind: ClassVar[str] = "quantize"          # "quantize", "prune" or "qat" (the CLI command that offers it)
     config: ClassVar[type[MethodConfig]] = MethodConfig
     calibrated: ClassVar[bool] = True
     output: ClassVar[str] = "packed"          # "packed" or "gguf"

@@ -180,6 +180,12 @@ class WorkFolder:
         if old.exists():
             old.unlink()
 
+    def save_blocks(self, s: int, model, arch) -> None:
+        """Save every block of step ``s`` again (a method changed them after the last block, e.g. an
+        end-to-end training phase)."""
+        for i, block in enumerate(arch.get_blocks(model)):
+            save_module_state(self.path / f"block-{s}-{i}.safetensors", block)
+
     def _save_record(self, s: int, record: RunRecord) -> None:
         ggml = {k: {"type": t.type, "shape": list(t.shape), "note": t.note}
                 for k, t in record.packed.items() if isinstance(t, GGMLTensor)}

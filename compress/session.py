@@ -254,7 +254,8 @@ def run(recipe: Recipe, spec: str | None, out: Path, data_dir=None, restart: boo
     if result["work"] is not None:
         result["work"].remove()
     losses = merged(result["records"], "losses")
-    report = {"model": spec, "out": str(out), "steps": [s.to_dict() for s in recipe.steps],
+    steps = [{**s.to_dict(), "extra": r.extra} for s, (r, _) in zip(recipe.steps, result["records"])]
+    report = {"model": spec, "out": str(out), "steps": steps,
               "compress_seconds": round(result["seconds"], 3), "resumed": result["resumed"],
               "modules": info["layers"] if recipe.output != "gguf" else info.get("tensors"),
               "total_loss": sum(losses.values()) if losses else None,

@@ -125,7 +125,7 @@ def _device(name: str) -> str:
 
 
 # the commands register themselves on ``cli`` when their modules are imported
-from . import outputs, quantize  # noqa: E402,F401
+from . import outputs, quantize, train  # noqa: E402,F401
 
 
 def main():

@@ -176,6 +176,13 @@ prune = _compress_command(
     "(sparsegpt) the kept weights are also quantized into a packed checkpoint. --method structured removes whole "
     "heads, MLP channels, blocks or hidden channels instead: the output is a smaller dense model.",
     "Output checkpoint folder.")
+qat = _compress_command(
+    "qat", "qat", "qat",
+    "Quantization-aware training of MODEL onto the integer grid: block-wise reconstruction of each block's weights, "
+    "scales and zero-points against the unquantized block on the calibration windows, then (--e2e-steps) end-to-end "
+    "training of the scales alone, on the text or on --teacher's distribution. The output is the same packed "
+    "checkpoint post-training quantization writes; a killed run resumes.",
+    "Output checkpoint folder.")
 
 
 def _finish_run(rep: dict, report_out) -> None:

@@ -39,6 +39,8 @@ class StepRun:
     state: dict = field(default_factory=dict)      # method-private state kept across begin/finish
     windows: torch.Tensor | None = None            # the calibration windows (None without calibration)
     pruned: frozenset = frozenset()                # linears earlier steps pruned (their zeros must stay)
+    work: object = None                            # the run's compress.resume.WorkFolder (None: no resume)
+    step_index: int = 0
 
     @property
     def model(self):
@@ -98,7 +100,7 @@ def run_step(run: StepRun, windows: torch.Tensor | None, work=None, step_index: 
     ``work`` (a :class:`compress.resume.WorkFolder` or None) saves progress after every block and
     tells where to start.
     """
-    run.windows = windows
+    run.windows, run.work, run.step_index = windows, work, step_index
     if run.method.whole_model:
         if run.method.calibrated and windows is None:
             raise CompressError(f"{run.method.name} needs calibration windows")
