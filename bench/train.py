@@ -5,8 +5,8 @@ distillation healing a structured-pruned model.
     python bench/train.py --suite distill --out bench/results/train-distill-smollm2.json
     python bench/train.py --table bench/results/train-*.json
 
-``qat``: round-to-nearest, ``compress qat`` block-wise from GPTQ's solution, and GPTQ's solution
-followed by end-to-end training of the scales, at 3-bit g128 and 2-bit g64 asymmetric; each row records its training
+``qat``: round-to-nearest, GPTQ with the MSE grid, ``compress qat`` block-wise from GPTQ's solution,
+and GPTQ's solution followed by end-to-end training of the scales, at 3-bit g128 and 2-bit g64 asymmetric; each row records its training
 steps, the tokens it trained on and its wall time. ``distill``: the pruning issue's structured
 setting (25% of heads, 25% of MLP channels, 2 blocks, activation importance), then ``compress
 distill`` with the unpruned model as the teacher (white-box, forward KL; with ``--black-box`` also
@@ -47,11 +47,12 @@ GRIDS = (("3-bit g128", {"bits": 3, "group_size": 128}), ("2-bit g64", {"bits": 
 
 
 def qat_rows(args) -> list[tuple[str, dict]]:
-    """Per grid: round-to-nearest; block-wise reconstruction from GPTQ's solution; GPTQ's solution
-    then end-to-end training of the scales (``--e2e-steps``)."""
+    """Per grid: round-to-nearest; GPTQ with the MSE grid (QAT's start); block-wise reconstruction
+    from GPTQ's solution; GPTQ's solution then end-to-end training of the scales (``--e2e-steps``)."""
     rows = []
     for name, grid in GRIDS:
         rows.append((f"rtn {name}", {"method": "rtn", **grid}))
+        rows.append((f"gptq-mse {name} (where qat starts)", {"method": "gptq", **grid, "grid": "mse"}))
         qat = {"method": "qat", **grid, "block_epochs": args.block_epochs, "block_lr": args.block_lr,
                "scale_lr": args.scale_lr, "batch": args.batch}
         rows.append((f"qat {name} block-wise ({args.block_epochs} epochs)", qat))

@@ -50,7 +50,7 @@ class QATConfig(IntOptions):
     block_lr: float = opt(1e-5, "Learning rate of the weights in the block-wise phase.", min=0, open_min=True)
     scale_lr: float = opt(1e-5, "Learning rate of scales and zero-points in the block-wise phase.", min=0,
                           open_min=True)
-    e2e_steps: int = opt(0, "Steps of end-to-end training of the scales alone (0: none).", min=0)
+    e2e_steps: int = opt(40, "Steps of end-to-end training of the scales alone (0: none).", min=0)
     e2e_lr: float = opt(1e-4, "Learning rate of the scales in the end-to-end phase.", min=0, open_min=True)
     batch: int = opt(4, "Windows per training step (both phases).", min=1)
     teacher: str = opt(None, "End-to-end target: this model's next-token distribution (default: the text).")

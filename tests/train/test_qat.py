@@ -46,7 +46,7 @@ def test_qat_lowers_block_errors_and_writes_a_loadable_checkpoint(tiny_llama, en
 
 def test_blocks_that_training_made_worse_keep_the_gptq_start(tiny_llama, env, tmp_path):
     # on this tiny model GPTQ's solution is a sharp optimum: steps this large only leave it
-    res = run(["qat", tiny_llama, *ARGS, "--report", tmp_path / "r.json", "-o", tmp_path / "q"])
+    res = run(["qat", tiny_llama, *ARGS, "--e2e-steps", 0, "--report", tmp_path / "r.json", "-o", tmp_path / "q"])
     assert res.exit_code == 0, res.output
     blocks = _step(json.loads((tmp_path / "r.json").read_text()))["extra"]["qat_blocks"]
     assert all(b["kept"] == "start" and b["mse_trained"] >= b["mse_init"] for b in blocks.values())
@@ -99,7 +99,7 @@ def test_bad_input_is_refused_before_any_work(case, tiny_llama, env, tmp_path):
         (t / "config.json").write_text(json.dumps({**cfg, "vocab_size": 999}))
         extra, needle = ["--e2e-steps", 1, "--teacher", t], "vocabulary"
     elif case == "nothing-trained":
-        extra, needle = ["--no-blockwise"], "--e2e-steps"
+        extra, needle = ["--no-blockwise", "--e2e-steps", 0], "--e2e-steps"
     else:
         extra, needle = ["--e2e-lr", 0], "--e2e-lr"
     res = run(["qat", tiny_llama, *ARGS, *extra, "-o", tmp_path / "o"])
