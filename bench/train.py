@@ -55,7 +55,7 @@ def qat_rows(args) -> list[tuple[str, dict]]:
         rows.append((f"gptq-mse {name} (where qat starts)", {"method": "gptq", **grid, "grid": "mse"}))
         qat = {"method": "qat", **grid, "block_epochs": args.block_epochs, "block_lr": args.block_lr,
                "scale_lr": args.scale_lr, "batch": args.batch}
-        rows.append((f"qat {name} block-wise ({args.block_epochs} epochs)", qat))
+        rows.append((f"qat {name} block-wise ({args.block_epochs} epochs)", {**qat, "e2e_steps": 0}))
         if args.e2e_steps:
             rows.append((f"qat {name} gptq + e2e {args.e2e_steps} steps",
                          {**qat, "blockwise": False, "e2e_steps": args.e2e_steps, "e2e_lr": args.e2e_lr}))

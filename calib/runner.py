@@ -91,12 +91,16 @@ class BlockInputs:
         """The keyword arguments the block is called with, on the compute device."""
         return {k: _to(v, self.device) for k, v in self.kwargs.items()}
 
+    def gather(self, idx: list[int]) -> torch.Tensor:
+        """The stored inputs ``idx`` concatenated along the batch dim, on the compute device."""
+        return torch.cat([self.store[i] for i in idx]).to(self.device)
+
     def _batches(self):
         """Consecutive stored inputs concatenated along the batch dim (bigger matmuls are faster)."""
         n = len(self.store)
         for start in range(0, n, self.batch):
             idx = list(range(start, min(n, start + self.batch)))
-            yield idx, torch.cat([self.store[i] for i in idx]).to(self.device)
+            yield idx, self.gather(idx)
 
     @torch.no_grad()
     def run(self, block: torch.nn.Module, stop_at: torch.nn.Module | None = None,
@@ -116,7 +120,7 @@ class BlockInputs:
                     y = block(x, **kw)
                 except _Stop:
                     continue
-                y = y[0] if isinstance(y, (tuple, list)) else y
+                y = hidden_states(y)
                 if keep:
                     outs.extend(y.to("cpu").split(1))
         finally:
@@ -152,10 +156,14 @@ class BlockInputs:
         """Replace the stored inputs by ``block``'s outputs (the next block's inputs)."""
         kw = self.kwargs_on_device()
         for idx, x in self._batches():
-            y = block(x, **kw)
-            y = y[0] if isinstance(y, (tuple, list)) else y
+            y = hidden_states(block(x, **kw))
             for i, yi in zip(idx, y.split(1)):
                 self.store[i] = yi
+
+
+def hidden_states(output) -> torch.Tensor:
+    """A decoder block's output hidden states (blocks return a tensor or a tuple led by it)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _raise_stop(module, args, output):

@@ -30,7 +30,7 @@ import torch
 from . import models
 from .errors import CompressError
 from .train.loop import Trainer, TrainSpec
-from .train.losses import DIVERGENCES, kd_loss, next_token_ce
+from .train.losses import DIVERGENCES, lm_loss
 
 
 @dataclass(frozen=True)
@@ -62,14 +62,10 @@ class DistillOptions:
 
 
 def _config(spec: str, role: str) -> dict:
-    """The model's config.json, read without its weights (a registered name is fetched first)."""
-    kind, path = models.resolve(spec)
-    if kind == "name":
-        if not models.is_cached(spec):
-            path = models.fetch(spec)
-    if kind == "gguf":
-        return {}
-    cfg = models.read_config(path)
+    """The model's config.json, checked for this role, read without its weights."""
+    cfg = models.read_spec_config(spec)
+    if not cfg:
+        return cfg
     arch = (cfg.get("architectures") or [""])[0]
     if arch and not arch.endswith("ForCausalLM"):
         raise CompressError(f"the {role} {spec} is a {arch}, not a causal language model")
@@ -120,15 +116,6 @@ def distill(teacher_spec: str, student_spec: str, out: Path, spec: TrainSpec, op
         model.gradient_checkpointing_enable()
     model.train()
 
-    def loss_fn(ids):
-        logits = model(input_ids=ids, use_cache=False).logits
-        if teacher is None:
-            return next_token_ce(logits, ids)
-        with torch.no_grad():
-            target = teacher(input_ids=ids, use_cache=False).logits
-        loss = kd_loss(logits, target, opts.temperature, opts.divergence)
-        return loss + opts.ce_weight * next_token_ce(logits, ids) if opts.ce_weight else loss
-
     evaluate = _evaluator(model, student.tokenizer, opts.eval_windows, data_dir)
     before = evaluate() if rank == 0 else None
     work = work_path(out)
@@ -137,6 +124,7 @@ def distill(teacher_spec: str, student_spec: str, out: Path, spec: TrainSpec, op
     fp = {"teacher": model_fingerprint(models.resolve(teacher_spec)[1]), "student": model_fingerprint(student.path),
           "windows": tensor_fingerprint(wins), "options": asdict(opts)}
     t0 = time.perf_counter()
+    loss_fn = lm_loss(model, teacher, opts.temperature, opts.divergence, opts.ce_weight)
     trainer = Trainer(dict(model.named_parameters()), spec, wins, loss_fn, work, fp, eval_fn=evaluate,
                       progress=progress, desc="distill")
     hist = trainer.run()

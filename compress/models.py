@@ -159,6 +159,17 @@ def read_config(folder: Path) -> dict:
         raise CompressError(f"corrupt config.json in {folder}: {e.msg} at line {e.lineno}") from None
 
 
+def read_spec_config(spec: str) -> dict:
+    """The config.json of the model ``spec`` names, read without its weights (a registered name is
+    fetched first; ``{}`` for a .gguf file, whose settings live in its header)."""
+    kind, path = resolve(spec)
+    if kind == "gguf":
+        return {}
+    if kind == "name" and not is_cached(spec):
+        path = fetch(spec)
+    return read_config(path)
+
+
 def check_config(config: dict, folder: Path, arch: ArchSpec | None = None) -> None:
     """The keys the architecture's weights are shaped by (``ArchSpec.required_config``) are present
     and positive integers."""

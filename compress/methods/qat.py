@@ -34,7 +34,7 @@ from ..qlinear import QuantLinear, set_submodule
 from ..registry import Method, register
 from ..train.fakequant import FakeQuantLinear, ScaleTunedLinear
 from ..train.loop import Trainer, TrainSpec
-from ..train.losses import kd_loss, next_token_ce
+from ..train.losses import lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,8 @@ class QATConfig(IntOptions):
 
 
 def _mse(block, inputs, targets, idx, kw) -> torch.Tensor:
-    x = torch.cat([inputs.store[i] for i in idx]).to(inputs.device)
-    y = block(x, **kw)
-    y = y[0] if isinstance(y, (tuple, list)) else y
+    from calib.runner import hidden_states
+    y = hidden_states(block(inputs.gather(idx), **kw))
     t = torch.cat([targets[i] for i in idx]).to(y.device)
     return torch.nn.functional.mse_loss(y.float(), t.float())
 
@@ -81,11 +80,10 @@ class QAT(Method):
     def check_model(self, loaded, targets) -> None:
         if self.cfg.teacher is None:
             return
-        from ..models import read_config, resolve
-        _, path = resolve(self.cfg.teacher)
-        cfg = read_config(path if path.is_dir() else path.parent)
-        if cfg.get("vocab_size") != loaded.model.config.vocab_size:
-            raise CompressError(f"teacher {self.cfg.teacher} has a vocabulary of {cfg.get('vocab_size')} tokens, "
+        from ..models import read_spec_config
+        vocab = read_spec_config(self.cfg.teacher).get("vocab_size")
+        if vocab is not None and vocab != loaded.model.config.vocab_size:
+            raise CompressError(f"teacher {self.cfg.teacher} has a vocabulary of {vocab} tokens, "
                                 f"the model {loaded.model.config.vocab_size}")
 
     def metadata(self, record=None) -> dict:
@@ -187,20 +185,11 @@ class QAT(Method):
         if cfg.teacher is not None:
             from ..models import load
             teacher = load(cfg.teacher).model.eval()
-
-        def loss_fn(ids):
-            logits = model(input_ids=ids, use_cache=False).logits
-            if teacher is None:
-                return next_token_ce(logits, ids)
-            with torch.no_grad():
-                target = teacher(input_ids=ids, use_cache=False).logits
-            return kd_loss(logits, target)
-
         spec = TrainSpec(steps=cfg.e2e_steps, lr=cfg.e2e_lr, batch=cfg.batch, seed=0,
                          checkpoint_every=cfg.checkpoint_every)
         ckpt = run.work.path / f"e2e-{run.step_index}" if run.work is not None else None
         with torch.enable_grad():
-            hist = Trainer(params, spec, run.windows, loss_fn, ckpt, {"phase": "qat-e2e"},
+            hist = Trainer(params, spec, run.windows, lm_loss(model, teacher), ckpt, {"phase": "qat-e2e"},
                            progress=run.progress, desc="qat end-to-end").run()
         for name, st in tuned.items():
             packed = st.packed()

@@ -69,15 +69,18 @@ class FakeQuantLinear(torch.nn.Linear):
         self.scale = torch.nn.Parameter(scale.contiguous().clone())
         self.zero = torch.nn.Parameter(zero.contiguous().clone(), requires_grad=not scheme.sym)
 
-    def _grid(self):
-        maxq = self.scheme.maxq
-        s = fp16_ste(self.scale)[:, self.g_idx]
-        z = self.zero if self.scheme.sym else torch.clamp(round_ste(self.zero), 1, maxq)
-        return s, z[:, self.g_idx]
+    def _group_grid(self):
+        """Scales and zero-points per group ``(N, G)`` as the forward pass uses them."""
+        z = self.zero if self.scheme.sym else torch.clamp(round_ste(self.zero), 1, self.scheme.maxq)
+        return fp16_ste(self.scale), z
+
+    def _codes(self):
+        """The codes ``(N, K)`` and the per-column scale and zero they are dequantized with."""
+        s, z = (t[:, self.g_idx] for t in self._group_grid())
+        return torch.clamp(round_ste(self.weight / s) + z, 0, self.scheme.maxq), s, z
 
     def quantized_weight(self) -> torch.Tensor:
-        s, z = self._grid()
-        q = torch.clamp(round_ste(self.weight / s) + z, 0, self.scheme.maxq)
+        q, s, z = self._codes()
         return (q - z) * s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,11 +89,9 @@ class FakeQuantLinear(torch.nn.Linear):
     @torch.no_grad()
     def packed(self) -> gptq_int.PackedInt:
         """The packed layer that computes exactly :meth:`quantized_weight`."""
-        s, z = self._grid()
-        q = torch.clamp(torch.round(self.weight / s) + z, 0, self.scheme.maxq)
-        scales = fp16_ste(self.scale).t().contiguous()
-        zeros = (self.zero if self.scheme.sym else torch.clamp(torch.round(self.zero), 1, self.scheme.maxq))
-        return gptq_int.pack(q.to(torch.int32), scales, zeros.t().to(torch.int32).contiguous(),
+        q = self._codes()[0]
+        scales, zeros = self._group_grid()
+        return gptq_int.pack(q.to(torch.int32), scales.t().contiguous(), zeros.t().to(torch.int32).contiguous(),
                              self.g_idx.to(torch.int32), self.scheme.bits)
 
     def quant_parameters(self) -> dict[str, torch.nn.Parameter]:

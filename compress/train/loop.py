@@ -89,11 +89,13 @@ def _dist():
 
 def batch_indices(n: int, spec: TrainSpec, step: int) -> list[int]:
     """The window indices of global batch ``step`` (epochs are seeded permutations of ``range(n)``)."""
+    orders: dict[int, torch.Tensor] = {}
     out = []
     for j in range(step * spec.batch, (step + 1) * spec.batch):
         epoch, pos = divmod(j, n)
-        g = torch.Generator().manual_seed(spec.seed * 1000003 + epoch)
-        out.append(int(torch.randperm(n, generator=g)[pos]))
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(spec.seed * 1000003 + epoch))
+        out.append(int(orders[epoch][pos]))
     return out
 
 
@@ -180,48 +182,54 @@ class Trainer:
             torch.distributed.all_reduce(p.grad)
             p.grad.div_(self.world)
 
+    def _one_step(self, micro: int, per_rank: int) -> dict:
+        """One optimizer step (``micro`` windows per micro-batch, ``per_rank`` of them here)."""
+        spec = self.spec
+        lr = self._set_lr()
+        idx = batch_indices(self.data.shape[0], spec, self.step)
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for a in range(spec.accum):
+            part = idx[a * micro:(a + 1) * micro][self.rank * per_rank:(self.rank + 1) * per_rank]
+            loss = self.loss_fn(self.data[part])
+            if not torch.isfinite(loss):
+                raise CompressError(f"{self.desc}: the loss became {float(loss)} at step {self.step}; lower --lr")
+            (loss / spec.accum).backward()
+            total += float(loss.detach()) / spec.accum
+        self._reduce_grads()
+        if self.world > 1:
+            t = torch.tensor([total])
+            torch.distributed.all_reduce(t)
+            total = float(t) / self.world
+        if spec.clip > 0:
+            torch.nn.utils.clip_grad_norm_([self.params[n] for n in self.names], spec.clip)
+        self.opt.step()
+        self.step += 1
+        rec = {"step": self.step, "loss": total, "lr": lr}
+        if spec.eval_every and self.step % spec.eval_every == 0 and self.step < spec.steps and self.eval_fn:
+            rec["eval"] = self.eval_fn()
+        self.history.append(rec)
+        return rec
+
     def run(self) -> list[dict]:
         """Train to ``spec.steps`` (from a checkpoint if there is one); returns the loss history."""
         from tqdm import tqdm
         self._load()
         spec = self.spec
         micro = spec.batch // spec.accum
-        per_rank = micro // self.world
         tokens = spec.batch * self.data.shape[1]
         bar = tqdm(total=spec.steps, initial=self.step, desc=self.desc, unit="step",
                    disable=not self.progress or self.rank != 0, leave=False)
         t0, done0 = time.perf_counter(), self.step
-        while self.step < spec.steps:
-            lr = self._set_lr()
-            idx = batch_indices(self.data.shape[0], spec, self.step)
-            self.opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for a in range(spec.accum):
-                part = idx[a * micro:(a + 1) * micro][self.rank * per_rank:(self.rank + 1) * per_rank]
-                loss = self.loss_fn(self.data[part])
-                if not torch.isfinite(loss):
-                    raise CompressError(f"{self.desc}: the loss became {float(loss)} at step {self.step}; "
-                                        "lower --lr")
-                (loss / spec.accum).backward()
-                total += float(loss.detach()) / spec.accum
-            self._reduce_grads()
-            if self.world > 1:
-                t = torch.tensor([total])
-                torch.distributed.all_reduce(t)
-                total = float(t) / self.world
-            if spec.clip > 0:
-                torch.nn.utils.clip_grad_norm_([self.params[n] for n in self.names], spec.clip)
-            self.opt.step()
-            self.step += 1
-            rec = {"step": self.step, "loss": total, "lr": lr}
-            if spec.eval_every and self.step % spec.eval_every == 0 and self.step < spec.steps and self.eval_fn:
-                rec["eval"] = self.eval_fn()
-            self.history.append(rec)
-            rate = (self.step - done0) * tokens / max(1e-9, time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{rate:.0f}")
-            bar.update(1)
-            if spec.checkpoint_every and self.step % spec.checkpoint_every == 0 and self.step < spec.steps:
-                self.save()
-        bar.close()
+        try:
+            while self.step < spec.steps:
+                rec = self._one_step(micro, micro // self.world)
+                rate = (self.step - done0) * tokens / max(1e-9, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rate:.0f}")
+                bar.update(1)
+                if spec.checkpoint_every and self.step % spec.checkpoint_every == 0 and self.step < spec.steps:
+                    self.save()
+        finally:
+            bar.close()          # also when killed: a bar left open shifts every later one
         self.save()
         return self.history

@@ -37,3 +37,17 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
     if divergence in ("reverse", "mix"):
         parts.append(F.kl_div(lt, ls, log_target=True, reduction="batchmean"))
     return sum(parts) / len(parts) * temperature ** 2
+
+
+def lm_loss(model, teacher=None, temperature: float = 1.0, divergence: str = "forward", ce_weight: float = 0.0):
+    """The loss of a batch of windows ``ids`` for ``model``: next-token cross-entropy without a
+    teacher; with one, :func:`kd_loss` to its distributions plus ``ce_weight`` times the cross-entropy."""
+    def loss(ids: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=ids, use_cache=False).logits
+        if teacher is None:
+            return next_token_ce(logits, ids)
+        with torch.no_grad():
+            target = teacher(input_ids=ids, use_cache=False).logits
+        out = kd_loss(logits, target, temperature, divergence)
+        return out + ce_weight * next_token_ce(logits, ids) if ce_weight else out
+    return loss

@@ -3,13 +3,13 @@ transformers, a killed run resumes to the same weights, and bad input is refused
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from tests.conftest import build_tiny
 from tests.test_cli import assert_clean_error, run
+from tests.train.helpers import edited, kill_resume_and_compare
 
 ARGS = ["--nsamples", 8, "--seqlen", 32, "--batch", 2, "--lr", 3e-3, "--eval-windows", 0]
 
@@ -50,37 +50,9 @@ def test_distilled_student_is_closer_to_the_teacher_and_loads(pair, env, tmp_pat
 
 
 def test_killed_distillation_resumes_to_the_same_weights(pair, env, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
-    from compress.train import loop
     teacher, student = pair
     args = ["distill", "--teacher", teacher, "--student", student, *ARGS, "--steps", 6, "--checkpoint-every", 2]
-    assert run([*args, "-o", tmp_path / "ref"]).exit_code == 0
-    real = loop.Trainer.save
-    calls = {"n": 0}
-
-    def save_then_die(self):
-        real(self)
-        calls["n"] += 1
-        if calls["n"] == 2:                  # after the checkpoint at step 4
-            raise KeyboardInterrupt
-    monkeypatch.setattr(loop.Trainer, "save", save_then_die)
-    res = run([*args, "-o", tmp_path / "b"])
-    assert res.exit_code != 0 and calls["n"] == 2 and not (tmp_path / "b").exists()   # click: Aborted!
-    monkeypatch.setattr(loop.Trainer, "save", real)
-    res = run([*args, "-o", tmp_path / "b"])
-    assert res.exit_code == 0, res.output
-    assert "resuming at step 4" in res.output
-    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _edited(src, dst, **changes):
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
+    kill_resume_and_compare(monkeypatch, args, tmp_path, die_at=2, resumed_step=4)   # checkpoints at 2 and 4
 
 
 @pytest.mark.parametrize("case", ["vocab", "steps", "text", "not-causal", "divergence"])
@@ -88,13 +60,13 @@ def test_bad_input_is_one_line_error_with_nothing_written(case, pair, env, tmp_p
     teacher, student = pair
     extra, needle = [], ""
     if case == "vocab":
-        teacher, needle = _edited(teacher, tmp_path / "t2", vocab_size=999), "vocabulary"
+        teacher, needle = edited(teacher, tmp_path / "t2", vocab_size=999), "vocabulary"
     elif case == "steps":
         extra, needle = ["--steps", 0], "--steps"
     elif case == "text":
         extra, needle = ["--data", tmp_path / "missing.txt"], "missing.txt"
     elif case == "not-causal":
-        student, needle = _edited(student, tmp_path / "s2", architectures=["LlamaForSequenceClassification"]), \
+        student, needle = edited(student, tmp_path / "s2", architectures=["LlamaForSequenceClassification"]), \
             "not a causal language model"
     else:
         extra, needle = ["--divergence", "sideways"], "sideways"

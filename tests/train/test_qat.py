@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from compress import models
 from tests.test_cli import assert_clean_error, run
+from tests.train.helpers import edited, kill_resume_and_compare
 
 ARGS = ["--bits", 3, "--group-size", 32, "--nsamples", 8, "--seqlen", 64, "--batch", 2, "--block-lr", 1e-3,
         "--scale-lr", 1e-3, "--dtype", "float32"]
@@ -66,38 +67,15 @@ def test_qat_with_a_teacher_trains_on_its_distribution(tiny_llama, env, tmp_path
 
 
 def test_qat_killed_in_the_end_to_end_phase_resumes_to_the_same_bytes(tiny_llama, env, tmp_path, monkeypatch):
-    from compress.train import loop
     args = ["qat", tiny_llama, *ARGS, "--e2e-steps", 4, "--checkpoint-every", 2]
-    assert run([*args, "-o", tmp_path / "ref"]).exit_code == 0
-    real = loop.Trainer.save
-    calls = {"n": 0}
-
-    def save_then_die(self):
-        real(self)
-        if self.ckpt_dir is not None:
-            calls["n"] += 1
-            raise KeyboardInterrupt             # right after the checkpoint at step 2
-    monkeypatch.setattr(loop.Trainer, "save", save_then_die)
-    res = run([*args, "-o", tmp_path / "b"])
-    assert res.exit_code != 0 and calls["n"] == 1 and not (tmp_path / "b").exists()
-    monkeypatch.setattr(loop.Trainer, "save", real)
-    res = run([*args, "-o", tmp_path / "b"])
-    assert res.exit_code == 0, res.output
-    assert "resuming at step 2" in res.output
-    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kill_resume_and_compare(monkeypatch, args, tmp_path, die_at=1, resumed_step=2)   # the block-wise phase has none
 
 
 @pytest.mark.parametrize("case", ["teacher-vocab", "nothing-trained", "lr"])
 def test_bad_input_is_refused_before_any_work(case, tiny_llama, env, tmp_path):
-    import shutil
     extra, needle = [], ""
     if case == "teacher-vocab":
-        t = tmp_path / "t"
-        shutil.copytree(tiny_llama, t)
-        cfg = json.loads((t / "config.json").read_text())
-        (t / "config.json").write_text(json.dumps({**cfg, "vocab_size": 999}))
-        extra, needle = ["--e2e-steps", 1, "--teacher", t], "vocabulary"
+        extra, needle = ["--e2e-steps", 1, "--teacher", edited(tiny_llama, tmp_path / "t", vocab_size=999)], "vocabulary"
     elif case == "nothing-trained":
         extra, needle = ["--no-blockwise", "--e2e-steps", 0], "--e2e-steps"
     else:
