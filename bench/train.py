@@ -27,6 +27,7 @@ import json
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -65,7 +66,7 @@ def qat_rows(args) -> list[tuple[str, dict]]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=models.DEFAULT_MODEL)
-    ap.add_argument("--suite", choices=("qat", "distill"), default="qat")
+    ap.add_argument("--suite", choices=("qat", "distill", "lora"), default="qat")
     ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="wt2-quick")
     ap.add_argument("--max-windows", type=int, default=None, help="default: the whole protocol")
     ap.add_argument("--data-dir", default=None)
@@ -82,6 +83,11 @@ def main(argv=None):
     ap.add_argument("--kd-lr", type=float, default=5e-5)
     ap.add_argument("--kd-batch", type=int, default=8)
     ap.add_argument("--black-box", action="store_true", help="distill: also black-box, same steps and tokens")
+    ap.add_argument("--exports", action="store_true",
+                    help="qat: also export every QAT checkpoint to ONNX (accuracy level 0) and GGUF and evaluate both")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--lora-steps", type=int, default=40)
+    ap.add_argument("--lora-lr", type=float, default=2e-4)
     ap.add_argument("--only", action="append", default=None, help="keep rows whose label contains this text")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--table", type=Path, nargs="+", default=None, metavar="RESULTS.json")
@@ -100,16 +106,19 @@ def main(argv=None):
     data = {"model": args.model, "protocol": args.protocol, "windows": int(wins.shape[0]), "tokens": base_res.tokens,
             "suite": args.suite, "calibration": calib, "base": {"ppl": base_res.ppl}, "rows": []}
 
-    def record(row, path):
-        loaded = models.load(str(path))
-        p = evaluate_many({row["label"]: loaded.model}, wins, base.model, progress=False)[row["label"]]
-        row.update(ppl=p.ppl, kld=p.kld, top1=p.top1)
-        data["rows"].append(row)
-        print(f"{row['label']}: ppl {p.ppl:.3f}, {row['seconds']:.0f} s", file=sys.stderr, flush=True)
+    def record(row, path=None, model=None):
+        """Evaluate the model in ``path`` (or ``model``), append ``row`` and rewrite the results file
+        (``row`` None: only rewrite it, a recorded row having grown); returns the loaded model."""
+        if row is not None:
+            loaded = models.load(str(path)) if model is None else types.SimpleNamespace(model=model)
+            p = evaluate_many({row["label"]: loaded.model}, wins, base.model, progress=False)[row["label"]]
+            row.update(ppl=p.ppl, kld=p.kld, top1=p.top1)
+            data["rows"].append(row)
+            print(f"{row['label']}: ppl {p.ppl:.3f}, {row['seconds']:.0f} s", file=sys.stderr, flush=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({**data, **finish(info)}, indent=2) + "\n")
-        return loaded
+        return loaded if row is not None else None
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -121,6 +130,11 @@ def main(argv=None):
                 rep, seconds = _compress(step, calib, args, out)
                 row = {"label": label, "step": step, "seconds": seconds, **_qat_counts(rep, args)}
                 del record(row, out).model
+                if args.exports and step["method"] == "qat":
+                    row["exports"] = _exports(out, wins, base.model)
+                    record(None, None)
+        elif args.suite == "lora":
+            _lora_suite(args, calib, work, record)
         else:
             pruned = work / "structured"
             rep, seconds = _compress({"method": "structured", "importance": "activation", **STRUCT}, calib, args, pruned)
@@ -157,6 +171,55 @@ def _compress(step: dict, calib: dict, args, out: Path) -> tuple[dict, float]:
     return rep, time.perf_counter() - t0
 
 
+def _exports(ckpt: Path, wins, base) -> dict:
+    """Perplexity of ``ckpt`` exported to ONNX (MatMulNBits, accuracy level 0, run by ONNX Runtime) and
+    to GGUF (its integers mapped onto GGML blocks, read back by transformers' GGUF loader)."""
+    from compress.api import export_gguf
+    from compress.export.onnx import export_onnx
+    from compress.runtime_onnx import OnnxCausalLM
+    out = {}
+    export_onnx(str(ckpt), ckpt.with_name(ckpt.name + "-onnx"), accuracy_level=0, kv_cache=False)
+    r = evaluate_many({"onnx": OnnxCausalLM(ckpt.with_name(ckpt.name + "-onnx"))}, wins, base, progress=False)["onnx"]
+    out["onnx"] = {"ppl": r.ppl, "kld": r.kld, "top1": r.top1, "accuracy_level": 0}
+    g = export_gguf(str(ckpt), ckpt.with_name(ckpt.name + ".gguf"), progress=False)
+    r = evaluate_many({"gguf": models.load(str(ckpt.with_name(ckpt.name + ".gguf"))).model}, wins, base,
+                      progress=False)["gguf"]
+    out["gguf"] = {"ppl": r.ppl, "kld": r.kld, "top1": r.top1, "mapping": g.get("mapping")}
+    print(f"  exports: onnx ppl {out['onnx']['ppl']:.3f}, gguf ppl {out['gguf']['ppl']:.3f}", file=sys.stderr,
+          flush=True)
+    return out
+
+
+def _lora_suite(args, calib: dict, work: Path, record) -> None:
+    """GPTQ with the MSE grid at 3-bit g128 (the packed start), then ``compress lora`` on it for
+    ``--lora-steps``: the adapter applied to the frozen checkpoint, and merged and re-quantized."""
+    from compress.train import lora
+    from compress.train.loop import TrainSpec
+    from calib.data import CalibSpec
+    start = work / "gptq"
+    step = {"method": "gptq", **GRIDS[0][1], "grid": "mse"}
+    rep, seconds = _compress(step, calib, args, start)
+    del record({"label": f"gptq-mse {GRIDS[0][0]} (where lora starts)", "step": step, "seconds": seconds},
+               start).model
+    spec = TrainSpec(steps=args.lora_steps, lr=args.lora_lr, batch=args.batch, seed=args.seed)
+    cs = CalibSpec("wikitext2", args.nsamples, args.seqlen, args.seed)
+    for merge in (False, True):
+        out = work / ("merged" if merge else "adapter")
+        opts = lora.LoRAOptions(rank=args.lora_rank, alpha=2.0 * args.lora_rank, merge=merge)
+        t0 = time.perf_counter()
+        res = lora.run(str(start), out, spec, opts, cs, eval_windows=0, data_dir=args.data_dir, progress=False)
+        row = {"label": f"gptq-mse {GRIDS[0][0]} + lora r{args.lora_rank} {args.lora_steps} steps"
+                        + (" merged, re-quantized" if merge else " (adapter)"),
+               "seconds": time.perf_counter() - t0, "steps": res["steps"], "tokens": res["tokens"],
+               "loss_first": res["loss_first"], "loss_last": res["loss_last"], "output": res["output"]}
+        if merge:
+            record(row, out)
+        else:
+            loaded = models.load(str(start))
+            lora.load_adapter(loaded.model, out)
+            record(row, model=loaded.model.eval())
+
+
 def _qat_counts(rep: dict, args) -> dict:
     """Optimizer steps and tokens of a QAT row (block-wise: per block, tokens through one block)."""
     extra = rep["steps"][0].get("extra") or {}
@@ -185,6 +248,12 @@ def table(data: dict) -> str:
             steps, tokens = str(r.get("steps", "")), f"{r['tokens']:,}" if r.get("tokens") else ""
         lines.append(f"| {r['label']} | {r['ppl']:,.2f} | {r['kld']:.4f} | {100 * r['top1']:.1f}% | {steps} | {tokens} | "
                      f"{r['seconds']:.0f} |")
+    for r in data["rows"]:
+        if r.get("exports"):
+            o, g = r["exports"]["onnx"], r["exports"]["gguf"]
+            lines += ["", f"{r['label']}, exported: ONNX (MatMulNBits, accuracy level 0, ONNX Runtime) ppl "
+                          f"{o['ppl']:.3f} ({100 * (o['ppl'] / r['ppl'] - 1):+.3f}%), GGUF (read by transformers) ppl "
+                          f"{g['ppl']:.3f} ({100 * (g['ppl'] / r['ppl'] - 1):+.3f}%) against {r['ppl']:.3f} in torch"]
     if data.get("pruned_speed"):
         b, s = data["base_speed"], data["pruned_speed"]
         lines += ["", f"decode {s['decode_tokens_per_s']:.1f} tok/s against {b['decode_tokens_per_s']:.1f} unpruned "

@@ -19,9 +19,6 @@ describes, one vocabulary), the text, the options and the output path.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +26,8 @@ import torch
 
 from . import models
 from .errors import CompressError
-from .train.loop import Trainer, TrainSpec
+from .train import job
+from .train.loop import TrainSpec
 from .train.losses import DIVERGENCES, lm_loss
 
 
@@ -61,47 +59,19 @@ class DistillOptions:
             raise CompressError(f"--gen-temperature must be > 0, got {self.gen_temperature}")
 
 
-def _config(spec: str, role: str) -> dict:
-    """The model's config.json, checked for this role, read without its weights."""
-    cfg = models.read_spec_config(spec)
-    if not cfg:
-        return cfg
-    arch = (cfg.get("architectures") or [""])[0]
-    if arch and not arch.endswith("ForCausalLM"):
-        raise CompressError(f"the {role} {spec} is a {arch}, not a causal language model")
-    models.arch_for(cfg.get("model_type"), cfg.get("architectures"))
-    if cfg.get("quantization_config") and role == "student":
-        raise CompressError(f"the student {spec} is a quantized checkpoint; train its scales with "
-                            "`compress qat --teacher` instead")
-    return cfg
-
-
-def _init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
 def distill(teacher_spec: str, student_spec: str, out: Path, spec: TrainSpec, opts: DistillOptions,
             data_dir=None, restart: bool = False, progress: bool = True) -> dict:
     from calib.data import CalibSpec, calibration_windows, resolve_text
 
     from .checkpoint import save_dense
-    from .resume import model_fingerprint, tensor_fingerprint, work_path
+    from .resume import model_fingerprint, tensor_fingerprint
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CompressError(f"{out} exists and is not a folder")
-    if out.suffix == ".gguf":
-        raise CompressError(f"distillation writes a checkpoint folder, not a .gguf file ({out})")
-    tcfg, scfg = _config(teacher_spec, "teacher"), _config(student_spec, "student")
-    if tcfg and scfg and tcfg.get("vocab_size") != scfg.get("vocab_size"):
-        raise CompressError(f"the teacher has a vocabulary of {tcfg.get('vocab_size')} tokens, the student "
-                            f"{scfg.get('vocab_size')}: distillation needs one vocabulary")
+    out = job.check_output(out)
+    job.check_vocab(job.check_config(teacher_spec, "teacher"), job.check_config(student_spec, "student"))
     resolve_text(opts.source, data_dir)
     calib = CalibSpec(opts.source, opts.generate or opts.nsamples, opts.seqlen, spec.seed)
 
-    _init_distributed()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = job.init_distributed()
     teacher, student = models.load(teacher_spec).model.eval(), models.load(student_spec)
     if student.kind != "hf":
         raise CompressError(f"the student {student_spec} must be a float checkpoint folder")
@@ -116,54 +86,21 @@ def distill(teacher_spec: str, student_spec: str, out: Path, spec: TrainSpec, op
         model.gradient_checkpointing_enable()
     model.train()
 
-    evaluate = _evaluator(model, student.tokenizer, opts.eval_windows, data_dir)
-    before = evaluate() if rank == 0 else None
-    work = work_path(out)
-    if restart and work.exists() and rank == 0:
-        shutil.rmtree(work)
     fp = {"teacher": model_fingerprint(models.resolve(teacher_spec)[1]), "student": model_fingerprint(student.path),
           "windows": tensor_fingerprint(wins), "options": asdict(opts)}
-    t0 = time.perf_counter()
     loss_fn = lm_loss(model, teacher, opts.temperature, opts.divergence, opts.ce_weight)
-    trainer = Trainer(dict(model.named_parameters()), spec, wins, loss_fn, work, fp, eval_fn=evaluate,
-                      progress=progress, desc="distill")
-    hist = trainer.run()
-    seconds = time.perf_counter() - t0
+    res = job.train(dict(model.named_parameters()), spec, wins, loss_fn, out, fp,
+                    job.evaluator(model, student.tokenizer, opts.eval_windows, data_dir), restart, progress, "distill")
     model.eval()
     result = {"teacher": teacher_spec, "student": student_spec, "mode": "black-box" if opts.generate else "white-box",
-              "steps": spec.steps,
-              "tokens": spec.steps * spec.batch * opts.seqlen, "train_seconds": seconds,
-              "loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"], "history": hist,
-              "eval_before": before, "spec": asdict(spec), "options": asdict(opts)}
+              **res, "spec": asdict(spec), "options": asdict(opts)}
     if rank == 0:
-        result["eval_after"] = evaluate()
         meta = {"method": "distill", "mode": result["mode"], "teacher": teacher_spec, "student": student_spec,
                 **{k: v for k, v in result.items() if k in ("steps", "tokens", "loss_first", "loss_last")},
                 "options": asdict(opts), "train": asdict(spec)}
         result["output"] = save_dense(student, out, opts.dtype, meta)
-        shutil.rmtree(work, ignore_errors=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    job.finish(out)
     return result
-
-
-def _evaluator(model, tokenizer, n: int, data_dir):
-    """Perplexity on the first ``n`` windows of wt2-quick (None when ``n`` is 0)."""
-    if n == 0:
-        return lambda: None
-    from evals.data import PROTOCOLS, data_dir as resolve_data, read_text
-    from evals.perplexity import evaluate, tokenize, windows
-    proto = PROTOCOLS["wt2-quick"]
-    wins = windows(tokenize(tokenizer, read_text(resolve_data(data_dir) / proto.file)), proto.seqlen,
-                   min(n, proto.max_windows))
-
-    def run():
-        was = model.training
-        model.eval()
-        r = evaluate(model, wins, progress=False)
-        model.train(was)
-        return {"protocol": f"wt2-quick[:{wins.shape[0]}]", "ppl": r.ppl}
-    return run
 
 
 @torch.no_grad()

@@ -59,15 +59,19 @@ class QuantLinear(nn.Module):
     def _cache_key(self):
         return tuple((t.data_ptr(), t._version) for t in (self.qweight, self.qzeros, self.scales, self.g_idx))
 
+    def dequantized_cached(self) -> torch.Tensor:
+        """The float32 weight, kept until the packed buffers change (not a parameter: no gradient)."""
+        key = self._cache_key()
+        cached = self.__dict__.get("_wcache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.dequantize(torch.float32))
+            self.__dict__["_wcache"] = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.cache_dequantized_on_cpu and not x.is_cuda and not torch.is_grad_enabled()
                 and dispatch.kernel_mode() != "triton"):
-            key = self._cache_key()
-            cached = self.__dict__.get("_wcache")
-            if cached is None or cached[0] != key:
-                cached = (key, self.dequantize(torch.float32))
-                self.__dict__["_wcache"] = cached
-            w = cached[1]
+            w = self.dequantized_cached()
             dispatch.record("gptq", "torch")
             b = None if self.bias is None else self.bias.to(torch.float32)
             return torch.nn.functional.linear(x.to(torch.float32), w, b).to(x.dtype)

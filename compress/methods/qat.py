@@ -55,6 +55,8 @@ class QATConfig(IntOptions):
     batch: int = opt(4, "Windows per training step (both phases).", min=1)
     teacher: str = opt(None, "End-to-end target: this model's next-token distribution (default: the text).")
     checkpoint_every: int = opt(0, "Checkpoint the end-to-end phase every N steps (0: only at the end).", min=0)
+    from_checkpoint: str = opt(None, "Start from this packed gptq-int checkpoint of the same model on the same "
+                                     "grid (a GPTQ or AWQ result; its norms too) instead of --init.")
 
     def check(self) -> None:
         super().check()
@@ -78,6 +80,11 @@ class QAT(Method):
     config = QATConfig
 
     def check_model(self, loaded, targets) -> None:
+        if self.cfg.from_checkpoint is not None:
+            from ..train.start import PackedStart
+            names = [n for n in loaded.arch.linear_names(loaded.model) if targets.selects(n)]
+            start = PackedStart(self.cfg.from_checkpoint)
+            start.check(loaded.model.config.to_dict(), {n: self.scheme_for(n, targets.override_for(n)) for n in names})
         if self.cfg.teacher is None:
             return
         from ..models import read_spec_config
@@ -99,7 +106,10 @@ class QAT(Method):
             return
         targets = blk.inputs.run(blk.block, keep=True) if self.cfg.blockwise else None
         fakes = {}
-        starts = self._gptq_starts(blk) if self.cfg.init == "gptq" else {}
+        if self.cfg.from_checkpoint is not None:
+            starts = self._checkpoint_starts(blk, names)
+        else:
+            starts = self._gptq_starts(blk) if self.cfg.init == "gptq" else {}
         for n in names:
             fakes[n] = FakeQuantLinear(blk.linear(n), blk.scheme(n), self.cfg.init, starts.get(n))
             set_submodule(blk.block, n, fakes[n])
@@ -110,6 +120,15 @@ class QAT(Method):
                 "steps": steps}
         for n, fq in fakes.items():
             blk.record.add(blk.full(n), fq.packed(), fq.scheme.to_dict())
+
+    def _checkpoint_starts(self, blk, names) -> dict:
+        """The checkpoint's float tensors loaded into the block, and its packed linears as starts."""
+        from ..train.start import PackedStart
+        start = blk.run_state.get("start")
+        if start is None:
+            start = blk.run_state["start"] = PackedStart(self.cfg.from_checkpoint)
+        start.load_floats(blk.block, blk.full(""))
+        return {n: start.start(blk.full(n), blk.linear(n).in_features, blk.linear(n).out_features) for n in names}
 
     def _gptq_starts(self, blk) -> dict:
         """GPTQ's solution for every targeted linear of the block: ``{name: (weight, scales, zeros)}``."""

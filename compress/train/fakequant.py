@@ -43,8 +43,8 @@ class FakeQuantLinear(torch.nn.Linear):
     def __init__(self, linear: torch.nn.Linear, scheme: IntScheme, grid: str = "minmax",
                  start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         """``grid``: the round-to-nearest start (``minmax`` or ``mse``); or ``start = (weight, scales,
-        zeros)``, e.g. a GPTQ solution (its dequantized weight, ``(G, N)`` scales and zeros; groups in
-        natural column order), which the layer then computes exactly."""
+        zeros[, g_idx])``, e.g. a GPTQ solution (its dequantized weight, ``(G, N)`` scales and zeros;
+        the group of each column, natural order when not given), which the layer then computes exactly."""
         n, k = linear.weight.shape
         scheme.check_layer(k)
         super().__init__(k, n, bias=linear.bias is not None, device=linear.weight.device, dtype=torch.float32)
@@ -54,7 +54,8 @@ class FakeQuantLinear(torch.nn.Linear):
         if linear.bias is not None:
             self.bias = torch.nn.Parameter(linear.bias.detach().to(torch.float32).clone(), requires_grad=False)
         gs = scheme.effective_group(k)
-        self.register_buffer("g_idx", torch.arange(k, dtype=torch.int64, device=self.weight.device) // gs)
+        g = torch.arange(k, dtype=torch.int64) // gs if start is None or len(start) < 4 else start[3]
+        self.register_buffer("g_idx", g.to(torch.int64).to(self.weight.device))
         if start is not None:
             scale, zero = start[1].t().to(torch.float32), start[2].t().to(torch.float32)
         else:

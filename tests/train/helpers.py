@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from tests.test_cli import run
 
 
-def kill_resume_and_compare(monkeypatch, args, tmp_path, die_at: int, resumed_step: int) -> None:
+def kill_resume_and_compare(monkeypatch, args, tmp_path, die_at: int, resumed_step: int,
+                            weights: str = "model.safetensors") -> None:
     """Run ``args`` to ``ref``; run them again to ``b``, killed right after its ``die_at``-th
     checkpoint (nothing written); run them once more, which must resume at ``resumed_step`` and
-    write exactly ``ref``'s weights."""
+    write exactly ``ref``'s ``weights`` file."""
     from compress.train import loop
     assert run([*args, "-o", tmp_path / "ref"]).exit_code == 0
     real = loop.Trainer.save
@@ -33,7 +34,7 @@ def kill_resume_and_compare(monkeypatch, args, tmp_path, die_at: int, resumed_st
     res = run([*args, "-o", tmp_path / "b"])
     assert res.exit_code == 0, res.output
     assert f"resuming at step {resumed_step}" in res.output
-    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    a, b = load_file(tmp_path / "ref" / weights), load_file(tmp_path / "b" / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -107,3 +107,58 @@ def test_qat_checkpoint_exports_to_gguf_and_onnx_unchanged(tiny_llama, env, tmp_
         ref = packed.model(ids, use_cache=False).logits
     out = OnnxCausalLM(tmp_path / "onnx")(input_ids=ids, use_cache=False).logits
     assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def _codes(folder):
+    state = load_file(folder / "model.safetensors")
+    return {k: v for k, v in state.items() if k.endswith((".qweight", ".qzeros", ".g_idx"))}
+
+
+def test_qat_from_a_gptq_checkpoint_starts_from_its_codes(tiny_llama, env, tmp_path):
+    """Scales-only training from a GPTQ checkpoint (act-order: permuted groups) keeps every code and
+    group index of the checkpoint it started from."""
+    grid = ["--bits", 4, "--group-size", 32, "--nsamples", 8, "--seqlen", 64]
+    res = run(["quantize", tiny_llama, "--method", "gptq", *grid, "--act-order", "--no-static-groups", "-o", tmp_path / "g"])
+    assert res.exit_code == 0, res.output
+    assert any(not torch.equal(t, t.sort().values) for k, t in _codes(tmp_path / "g").items() if k.endswith("g_idx"))
+    res = run(["qat", tiny_llama, *grid, "--from-checkpoint", tmp_path / "g", "--no-blockwise", "--e2e-steps", 2,
+               "--e2e-lr", 1e-3, "--batch", 2, "-o", tmp_path / "q"])
+    assert res.exit_code == 0, res.output
+    a, b = _codes(tmp_path / "g"), _codes(tmp_path / "q")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (load_file(f / "model.safetensors") for f in (tmp_path / "g", tmp_path / "q"))
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.endswith(".scales"))     # the scales trained
+
+
+def test_qat_from_an_awq_checkpoint_takes_its_norms_and_starts_closer(tiny_llama, env, tmp_path):
+    grid = ["--bits", 3, "--group-size", 32, "--nsamples", 8, "--seqlen", 64]
+    res = run(["quantize", tiny_llama, "--method", "awq", *grid, "-o", tmp_path / "a"])
+    assert res.exit_code == 0, res.output
+    reps = {}
+    for name, start in (("awq", ["--from-checkpoint", tmp_path / "a"]), ("rtn", ["--init", "minmax"])):
+        res = run(["qat", tiny_llama, *grid, *start, "--e2e-steps", 0, "--block-epochs", 1, "--batch", 2,
+                   "--report", tmp_path / f"{name}.json", "-o", tmp_path / name])
+        assert res.exit_code == 0, res.output
+        reps[name] = _step(json.loads((tmp_path / f"{name}.json").read_text()))["extra"]["qat_blocks"]
+    assert all(reps["awq"][b]["mse_init"] < reps["rtn"][b]["mse_init"] for b in reps["awq"])
+    sa, sq = (load_file(f / "model.safetensors") for f in (tmp_path / "a", tmp_path / "awq"))
+    norms = [k for k in sa if "layernorm" in k]
+    base = load_file(tiny_llama / "model.safetensors")
+    assert norms and all(torch.equal(sa[k], sq[k]) for k in norms)                    # AWQ's folded norms
+    assert any(not torch.equal(sa[k], base[k].to(sa[k].dtype)) for k in norms)
+
+
+@pytest.mark.parametrize("case", ["grid", "other-model", "missing"])
+def test_from_checkpoint_that_does_not_fit_is_refused_before_any_work(case, tiny_llama, env, tmp_path):
+    grid = ["--bits", 4, "--group-size", 32]
+    src = tmp_path / "missing"
+    if case != "missing":
+        from tests.conftest import build_tiny
+        other = tiny_llama if case == "grid" else build_tiny(tmp_path / "m2", ffn=96)
+        bits = ["--bits", 3, "--group-size", 32] if case == "grid" else grid
+        src = tmp_path / "src"
+        assert run(["quantize", other, "--method", "rtn", *bits, "-o", src]).exit_code == 0
+    needle = {"grid": "training grid", "other-model": "intermediate_size", "missing": "no such checkpoint"}[case]
+    res = run(["qat", tiny_llama, *grid, "--from-checkpoint", src, "--nsamples", 8, "--seqlen", 64, "-o", tmp_path / "o"])
+    assert_clean_error(res, needle)
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.work").exists()
