@@ -45,6 +45,9 @@ class DistillOptions:
     generate: int = 0               # black-box: sequences the teacher generates (0: white-box)
     prompt_tokens: int = 32
     gen_temperature: float = 1.0
+    teacher_topk: int = 0           # white-box: the teacher's top-k logits computed once and cached (0: every step)
+    hidden_weight: float = 0.0      # white-box: add this times the hidden-state matching loss
+    hidden_layers: str = "auto"     # its (student block, teacher block) pairs, see losses.layer_pairs
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
@@ -57,6 +60,19 @@ class DistillOptions:
             raise CompressError(f"--prompt-tokens must be in [1, --seqlen), got {self.prompt_tokens}")
         if not self.gen_temperature > 0:
             raise CompressError(f"--gen-temperature must be > 0, got {self.gen_temperature}")
+        if self.teacher_topk < 0:
+            raise CompressError(f"--teacher-topk must be >= 0, got {self.teacher_topk}")
+        if self.teacher_topk and self.generate:
+            raise CompressError("--teacher-topk caches the teacher's logits for white-box distillation; "
+                                "--generate trains on its text instead")
+        if self.hidden_weight < 0:
+            raise CompressError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
+        if self.hidden_weight and (self.generate or self.teacher_topk):
+            raise CompressError("--hidden-weight matches the teacher's hidden states, which neither --generate "
+                                "nor --teacher-topk keeps")
+        if self.teacher_topk and self.divergence != "forward":
+            raise CompressError("--teacher-topk supports --divergence forward only (the student's mass outside "
+                                "the teacher's top-k is unknown to a reverse KL)")
 
 
 def distill(teacher_spec: str, student_spec: str, out: Path, spec: TrainSpec, opts: DistillOptions,
@@ -67,17 +83,27 @@ def distill(teacher_spec: str, student_spec: str, out: Path, spec: TrainSpec, op
     from .resume import model_fingerprint, tensor_fingerprint
 
     out = job.check_output(out)
-    job.check_vocab(job.check_config(teacher_spec, "teacher"), job.check_config(student_spec, "student"))
+    tcfg, scfg = job.check_config(teacher_spec, "teacher"), job.check_config(student_spec, "student")
+    job.check_vocab(tcfg, scfg)
+    if opts.hidden_weight and tcfg and scfg:               # an explicit layer map checked before any loading
+        from .train.losses import layer_pairs
+        layer_pairs(opts.hidden_layers, scfg["num_hidden_layers"], tcfg["num_hidden_layers"])
     resolve_text(opts.source, data_dir)
     calib = CalibSpec(opts.source, opts.generate or opts.nsamples, opts.seqlen, spec.seed)
 
     rank = job.init_distributed()
-    teacher, student = models.load(teacher_spec).model.eval(), models.load(student_spec)
+    student = models.load(student_spec)
     if student.kind != "hf":
         raise CompressError(f"the student {student_spec} must be a float checkpoint folder")
-    if teacher.config.vocab_size != student.model.config.vocab_size:
-        raise CompressError("the teacher and the student have different vocabularies")
     wins = calibration_windows(student.tokenizer, calib, data_dir)
+    tfp = model_fingerprint(models.resolve(teacher_spec)[1])
+    teacher = None
+    if opts.teacher_topk:
+        teacher = _topk_teacher(teacher_spec, tfp, wins, opts.teacher_topk, rank, progress)
+    else:
+        teacher = models.load(teacher_spec).model.eval()
+        if teacher.config.vocab_size != student.model.config.vocab_size:
+            raise CompressError("the teacher and the student have different vocabularies")
     if opts.generate:
         wins = generated(teacher, teacher_spec, wins, opts, spec.seed, progress and rank == 0)
         teacher = None                   # black-box: the teacher's text is all the student sees
@@ -86,10 +112,15 @@ def distill(teacher_spec: str, student_spec: str, out: Path, spec: TrainSpec, op
         model.gradient_checkpointing_enable()
     model.train()
 
-    fp = {"teacher": model_fingerprint(models.resolve(teacher_spec)[1]), "student": model_fingerprint(student.path),
+    fp = {"teacher": tfp, "student": model_fingerprint(student.path),
           "windows": tensor_fingerprint(wins), "options": asdict(opts)}
-    loss_fn = lm_loss(model, teacher, opts.temperature, opts.divergence, opts.ce_weight)
-    res = job.train(dict(model.named_parameters()), spec, wins, loss_fn, out, fp,
+    params = dict(model.named_parameters())
+    match = None
+    if opts.hidden_weight:
+        match = _hidden_match(teacher.config, model.config, opts.hidden_layers, spec.seed)
+        params.update({f"hidden_match.{k}": p for k, p in match.named_parameters()})
+    loss_fn = lm_loss(model, teacher, opts.temperature, opts.divergence, opts.ce_weight, match, opts.hidden_weight)
+    res = job.train(params, spec, wins, loss_fn, out, fp,
                     job.evaluator(model, student.tokenizer, opts.eval_windows, data_dir), restart, progress, "distill")
     model.eval()
     result = {"teacher": teacher_spec, "student": student_spec, "mode": "black-box" if opts.generate else "white-box",
@@ -101,6 +132,31 @@ def distill(teacher_spec: str, student_spec: str, out: Path, spec: TrainSpec, op
         result["output"] = save_dense(student, out, opts.dtype, meta)
     job.finish(out)
     return result
+
+
+def _hidden_match(tcfg, scfg, spec: str, seed: int):
+    """The hidden-state matching of ``--hidden-layers`` between the teacher's and the student's blocks."""
+    from .train.losses import HiddenMatch, layer_pairs
+    plan = ((getattr(scfg, "compress", None) or {}).get("structured") or {}).get("plan") or {}
+    pairs = layer_pairs(spec, scfg.num_hidden_layers, tcfg.num_hidden_layers, plan.get("layers"))
+    return HiddenMatch(pairs, scfg.hidden_size, tcfg.hidden_size, seed)
+
+
+def _topk_teacher(teacher_spec: str, fingerprint: str, wins: torch.Tensor, k: int, rank: int, progress: bool):
+    """The teacher's top-k logits of ``wins``: read from the cache, or computed once by rank 0."""
+    from .train import topk
+    path = topk.cache_path(fingerprint, wins, k)
+    cached = topk.load_cached(path, wins)
+    if cached is not None:
+        if rank == 0:
+            print(f"reusing the teacher's top-{k} logits {path}", flush=True)
+        return cached
+    if rank == 0:
+        teacher = models.load(teacher_spec).model.eval()
+        cached = topk.compute(teacher, wins, k, path, progress)
+        del teacher
+    job.barrier()
+    return cached if cached is not None else topk.load_cached(path, wins)
 
 
 @torch.no_grad()

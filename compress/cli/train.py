@@ -85,12 +85,22 @@ def _finish(rep: dict, report_out, what: str) -> None:
 @click.option("--prompt-tokens", type=int, default=32, show_default=True, help="--generate: tokens of each prompt.")
 @click.option("--gen-temperature", type=float, default=1.0, show_default=True,
               help="--generate: the teacher's sampling temperature.")
+@click.option("--hidden-weight", type=float, default=0.0, show_default=True,
+              help="Add this times the hidden-state matching loss at mapped blocks (relative MSE, through a learned "
+                   "projection where the widths differ).")
+@click.option("--hidden-layers", default="auto", show_default=True, metavar="auto|S:T,...",
+              help="--hidden-weight: the (student block, teacher block) pairs; auto: the blocks a structured-pruned "
+                   "student kept, else spread evenly.")
+@click.option("--teacher-topk", type=int, default=0, show_default=True,
+              help="Run the teacher once over the training windows and cache its K largest logits per position "
+                   "(reused by later runs; 0: run the teacher at every step).")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float32", show_default=True,
               help="Storage dtype of the output.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
 def distill(teacher, student, source, nsamples, seqlen, data_dir, temperature, divergence, ce_weight, generate,
-            prompt_tokens, gen_temperature, grad_checkpointing, dtype, out, **loop):
+            prompt_tokens, gen_temperature, hidden_weight, hidden_layers, teacher_topk, grad_checkpointing, dtype, out,
+            **loop):
     """Distill TEACHER into STUDENT: white-box (the KL divergence of the next-token distributions) on
     the training text, or black-box (--generate: cross-entropy on text the teacher generates); a
     killed run resumes from its last checkpoint. Under torchrun the processes split each batch."""
@@ -100,7 +110,8 @@ def distill(teacher, student, source, nsamples, seqlen, data_dir, temperature, d
     CalibSpec(source, nsamples, seqlen, loop["seed"])            # option checks before any loading
     spec = _spec(loop)
     opts = DistillOptions(source, nsamples, seqlen, temperature, divergence, ce_weight, grad_checkpointing,
-                          loop["eval_windows"], dtype, generate, prompt_tokens, gen_temperature)
+                          loop["eval_windows"], dtype, generate, prompt_tokens, gen_temperature, teacher_topk,
+                          hidden_weight, hidden_layers)
     rep = run(teacher, student, out, spec, opts, data_dir, loop["restart"])
     _finish(rep, loop["report_out"], rep["mode"])
 

@@ -39,15 +39,97 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
     return sum(parts) / len(parts) * temperature ** 2
 
 
-def lm_loss(model, teacher=None, temperature: float = 1.0, divergence: str = "forward", ce_weight: float = 0.0):
+def kd_loss_topk(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Forward KL from the teacher's ``k`` largest logits per position (``values``, ``indices``:
+    ``(..., k)``) to the student, times ``T**2``: the teacher's distribution is taken as
+    ``softmax(values / T)`` on its top-``k`` tokens (renormalised; with ``k`` the whole vocabulary this
+    is :func:`kd_loss` exactly), the student's is its full ``log_softmax(student / T)``."""
+    if student.shape[:-1] != values.shape[:-1]:
+        raise CompressError(f"the cached teacher logits {tuple(values.shape)} do not fit the student's "
+                            f"{tuple(student.shape)}")
+    ls = F.log_softmax(student.float() / temperature, dim=-1).gather(-1, indices.long())
+    lt = F.log_softmax(values.float() / temperature, dim=-1)
+    kl = (lt.exp() * (lt - ls)).sum(-1)
+    return kl.mean() * temperature ** 2
+
+
+class HiddenMatch(torch.nn.Module):
+    """Hidden-state matching at mapped layers: for each pair ``(j, i)``, the student's hidden state
+    after its block ``j`` against the teacher's after its block ``i`` (``hidden_states[j + 1]`` and
+    ``[i + 1]`` of transformers' outputs), through a learned linear projection when the widths differ
+    (identity otherwise). Each layer's mean squared error is divided by the mean square of the
+    teacher's hidden state there (residual streams differ in scale by orders of magnitude across
+    layers), and the layers are averaged."""
+
+    def __init__(self, pairs: list[tuple[int, int]], student_width: int, teacher_width: int, seed: int = 0):
+        super().__init__()
+        self.pairs = list(pairs)
+        self.proj = None
+        if student_width != teacher_width:
+            gen = torch.Generator().manual_seed(seed)          # the same start in every run of the same seed
+            self.proj = torch.nn.ModuleList(torch.nn.Linear(student_width, teacher_width, bias=False)
+                                            for _ in self.pairs)
+            for lin in self.proj:
+                torch.nn.init.kaiming_uniform_(lin.weight, a=5 ** 0.5, generator=gen)
+
+    def forward(self, student_hidden, teacher_hidden) -> torch.Tensor:
+        parts = []
+        for n, (j, i) in enumerate(self.pairs):
+            s, t = student_hidden[j + 1].float(), teacher_hidden[i + 1].float()
+            if self.proj is not None:
+                s = self.proj[n](s)
+            parts.append(F.mse_loss(s, t) / t.square().mean().clamp_min(1e-12))
+        return sum(parts) / len(parts)
+
+
+def layer_pairs(spec: str, student_layers: int, teacher_layers: int, kept: list[int] | None = None
+                ) -> list[tuple[int, int]]:
+    """The (student block, teacher block) pairs of ``--hidden-layers``: ``auto`` pairs each student
+    block with the teacher block it was cut from when the student is a structured-pruned model
+    (``kept``: the teacher blocks it kept, in order), else spreads the student's blocks evenly over
+    the teacher's (the last with the last); or explicit ``"S:T,S:T"``."""
+    if spec == "auto":
+        if kept is not None and len(kept) == student_layers:
+            return list(enumerate(kept))
+        return [(j, round((j + 1) * teacher_layers / student_layers) - 1) for j in range(student_layers)]
+    pairs = []
+    for part in spec.split(","):
+        try:
+            j, i = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise CompressError(f"--hidden-layers: {part!r} is not STUDENT:TEACHER (block numbers)") from None
+        if not (0 <= j < student_layers and 0 <= i < teacher_layers):
+            raise CompressError(f"--hidden-layers: {part} is out of range (the student has {student_layers} "
+                                f"blocks, the teacher {teacher_layers})")
+        pairs.append((j, i))
+    if not pairs:
+        raise CompressError("--hidden-layers names no pair")
+    return pairs
+
+
+def lm_loss(model, teacher=None, temperature: float = 1.0, divergence: str = "forward", ce_weight: float = 0.0,
+            hidden: HiddenMatch | None = None, hidden_weight: float = 0.0):
     """The loss of a batch of windows ``ids`` for ``model``: next-token cross-entropy without a
-    teacher; with one, :func:`kd_loss` to its distributions plus ``ce_weight`` times the cross-entropy."""
+    teacher; with one, :func:`kd_loss` to its distributions plus ``ce_weight`` times the cross-entropy.
+    ``teacher`` may also be a :class:`compress.train.topk.TopKCache` (the teacher's top-k logits of
+    every training window, computed once): then :func:`kd_loss_topk` (forward KL only). With
+    ``hidden`` (a teacher model), ``hidden_weight`` times :class:`HiddenMatch` is added."""
+    from .topk import TopKCache
+
     def loss(ids: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=ids, use_cache=False).logits
+        so = model(input_ids=ids, use_cache=False, output_hidden_states=hidden is not None)
+        logits = so.logits
         if teacher is None:
             return next_token_ce(logits, ids)
+        if isinstance(teacher, TopKCache):
+            values, indices = teacher.lookup(ids)
+            out = kd_loss_topk(logits, values, indices, temperature)
+            return out + ce_weight * next_token_ce(logits, ids) if ce_weight else out
         with torch.no_grad():
-            target = teacher(input_ids=ids, use_cache=False).logits
-        out = kd_loss(logits, target, temperature, divergence)
+            target = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden is not None)
+        out = kd_loss(logits, target.logits, temperature, divergence)
+        if hidden is not None:
+            out = out + hidden_weight * hidden(so.hidden_states, target.hidden_states)
         return out + ce_weight * next_token_ce(logits, ids) if ce_weight else out
     return loss

@@ -112,3 +112,93 @@ def test_black_box_trains_on_cached_teacher_text(pair, env, tmp_path, monkeypatc
     assert res.exit_code == 0 and "reusing the teacher's generated text" in res.output
     a, b = (json.loads((tmp_path / n / "config.json").read_text())["compress"] for n in ("a", "b"))
     assert a["mode"] == "black-box" and a["loss_last"] == b["loss_last"]
+
+
+def test_topk_divergence_with_the_whole_vocabulary_is_the_full_one():
+    from compress.train.losses import kd_loss, kd_loss_topk
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 40, generator=g), torch.randn(2, 5, 40, generator=g) * 3
+    v, i = t.topk(40, dim=-1)
+    assert float(kd_loss_topk(s, v, i, 2.0)) == pytest.approx(float(kd_loss(s, t, 2.0)), rel=1e-5)
+    v8, i8 = t.topk(8, dim=-1)           # fewer tokens: another, finite number
+    assert 0 < float(kd_loss_topk(s, v8, i8, 2.0)) != pytest.approx(float(kd_loss(s, t, 2.0)), rel=1e-3)
+
+
+def test_cached_teacher_topk_is_computed_once_and_reused_without_the_teacher(pair, env, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    teacher, student = pair
+    args = ["distill", "--teacher", teacher, "--student", student, *ARGS, "--steps", 12, "--teacher-topk", 32]
+    res = run([*args, "--report", tmp_path / "r.json", "-o", tmp_path / "a"])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "cache" / "teacher-topk").glob("*.safetensors"))) == 1
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["loss_last"] < rep["loss_first"]
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(4))
+    assert _kl(teacher, tmp_path / "a", ids) < 0.9 * _kl(teacher, student, ids)
+    from compress import models
+    real = models.load
+
+    def no_teacher(spec, *a, **k):
+        assert str(spec) != str(teacher), "the teacher was loaded although its logits are cached"
+        return real(spec, *a, **k)
+    monkeypatch.setattr(models, "load", no_teacher)
+    res = run([*args, "-o", tmp_path / "b"])
+    assert res.exit_code == 0 and "reusing the teacher's top-32 logits" in res.output, res.output
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("extra,needle", [(["--generate", 4, "--prompt-tokens", 8], "--generate"), (["--divergence", "reverse"], "forward"),
+                                          (["--teacher-topk", -1], "--teacher-topk")])
+def test_teacher_topk_option_conflicts_are_refused(extra, needle, pair, env, tmp_path):
+    teacher, student = pair
+    res = run(["distill", "--teacher", teacher, "--student", student, *ARGS, "--teacher-topk", 8, *extra,
+               "-o", tmp_path / "o"])
+    assert_clean_error(res, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_layer_pairs_follow_the_blocks_a_pruned_student_kept():
+    from compress.train.losses import layer_pairs
+    assert layer_pairs("auto", 3, 5, [0, 2, 4]) == [(0, 0), (1, 2), (2, 4)]
+    assert layer_pairs("auto", 2, 4) == [(0, 1), (1, 3)]
+    assert layer_pairs("0:1,1:3", 2, 4) == [(0, 1), (1, 3)]
+
+
+def test_hidden_state_matching_trains_a_projection_between_widths(env, tmp_path):
+    """A narrower student (another hidden width): the hidden-state loss goes down with the learned
+    projection, the output is the student alone, and a resumed run restores the projection too."""
+    teacher = build_tiny(tmp_path / "t", layers=2, seed=0)
+    student = build_tiny(tmp_path / "s", layers=1, seed=1, hidden=64, ffn=96)
+    args = ["distill", "--teacher", teacher, "--student", student, *ARGS, "--steps", 12, "--hidden-weight", 1.0]
+    res = run([*args, "--report", tmp_path / "r.json", "-o", tmp_path / "a"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["loss_last"] < rep["loss_first"]
+    from safetensors.torch import load_file
+    state = load_file(tmp_path / "a" / "model.safetensors")
+    assert not any("hidden_match" in k for k in state)
+    plain = run(["distill", "--teacher", teacher, "--student", student, *ARGS, "--steps", 12,
+                 "--report", tmp_path / "p.json", "-o", tmp_path / "p"])
+    assert plain.exit_code == 0
+    assert rep["loss_first"] > json.loads((tmp_path / "p.json").read_text())["loss_first"]   # the MSE term is there
+
+
+def test_killed_run_with_hidden_matching_resumes_to_the_same_weights(env, tmp_path, monkeypatch):
+    teacher = build_tiny(tmp_path / "t", layers=2, seed=0)
+    student = build_tiny(tmp_path / "s", layers=1, seed=1, hidden=64, ffn=96)
+    args = ["distill", "--teacher", teacher, "--student", student, *ARGS, "--steps", 6, "--checkpoint-every", 2,
+            "--hidden-weight", 1.0]
+    kill_resume_and_compare(monkeypatch, args, tmp_path, die_at=2, resumed_step=4)
+
+
+@pytest.mark.parametrize("extra,needle", [(["--hidden-layers", "0:7"], "out of range"),
+                                          (["--hidden-layers", "x"], "STUDENT:TEACHER"),
+                                          (["--teacher-topk", 8], "--hidden-weight")])
+def test_bad_hidden_layer_maps_are_refused(extra, needle, pair, env, tmp_path):
+    teacher, student = pair
+    res = run(["distill", "--teacher", teacher, "--student", student, *ARGS, "--hidden-weight", 1, *extra,
+               "-o", tmp_path / "o"])
+    assert_clean_error(res, needle)
+    assert not (tmp_path / "o").exists()
