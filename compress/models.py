@@ -240,6 +240,9 @@ def resolve(spec: str) -> tuple[str, Path]:
         raise CompressError(f"{spec} is neither a model folder nor a .gguf file")
     if spec in REGISTRY:
         return "name", model_cache_path(spec)
+    from . import hub
+    if hub.looks_like_hub_name(spec):
+        return "folder", hub.resolve(spec)
     if any(c in spec for c in "/\\.") or spec.endswith(".gguf"):
         raise CompressError(f"no such file or folder: {spec}")
     raise CompressError(f"unknown model name '{spec}'; registered: {', '.join(sorted(REGISTRY))} "

@@ -68,11 +68,16 @@ class SuiteGroup(click.Group):
 @click.version_option(__version__, prog_name="compress")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.option("--download", is_flag=True,
+              help="Fetch a hub name (org/name[@revision]) that is not in the local Hugging Face cache from the hub.")
 @click.pass_context
-def cli(ctx, debug, verbose):
+def cli(ctx, debug, verbose, download):
     """Compress LLM checkpoints: quantize, evaluate, report, inspect."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    if download:
+        import os
+        os.environ["COMPRESS_DOWNLOAD"] = "1"
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
