@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-out
 MODEL ?= smollm2-135m
 export COMPRESS_DATA_DIR := $(abspath $(DATA))
 
-.PHONY: setup demo oracle test test-fast bench-rtn bench-ptq bench-llmcompressor bench-prune bench-train clean
+.PHONY: setup demo oracle test test-fast bench-rtn bench-ptq bench-llmcompressor bench-prune bench-train plots clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,15 @@ bench-prune: setup
 bench-train: setup
 	$(BIN)/python bench/train.py --suite distill --seqlen 256 --kd-steps 40 --kd-batch 8 --kd-lr 1e-4 --out bench/results/train-distill-smollm2.json
 	$(BIN)/python bench/train.py --suite qat --nsamples 64 --out bench/results/train-qat-smollm2.json
+
+# The README's quality-against-size plots, from the committed results files.
+plots: setup
+	$(BIN)/python bench/plot.py bench/results/ptq-rtn-smollm2.json bench/results/ptq-compare-gptq-smollm2.json \
+	    bench/results/ptq-compare-gptq-mse-smollm2.json bench/results/ptq-compare-awq-sq-smollm2.json \
+	    bench/results/ptq-compare-awq-mse-smollm2.json \
+	    --title "SmolLM2-135M, wt2-quick: post-training quantization (bench/ptq.py)" --out docs/img/ptq-smollm2.png
+	$(BIN)/python bench/plot.py bench/results/kquants-smollm2.json \
+	    --title "SmolLM2-135M, wt2-quick: k-quant GGUF mixes (bench/kquants.py)" --out docs/img/kquants-smollm2.png
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -153,18 +153,36 @@ def generate(model, prompt, max_new_tokens, temperature, seed, device, kernel_re
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Markdown report; JSON beside it.")
 @click.option("--max-ppl-increase", type=float, default=None,
               help="Exit non-zero if a run's perplexity exceeds its base by more than PCT percent.")
-def report(results, out, max_ppl_increase):
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None,
+              help="Also draw perplexity and KL divergence against bits per weight and file size (PNG, Pareto "
+                   "front marked; needs matplotlib); the report embeds it.")
+@click.option("--format", "fmt", type=click.Choice(["md", "html"]), default="md", show_default=True,
+              help="Markdown, or one self-contained HTML page with the table and the plot.")
+def report(results, out, max_ppl_increase, plot_out, fmt):
     """Compare evaluation results (JSON files from `compress eval ppl --json`)."""
+    import os
+
+    from evals import plot as plots
     from evals import report as rep
 
     from ..api import write_json
     from ..fileio import atomic_text
     if max_ppl_increase is not None and max_ppl_increase < 0:
         raise click.BadParameter("must be >= 0", param_hint="--max-ppl-increase")
+    if plot_out is not None and plot_out.suffix.lower() != ".png":
+        raise CompressError(f"--plot writes a PNG file: the name must end with .png, got {plot_out}")
     runs = [rep.read_run(p) for p in results]
     data = rep.build(runs)
     md = rep.markdown(data)
-    atomic_text(out, md)
+    if plot_out is not None:
+        points = [{**r, "label": f"{r['scheme']}"} for r in data["rows"]]
+        try:
+            plots.plot(points, plot_out, f"{data['rows'][0]['protocol']}: quality against size")
+        except plots.PlotError as e:
+            raise CompressError(str(e)) from None
+        md += f"\n![perplexity and KL divergence against size]({os.path.relpath(plot_out, out.parent)})\n"
+    page = plots.html_page(md, plot_out, "compress report") if fmt == "html" else md
+    atomic_text(out, page)
     write_json(data, out.with_suffix(".json"))
     click.echo(md, nl=False)
     if max_ppl_increase is not None:
