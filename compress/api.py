@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -179,7 +180,20 @@ def eval_ppl(model_spec: str, protocol: str = "wt2-quick", max_windows: int | No
         protocol = "text"
         description = (f"{text_path.name}, no BOS, {wins.shape[0]} windows of {seqlen} tokens every {stride} "
                        "tokens, each token scored once")
-    res = evaluate(loaded.model, wins, base.model if base else None, progress, desc=f"{protocol}", skip=skip)
+    from . import evalcache
+    from .resume import model_fingerprint
+    from evals.perplexity import from_windows
+    fp = model_fingerprint(loaded.path)
+    cached = evalcache.load(fp, wins, skip) if base is None else None
+    if cached is not None:
+        res = from_windows(cached["window_nll"], cached["tokens"], wins, cached["seconds"])
+        if progress:
+            print(f"reusing this model's per-window results on these windows ({cached['path']})", file=sys.stderr)
+    else:
+        res = evaluate(loaded.model, wins, base.model if base else None, progress, desc=f"{protocol}", skip=skip)
+        evalcache.save(fp, wins, skip, res.window_nll, res.tokens, res.seconds)
+        if base is not None:
+            evalcache.save(model_fingerprint(base.path), wins, skip, res.base_window_nll, res.tokens, res.seconds)
     nbytes = predicted_bytes(loaded.tokenizer, wins, skip)
     stats = weight_stats(loaded.model)
     out = {

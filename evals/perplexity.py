@@ -65,9 +65,11 @@ class PplResult:
     kld_max: float | None = None
     top1: float | None = None
     base_ppl: float | None = None
+    window_nll: list | None = None        # summed negative log-likelihood per window (not in to_dict)
+    base_window_nll: list | None = None
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        return {k: v for k, v in self.__dict__.items() if not k.endswith("window_nll")}
 
 
 @torch.no_grad()
@@ -90,28 +92,39 @@ def evaluate(model, wins: torch.Tensor, base=None, progress: bool = True, desc: 
     kl_sum = 0.0
     kl_max = 0.0
     agree = 0
+    per, base_per = [], []
     for i, ids in enumerate(tqdm(wins, desc=desc, unit="win", disable=not progress, leave=False)):
         s = skip[i] if skip else 0
         logits = _logits(model, ids)[s:-1]
         target = ids[1 + s:]
         logp = F.log_softmax(logits, dim=-1)
-        nll += float(-logp.gather(1, target[:, None]).sum())
+        per.append(float(-logp.gather(1, target[:, None]).sum()))
+        nll += per[-1]
         count += target.numel()
         if base is not None:
             blogp = F.log_softmax(_logits(base, ids)[s:-1], dim=-1)
-            base_nll += float(-blogp.gather(1, target[:, None]).sum())
+            base_per.append(float(-blogp.gather(1, target[:, None]).sum()))
+            base_nll += base_per[-1]
             kl = (blogp.exp() * (blogp - logp)).sum(-1)
             kl_sum += float(kl.sum())
             kl_max = max(kl_max, float(kl.max()))
             agree += int((blogp.argmax(-1) == logp.argmax(-1)).sum())
     res = PplResult(ppl=math.exp(nll / count), nll=nll / count, tokens=count, windows=wins.shape[0],
-                    seqlen=wins.shape[1], seconds=time.perf_counter() - t0)
+                    seqlen=wins.shape[1], seconds=time.perf_counter() - t0, window_nll=per,
+                    base_window_nll=base_per or None)
     if base is not None:
         res.kld = kl_sum / count
         res.kld_max = kl_max
         res.top1 = agree / count
         res.base_ppl = math.exp(base_nll / count)
     return res
+
+
+def from_windows(window_nll: list[float], tokens: int, wins: torch.Tensor, seconds: float) -> PplResult:
+    """The result of a model whose per-window negative log-likelihoods are known (no KL divergence)."""
+    nll = sum(window_nll)
+    return PplResult(ppl=math.exp(nll / tokens), nll=nll / tokens, tokens=tokens, windows=wins.shape[0],
+                     seqlen=wins.shape[1], seconds=seconds, window_nll=list(window_nll))
 
 
 @torch.no_grad()
