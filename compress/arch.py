@@ -19,11 +19,13 @@ class LinearGroup:
 
     ``prev`` is the block-relative name of the module whose output is that input (a norm or a
     linear); a function-preserving rescale of the input channels divides ``prev``'s output
-    (its weight rows, and bias) and multiplies the group's weight columns.
+    (its weight rows, and bias) and multiplies the group's weight columns, where ``scalable``.
     """
 
     prev: str
     linears: tuple[str, ...]
+    scalable: bool = True             # False: ``prev``'s output is not this group's input channel for channel
+                                      # (a fused projection of which only a slice feeds the group)
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,23 @@ OPT = ArchSpec(
                      "max_position_embeddings"),
 )
 
-ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT)
+PHI3 = ArchSpec(
+    family="phi3",
+    model_types=("phi3",),
+    blocks="model.layers",
+    embeddings=("model.embed_tokens",),
+    final_norm="model.norm",
+    lm_head="lm_head",
+    groups=(            # fused projections, quantized as stored; only the norms can take a rescale
+        LinearGroup("input_layernorm", ("self_attn.qkv_proj",)),
+        LinearGroup("self_attn.qkv_proj", ("self_attn.o_proj",), scalable=False),
+        LinearGroup("post_attention_layernorm", ("mlp.gate_up_proj",)),
+        LinearGroup("mlp.gate_up_proj", ("mlp.down_proj",), scalable=False),
+    ),
+    required_config=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+)
+
+ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT, PHI3)
 
 
 def supported_model_types() -> list[str]:

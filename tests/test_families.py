@@ -9,9 +9,10 @@ import torch
 
 from compress import models
 from tests.conftest import build_tiny
-from tests.test_cli import run
+from tests.test_cli import assert_clean_error, run
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = ("llama", "qwen2", "qwen3", "phi3")
+LLAMA_LIKE = ("llama", "qwen2", "qwen3")         # structured pruning and GGUF export are described for these
 CAL = ["--nsamples", 8, "--seqlen", 64]
 X = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -54,11 +55,38 @@ def test_quantized_checkpoint_matches_its_dequantized_model(method, tiny, env, t
     assert not torch.allclose(_logits(packed.model), base, atol=1e-4)     # it did quantize
 
 
+def test_fused_projections_are_quantized_as_stored_and_never_rescaled(env, tmp_path):
+    """Phi-3: qkv_proj and gate_up_proj are quantized whole; AWQ rescales only the norm-fed groups
+    (o_proj and down_proj read one slice of a fused projection's output), so at 8 bits the AWQ
+    model still computes the float model's function."""
+    import json
+
+    from compress.arch import PHI3
+    from compress.methods.scaling import group_can_scale
+    tiny = build_tiny(tmp_path / "phi3", "phi3")
+    ref = models.load(str(tiny)).model
+    block = ref.model.layers[0]
+    ok = [group_can_scale(block, g, block.get_submodule(g.linears[0]).in_features)[0] for g in PHI3.groups]
+    assert ok == [True, False, True, False]
+    res = run(["quantize", tiny, "--method", "awq", "--bits", 8, "--group-size", 32, *CAL, "-o", tmp_path / "q"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["compress"]
+    assert {"model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"} <= set(cfg["quantized_modules"])
+    q = models.load(str(tmp_path / "q")).model
+    assert not torch.equal(q.model.layers[0].input_layernorm.weight.float(), block.input_layernorm.weight)  # scaled
+    torch.testing.assert_close(_logits(q), _logits(ref), rtol=0.05, atol=0.05)
+
+
 def test_pruned_and_structured_models_load(tiny, env, tmp_path):
     res = run(["prune", tiny, "--method", "wanda", "--pattern", "2:4", *CAL, "-o", tmp_path / "w"])
     assert res.exit_code == 0, res.output
     w = models.load(str(tmp_path / "w"))
     assert float((w.model.model.layers[0].mlp.down_proj.weight == 0).float().mean()) == 0.5
+    if tiny.name not in LLAMA_LIKE:
+        res = run(["prune", tiny, "--method", "structured", "--heads", 0.5, *CAL, "-o", tmp_path / "s"])
+        assert_clean_error(res, "structured", tiny.name)
+        assert not (tmp_path / "s").exists()
+        return
     res = run(["prune", tiny, "--method", "structured", "--heads", 0.5, "--mlp", 0.25, "--layers", 1,
                "--hidden", 0.25, "--multiple-of", 8, *CAL, "--dtype", "float32", "-o", tmp_path / "s"])
     assert res.exit_code == 0, res.output
@@ -76,6 +104,10 @@ def test_gguf_export_reads_back_as_the_same_model(tiny, env, tmp_path):
 
     from compress.export.gguf import read_gguf_weights
     out = tmp_path / "m.gguf"
+    if tiny.name not in LLAMA_LIKE:
+        assert_clean_error(run(["export", "gguf", tiny, "--type", "f32", "-o", out]), tiny.name)
+        assert not out.exists()
+        return
     assert run(["export", "gguf", tiny, "--type", "f32", "-o", out]).exit_code == 0
     ref = models.load(str(tiny))
     r = gguf.GGUFReader(str(out))

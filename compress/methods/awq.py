@@ -35,7 +35,7 @@ from ..registry import Method, register
 from ..solvers.awq_search import apply_clip, clip_search, hessian_error, search_scale
 from ..solvers.obs import output_error
 from .gptq import GPTQOptions, block_hessians, gptq_into
-from .scaling import apply_scale, can_scale
+from .scaling import apply_scale, group_can_scale
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,7 @@ class AWQ(Method):
 
     @torch.no_grad()
     def _scale(self, blk, groups) -> None:
-        scalable = {g: can_scale(blk.block.get_submodule(g.prev), blk.linear(g.linears[0]).in_features)
-                    for g in groups}
+        scalable = {g: group_can_scale(blk.block, g, blk.linear(g.linears[0]).in_features) for g in groups}
         means, hessians, recorders, handles = {}, {}, {}, []
         if blk.stats.loaded is None:
             try:

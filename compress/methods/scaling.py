@@ -28,6 +28,14 @@ def can_scale(prev: nn.Module, in_features: int) -> tuple[bool, str]:
     return True, ""
 
 
+def group_can_scale(block: nn.Module, group, in_features: int) -> tuple[bool, str]:
+    """:func:`can_scale` for a described group: never where the description says its input is not
+    ``prev``'s output channel for channel (a slice of a fused projection)."""
+    if not getattr(group, "scalable", True):
+        return False, f"{group.prev} is a fused projection: only part of its output is this group's input"
+    return can_scale(block.get_submodule(group.prev), in_features)
+
+
 @torch.no_grad()
 def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
     """Divide ``prev``'s output channels by ``s`` and multiply the linears' input columns by ``s``."""

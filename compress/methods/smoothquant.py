@@ -28,7 +28,7 @@ from ..errors import CompressError
 from ..formats import w8a8
 from ..registry import Method, register
 from ..scheme import ACT_SCHEMES, W8A8Scheme
-from .scaling import apply_scale, can_scale
+from .scaling import apply_scale, group_can_scale
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class SmoothQuant(Method):
             prev = blk.block.get_submodule(g.prev)
             lins = [blk.linear(n) for n in g.linears]
             a = absmax[key].absmax().to(lins[0].weight.device, torch.float32)
-            ok, why = can_scale(prev, lins[0].in_features)
+            ok, why = group_can_scale(blk.block, g, lins[0].in_features)
             if ok and isinstance(prev, torch.nn.Linear) and not self.cfg.smooth_linear_prev:
                 ok, why = False, "input produced by a linear (smooth_linear_prev is off)"
             if ok:
