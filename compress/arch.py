@@ -134,7 +134,23 @@ PHI3 = ArchSpec(
     required_config=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
 )
 
-ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT, PHI3)
+NEOX = ArchSpec(
+    family="gpt_neox",
+    model_types=("gpt_neox",),
+    blocks="gpt_neox.layers",
+    embeddings=("gpt_neox.embed_in",),
+    final_norm="gpt_neox.final_layer_norm",
+    lm_head="embed_out",
+    groups=(            # attention and MLP in parallel, each behind its own norm; GELU between the MLP linears
+        LinearGroup("input_layernorm", ("attention.query_key_value",)),
+        LinearGroup("attention.query_key_value", ("attention.dense",), scalable=False),
+        LinearGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+        LinearGroup("mlp.dense_h_to_4h", ("mlp.dense_4h_to_h",), scalable=False),
+    ),
+    required_config=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+)
+
+ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT, PHI3, NEOX)
 
 
 def supported_model_types() -> list[str]:
