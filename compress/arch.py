@@ -65,6 +65,7 @@ class ArchSpec:
     # default (hidden_size 4096 for llama) and only fails later, on a size mismatch in the weights
     required_config: tuple[str, ...] = ()
     widths: Widths | None = None      # None: structured pruning is not described for this family
+    norm_offset: float = 0.0          # the norms multiply by (offset + weight): Gemma's RMSNorm has 1.0
 
     @property
     def block_linears(self) -> tuple[str, ...]:
@@ -150,7 +151,35 @@ NEOX = ArchSpec(
     required_config=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
 )
 
-ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT, PHI3, NEOX)
+GEMMA = ArchSpec(
+    family="gemma",
+    model_types=("gemma2", "gemma3_text"),   # gemma3_text: q/k norms per head; both: sliding-window layers
+    blocks="model.layers",
+    embeddings=("model.embed_tokens",),
+    final_norm="model.norm",
+    lm_head="lm_head",
+    groups=(            # pre- and post-norms around attention and MLP: the pre-norms feed the groups
+        LinearGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        LinearGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+        LinearGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        LinearGroup("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    qk_linears=("self_attn.q_proj", "self_attn.k_proj"),
+    required_config=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+    norm_offset=1.0,
+)
+
+ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT, PHI3, NEOX, GEMMA)
+
+
+def check_calibration_length(config: dict, seqlen: int) -> None:
+    """Calibration replays every block with the attention mask block 0 received: with both
+    sliding-window and full layers, windows must fit the sliding window, where the two masks agree."""
+    types = set(config.get("layer_types") or [])
+    window = config.get("sliding_window")
+    if len(types) > 1 and window and seqlen > window:
+        raise CompressError(f"--seqlen {seqlen} is longer than this model's sliding window ({window}) and its "
+                            f"layers mix {' and '.join(sorted(types))}: calibrate with --seqlen {window} or less")
 
 
 def supported_model_types() -> list[str]:

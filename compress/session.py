@@ -48,6 +48,9 @@ def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None) -> None:
         from .memory import check, parse_size
         check(config, path, recipe.steps, recipe.calib_spec() if needs_windows(recipe) else None,
               parse_size(recipe.max_memory) if recipe.max_memory else None, DEFAULT_BUDGET)
+        if needs_windows(recipe):
+            from .arch import check_calibration_length
+            check_calibration_length(config, recipe.calib_spec().seqlen)
     elif kind == "gguf":
         from .formats.gguf_file import check_gguf
         check_gguf(path)

@@ -197,7 +197,7 @@ class AWQ(Method):
                 res = search_scale(weights, means.pop(g).mean(), scheme, err, self.cfg.n_grid)
                 s, alpha = res.scales, res.alpha
                 log.info("%s: AWQ alpha %.2f (error %.4g -> %.4g)", key, alpha, res.baseline_error, res.best_error)
-            apply_scale(prev, lins, s)
+            apply_scale(prev, lins, s, blk.arch.norm_offset)
             blk.stats.put(f"{key}/awq_scales", s.cpu())
             blk.stats.put(f"{key}/awq_alpha", torch.tensor(alpha))
             blk.stats.put(f"{key}/awq_grid", grid)

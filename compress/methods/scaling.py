@@ -37,8 +37,10 @@ def group_can_scale(block: nn.Module, group, in_features: int) -> tuple[bool, st
 
 
 @torch.no_grad()
-def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """Divide ``prev``'s output channels by ``s`` and multiply the linears' input columns by ``s``."""
+def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """Divide ``prev``'s output channels by ``s`` and multiply the linears' input columns by ``s``.
+    A norm that multiplies by ``(norm_offset + weight)`` (Gemma's, offset 1) gets
+    ``weight' = (offset + weight) / s - offset``."""
     ok, why = can_scale(prev, s.shape[0])
     if not ok:
         raise CompressError(f"cannot apply AWQ/SmoothQuant scales: {why}")
@@ -46,6 +48,9 @@ def apply_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> N
     s = s.to(dev, torch.float32)
     if isinstance(prev, nn.Linear):
         prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+    elif norm_offset:
+        w = (prev.weight.to(torch.float32) + norm_offset) / s - norm_offset
+        prev.weight.copy_(w.to(prev.weight.dtype))
     else:
         prev.weight.div_(s.to(prev.weight.dtype))
     if getattr(prev, "bias", None) is not None:

@@ -97,7 +97,7 @@ class SmoothQuant(Method):
                 ok, why = False, "input produced by a linear (smooth_linear_prev is off)"
             if ok:
                 s = smooth_scales(a, [lin.weight.data for lin in lins], self.cfg.alpha)
-                apply_scale(prev, lins, s)
+                apply_scale(prev, lins, s, blk.arch.norm_offset)
                 a = a / s
                 blk.record.extra.setdefault("smoothed_groups", []).append(key)
             else:
