@@ -57,6 +57,20 @@ def export_gguf(checkpoint, gguf_type, imatrix, pure, out):
         click.echo(f"mapping: {json.dumps(info['mapping'])}", err=True)
 
 
+@export_.command("compressed-tensors")
+@click.argument("checkpoint")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
+              help="Storage dtype of the tensors left unquantized.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
+def export_compressed_tensors(checkpoint, dtype, out):
+    """Write the packed CHECKPOINT in the compressed-tensors layout that vLLM loads (pack-quantized for
+    4/8-bit weight-only linears, int-quantized for W8A8)."""
+    from ..export.compressed_tensors import export
+    info = export(checkpoint, out, dtype)
+    click.echo(f"wrote {info['out']} (compressed-tensors {info['format']}, {info['modules']} linears in "
+               f"{info['groups']} config groups, {info['size_bytes'] / 2**20:.2f} MiB)")
+
+
 def _echo_gguf(info: dict) -> None:
     click.echo(f"file            {info['path']}")
     click.echo(f"format          GGUF ({info['architecture']}), file type {info['file_type_name']}"
