@@ -203,21 +203,21 @@ def _lora_suite(args, calib: dict, work: Path, record) -> None:
                start).model
     spec = TrainSpec(steps=args.lora_steps, lr=args.lora_lr, batch=args.batch, seed=args.seed)
     cs = CalibSpec("wikitext2", args.nsamples, args.seqlen, args.seed)
-    for merge in (False, True):
-        out = work / ("merged" if merge else "adapter")
-        opts = lora.LoRAOptions(rank=args.lora_rank, alpha=2.0 * args.lora_rank, merge=merge)
-        t0 = time.perf_counter()
-        res = lora.run(str(start), out, spec, opts, cs, eval_windows=0, data_dir=args.data_dir, progress=False)
-        row = {"label": f"gptq-mse {GRIDS[0][0]} + lora r{args.lora_rank} {args.lora_steps} steps"
-                        + (" merged, re-quantized" if merge else " (adapter)"),
-               "seconds": time.perf_counter() - t0, "steps": res["steps"], "tokens": res["tokens"],
-               "loss_first": res["loss_first"], "loss_last": res["loss_last"], "output": res["output"]}
-        if merge:
-            record(row, out)
-        else:
-            loaded = models.load(str(start))
-            lora.load_adapter(loaded.model, out)
-            record(row, model=loaded.model.eval())
+    opts = lora.LoRAOptions(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+    t0 = time.perf_counter()
+    res = lora.run(str(start), work / "adapter", spec, opts, cs, eval_windows=0, data_dir=args.data_dir,
+                   progress=False)
+    label = f"gptq-mse {GRIDS[0][0]} + lora r{args.lora_rank} {args.lora_steps} steps"
+    row = {"label": label + " (adapter)", "seconds": time.perf_counter() - t0, "steps": res["steps"],
+           "tokens": res["tokens"], "loss_first": res["loss_first"], "loss_last": res["loss_last"],
+           "output": res["output"]}
+    loaded = models.load(str(start))
+    layers = lora.load_adapter(loaded.model, work / "adapter")
+    record(row, model=loaded.model.eval())
+    t0 = time.perf_counter()               # the same adapter merged and re-quantized on the checkpoint's grid
+    merged = lora.save_merged(loaded, layers, work / "merged", {"method": "lora", "from": "the adapter above"})
+    record({"label": label + " merged, re-quantized", "seconds": time.perf_counter() - t0, "output": merged},
+           work / "merged")
 
 
 def _qat_counts(rep: dict, args) -> dict:
