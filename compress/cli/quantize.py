@@ -3,6 +3,7 @@
 that kind)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -138,11 +139,15 @@ def _compress_command(name: str, kind: str, default: str, doc: str, out_help: st
                        "[default: the memory available].")
     @click.option("--save-recipe", type=click.Path(path_type=Path), default=None,
                   help="Write the recipe this command runs (YAML) for `compress run`.")
+    @click.option("--format", "out_format", type=click.Choice(["packed", "compressed-tensors"]), default="packed",
+                  show_default=True,
+                  help="Checkpoint layout: the suite's packed (GPTQ) layout, or compressed-tensors (what vLLM "
+                       "loads; as `compress export compressed-tensors` writes it).")
     @_with(_run_options)
     @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help=out_help)
     def command(model, method, targets, ignore, lm_head, calib_source, nsamples, seqlen, seed, data_dir, save_stats,
-                load_stats, device, dtype, sparse_storage, max_memory, save_recipe, restart, report_out, out,
-                **options):
+                load_stats, device, dtype, sparse_storage, max_memory, save_recipe, out_format, restart, report_out,
+                out, **options):
         from calib.data import CalibSpec
 
         from ..recipe import Recipe, write
@@ -159,10 +164,41 @@ def _compress_command(name: str, kind: str, default: str, doc: str, out_help: st
                         sparse_storage, str(max_memory) if max_memory else None)
         if save_recipe is not None:
             write(recipe, save_recipe)
-        rep = run(recipe, model, out, data_dir, restart)
+        if out_format == "compressed-tensors":
+            rep = _run_compressed_tensors(recipe, model, out, data_dir, restart, dtype)
+        else:
+            rep = run(recipe, model, out, data_dir, restart)
         _finish_run(rep, report_out)
 
     return command
+
+
+def _run_compressed_tensors(recipe, model, out: Path, data_dir, restart: bool, dtype: str) -> dict:
+    """Run the recipe into a packed checkpoint beside ``out`` (a killed run resumes there), rewrite it
+    in the compressed-tensors layout at ``out``, then drop the packed one."""
+    import shutil
+
+    from ..export.compressed_tensors import export
+    from ..session import run
+    if recipe.output == "gguf" or out.suffix == ".gguf":
+        raise CompressError("--format compressed-tensors writes a checkpoint folder, not a .gguf file")
+    if out.exists() and not out.is_dir():
+        raise CompressError(f"{out} exists and is not a folder")
+    packed = out.with_name(f".{out.name}.packed")
+    rep = run(recipe, model, packed, data_dir, restart)
+    if (rep.get("output") or {}).get("structured") or not (packed / "config.json").is_file():
+        shutil.rmtree(packed, ignore_errors=True)
+        raise CompressError("--format compressed-tensors applies to quantized checkpoints")
+    cfg = json.loads((packed / "config.json").read_text())
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
+        if out.exists():                          # pruned only: written in that layout already
+            shutil.rmtree(out)
+        packed.replace(out)
+    else:
+        rep["output"] = {**rep.get("output", {}), **export(str(packed), out, dtype)}
+        shutil.rmtree(packed, ignore_errors=True)
+    rep["output"]["out"] = str(out)
+    return rep
 
 
 quantize = _compress_command(

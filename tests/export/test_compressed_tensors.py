@@ -104,3 +104,19 @@ def test_what_the_layout_cannot_hold_is_refused(case, tiny_llama, env, tmp_path)
     res = run(["export", "compressed-tensors", src, "-o", tmp_path / "ct"])
     assert_clean_error(res, "3-bit" if case == "3-bit" else "not a packed checkpoint")
     assert not (tmp_path / "ct").exists()
+
+
+def test_quantize_and_prune_write_compressed_tensors_directly(tiny_llama, env, tmp_path):
+    res = run(["quantize", tiny_llama, "--method", "rtn", "--bits", 4, "--group-size", 32, "--format",
+               "compressed-tensors", "-o", tmp_path / "q"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and not (tmp_path / ".q.packed").exists()
+    assert run(["quantize", tiny_llama, "--method", "rtn", "--bits", 4, "--group-size", 32, "-o", tmp_path / "p"]).exit_code == 0
+    assert run(["export", "compressed-tensors", tmp_path / "p", "-o", tmp_path / "e"]).exit_code == 0
+    a, b = load_file(tmp_path / "q" / "model.safetensors"), load_file(tmp_path / "e" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    res = run(["prune", tiny_llama, "--method", "magnitude", "--sparsity", 0.5, "--format", "compressed-tensors",
+               "-o", tmp_path / "s"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"]["sparsity_config"]
