@@ -182,14 +182,76 @@ def check_calibration_length(config: dict, seqlen: int) -> None:
                             f"layers mix {' and '.join(sorted(types))}: calibrate with --seqlen {window} or less")
 
 
+GENERIC = "generic"
+
+
 def supported_model_types() -> list[str]:
     return sorted(t for a in ARCHS for t in a.model_types)
 
 
-def arch_for(model_type: str | None, architectures=None) -> ArchSpec:
+def _generic_possible(model_type: str | None, architectures) -> bool:
+    """A causal LM whose model type transformers itself knows (no remote code)."""
+    from transformers import CONFIG_MAPPING
+    return bool(model_type) and model_type in CONFIG_MAPPING and \
+        any(str(a).endswith("ForCausalLM") for a in (architectures or []))
+
+
+def arch_for(model_type: str | None, architectures=None, generic: bool = True) -> ArchSpec:
+    """The family description of ``model_type``; for another causal LM that transformers knows, the
+    generic path (a placeholder that :func:`generic_arch` completes from the built model)."""
     for a in ARCHS:
         if model_type in a.model_types:
             return a
+    if generic and _generic_possible(model_type, architectures):
+        return ArchSpec(family=GENERIC, model_types=(model_type,), blocks="", embeddings=(), final_norm="",
+                        lm_head="lm_head", groups=())
     got = model_type or (architectures[0] if architectures else "unknown")
     raise CompressError(
-        f"unsupported architecture '{got}'; supported model types: {', '.join(supported_model_types())}")
+        f"unsupported architecture '{got}'; supported model types: {', '.join(supported_model_types())} "
+        "(and, by the generic path, any other causal LM that transformers knows)")
+
+
+def _block_list(model: torch.nn.Module, n_layers: int | None) -> str:
+    """The dotted path of the model's repeated decoder blocks: the ModuleList of same-class modules
+    holding ``num_hidden_layers`` of them (else the longest such list)."""
+    best, best_len = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1:
+            if n_layers and len(mod) == n_layers:
+                return name
+            if len(mod) > best_len:
+                best, best_len = name, len(mod)
+    if best is None:
+        raise CompressError(f"{type(model).__name__}: no repeated block list found for the generic path")
+    return best
+
+
+@torch.no_grad()
+def generic_arch(model: torch.nn.Module, model_type: str) -> ArchSpec:
+    """The generic path's description of a built model: its repeated block list, and the linears of a
+    block in the order a traced forward pass reaches them, grouped where consecutive linears read the
+    same input tensor. No group can take a rescale (nothing says what produced its input)."""
+    blocks = _block_list(model, getattr(model.config, "num_hidden_layers", None))
+    block = model.get_submodule(blocks)[0]
+    order: list[tuple[str, int]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, name=name: order.append((name, id(a[0]))))
+             for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    seen, groups = set(), []
+    for name, src in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and groups[-1][1] == src:
+            groups[-1][0].append(name)
+        else:
+            groups.append(([name], src))
+    if not groups:
+        raise CompressError(f"{model_type}: its blocks hold no torch.nn.Linear the generic path can compress")
+    head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), "lm_head")
+    return ArchSpec(family=GENERIC, model_types=(model_type,), blocks=blocks, embeddings=(), final_norm="",
+                    lm_head=head, groups=tuple(LinearGroup("", tuple(g), scalable=False) for g, _ in groups))

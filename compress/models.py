@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import ArchSpec, arch_for
+from .arch import GENERIC, ArchSpec, arch_for, generic_arch
 from .errors import CompressError
 from .formats.gguf_file import check_gguf
 
@@ -275,6 +275,8 @@ def load(spec: str, fetch_missing: bool = True) -> Loaded:
     safetensors_files(path)
     model = _from_pretrained(path)
     tok = load_tokenizer(path)
+    if arch.family == GENERIC:
+        arch = generic_arch(model, config.get("model_type"))
     return Loaded(model, tok, arch, spec, path, "hf")
 
 

@@ -229,6 +229,9 @@ class Method:
     # calls run_model instead of walking the blocks; such a step is a recipe's only compression
     # step, and it does not resume (it is one pass over the windows)
     whole_model: ClassVar[bool] = False
+    # needs the family's description (rescale partners, widths, llama.cpp names): refused on the
+    # generic path, which knows only the blocks and the linears in them
+    needs_description: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

@@ -39,7 +39,8 @@ def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None) -> None:
         kind = "folder"
     if kind == "folder":
         config = models.read_config(path)
-        models.arch_for(config.get("model_type"), config.get("architectures"))
+        arch = models.arch_for(config.get("model_type"), config.get("architectures"))
+        _check_generic(recipe, arch, config.get("model_type"))
         from .formats.sparse import is_sparse_config
         if config.get("quantization_config") and not is_sparse_config(config):
             raise CompressError(f"{spec} is already a quantized checkpoint")
@@ -63,6 +64,18 @@ def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None) -> None:
         im = getattr(s.config, "imatrix", None)
         if im is not None and not Path(im).is_file():
             raise CompressError(f"importance matrix {im} does not exist")
+
+
+def _check_generic(recipe: Recipe, arch, model_type) -> None:
+    """On the generic path (a model type without a description) only methods that need none run."""
+    from .arch import GENERIC, supported_model_types
+    if arch.family != GENERIC:
+        return
+    bad = [s.method for s in recipe.steps if s.cls.needs_description or s.lm_head]
+    if bad:
+        raise CompressError(f"{', '.join(bad)}{' with --lm-head' if any(s.lm_head for s in recipe.steps) else ''} "
+                            f"needs an architecture description and '{model_type}' has none (its generic path "
+                            f"runs rtn, gptq, qat and unstructured pruning); described: {', '.join(supported_model_types())}")
 
 
 def needs_windows(recipe: Recipe) -> bool:
@@ -187,7 +200,7 @@ def pruned_modules(loaded, records) -> set[str]:
 
 def save_output(loaded, recipe: Recipe, result: dict, out: Path, source: str) -> dict:
     """Write the compressed model: a packed checkpoint folder, or the GGUF file."""
-    extra = {"source_model": source}
+    extra = {"source_model": source, "architecture": extra_architecture(loaded)}
     (rec, state), method = result["records"][0], result["methods"][0]
     if recipe.output == "gguf":
         from .export.gguf import save_ggml_model
@@ -263,12 +276,17 @@ def run(recipe: Recipe, spec: str | None, out: Path, data_dir=None, restart: boo
               "modules": info["layers"] if recipe.output != "gguf" else info.get("tensors"),
               "total_loss": sum(losses.values()) if losses else None,
               "fallbacks": merged(result["records"], "fallbacks"),
-              "output": info, "post": []}
+              "architecture": extra_architecture(loaded), "output": info, "post": []}
     del loaded
     for p in recipe.post:
         report["post"].append(_post(p, out, spec, data_dir, progress))
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report
+
+
+def extra_architecture(loaded) -> str:
+    from .arch import GENERIC
+    return "generic" if loaded.arch.family == GENERIC else f"described ({loaded.arch.family})"
 
 
 def _post(p, out: Path, spec: str, data_dir, progress: bool) -> dict:

@@ -75,6 +75,11 @@ def build_tiny(folder: Path, family: str = "llama", seed: int = 0, hidden: int =
         cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                             num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=1024,
                             tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, use_parallel_residual=True)
+    elif family == "starcoder2":          # no description: the generic path
+        from transformers import Starcoder2Config
+        cfg = Starcoder2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                               tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
     elif family == "opt":
         cfg = OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers,
                         num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=hidden,

@@ -127,6 +127,7 @@ class ModuleRecorder:
 @register
 class AWQ(Method):
     name = "awq"
+    needs_description = True
     summary = "AWQ scaling and clipping, then round-to-nearest"
     config = AWQOptions
     use_gptq = False

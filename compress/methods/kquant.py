@@ -53,6 +53,7 @@ class KQuantGPTQOptions(KQuantOptions):
 
 
 class _GGMLMethod(Method):
+    needs_description = True          # llama.cpp's tensor names come from the family
     calibrated = False
     output = "gguf"
     format = "gguf"

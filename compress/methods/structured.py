@@ -224,6 +224,7 @@ def _iter(windows, progress: bool, desc: str):
 @register
 class Structured(Method):
     name = "structured"
+    needs_description = True
     kind = "prune"
     summary = ("whole head groups, MLP channels, blocks and hidden channels removed: a smaller dense model "
                "(calibrated importance)")
