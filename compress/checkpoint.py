@@ -105,7 +105,7 @@ def quantization_config(schemes: dict[str, dict], method: str, block_linears: li
         "desc_act": scheme.act_order,
         "sym": scheme.sym,
         "static_groups": any(st.get("options", {}).get("static_groups", False) for st in extra.get("steps", [])),
-        "true_sequential": True,
+        "true_sequential": any(st.get("options", {}).get("true_sequential", False) for st in extra.get("steps", [])),
         "damp_percent": next((st["options"]["damp"] for st in extra.get("steps", []) if "damp" in st.get("options", {})),
                              0.01),
         "checkpoint_format": "gptq",
