@@ -351,3 +351,15 @@ def test_mse_grid_with_static_groups_keeps_natural_groups():
 def test_unknown_grid_raises():
     with pytest.raises(CompressError, match="unknown GPTQ grid"):
         gptq_solve(torch.randn(8, 32), torch.eye(32), IntScheme(bits=4, group_size=32), grid="best")
+
+
+def test_a_layer_no_calibration_input_reached_is_rounded_to_nearest_not_zeroed():
+    """An all-zero Hessian (an expert no calibration token was routed to) gives round-to-nearest,
+    recorded as the fallback, instead of the dead-column rule zeroing every weight."""
+    from compress.scheme import IntScheme
+    from compress.solvers.int_grid import gptq_solve, quantize_rtn
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    sc = IntScheme(bits=4, group_size=32, sym=False)
+    r = gptq_solve(w, torch.zeros(64, 64), sc, damp=0.01, block_size=32, static_groups=True, grid="minmax")
+    assert r.fallback == "rtn:no-calibration-input"
+    assert torch.equal(r.q, quantize_rtn(w, sc)[0]) and float(r.dequantize().abs().sum()) > 0
