@@ -6,6 +6,7 @@ Calibrated methods walk these descriptions; nothing else in the suite knows mode
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,9 @@ class ArchSpec:
     required_config: tuple[str, ...] = ()
     widths: Widths | None = None      # None: structured pruning is not described for this family
     norm_offset: float = 0.0          # the norms multiply by (offset + weight): Gemma's RMSNorm has 1.0
+    # mixture of experts: groups whose names hold "{e}" repeat once per expert, this config key
+    # giving the count (:meth:`for_config`); the router is not listed, so it stays in float
+    experts_key: str | None = None
 
     @property
     def block_linears(self) -> tuple[str, ...]:
@@ -73,6 +77,25 @@ class ArchSpec:
 
     def get_blocks(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return model.get_submodule(self.blocks)
+
+    def for_config(self, config: dict) -> "ArchSpec":
+        """This description for one model's config: expert groups repeated per expert."""
+        if not self.experts_key:
+            return self
+        if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step") or 1) != 1:
+            raise CompressError(f"{config.get('model_type')}: some blocks have a dense MLP instead of experts "
+                                "(mlp_only_layers / decoder_sparse_step); blocks that differ are not described")
+        n = int(config.get(self.experts_key) or 0)
+        if n < 1:
+            raise CompressError(f"config.json lacks '{self.experts_key}', the number of experts")
+        groups = []
+        for g in self.groups:
+            if "{e}" in g.prev or any("{e}" in name for name in g.linears):
+                groups += [LinearGroup(g.prev.format(e=e), tuple(x.format(e=e) for x in g.linears), g.scalable)
+                           for e in range(n)]
+            else:
+                groups.append(g)
+        return dataclasses.replace(self, groups=tuple(groups), experts_key=None)
 
     def linear_names(self, model: torch.nn.Module) -> list[str]:
         """Full names of every linear in every decoder block, block by block."""
@@ -181,6 +204,30 @@ def check_calibration_length(config: dict, seqlen: int) -> None:
         raise CompressError(f"--seqlen {seqlen} is longer than this model's sliding window ({window}) and its "
                             f"layers mix {' and '.join(sorted(types))}: calibrate with --seqlen {window} or less")
 
+
+def _moe(family: str, model_types: tuple[str, ...], moe: str, experts_key: str, gate: str, up: str, down: str,
+         shared: str | None = None, head_norms: bool = False) -> ArchSpec:
+    """A Llama-style block whose MLP is a mixture of experts under ``moe`` (plus a shared expert)."""
+    expert = f"{moe}.experts.{{e}}"
+    groups = [LinearGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+              LinearGroup("self_attn.v_proj", ("self_attn.o_proj",))]
+    if shared:                        # the router reads the norm too: no rescale of the norm
+        groups += [LinearGroup("post_attention_layernorm", (f"{shared}.{gate}", f"{shared}.{up}"), scalable=False),
+                   LinearGroup(f"{shared}.{up}", (f"{shared}.{down}",))]
+    groups += [LinearGroup("post_attention_layernorm", (f"{expert}.{gate}", f"{expert}.{up}"), scalable=False),
+               LinearGroup(f"{expert}.{up}", (f"{expert}.{down}",))]
+    return ArchSpec(family=family, model_types=model_types, blocks="model.layers", embeddings=("model.embed_tokens",),
+                    final_norm="model.norm", lm_head="lm_head", groups=tuple(groups),
+                    qk_linears=("self_attn.q_proj", "self_attn.k_proj"),
+                    required_config=("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                     experts_key), experts_key=experts_key)
+
+
+MIXTRAL = _moe("mixtral", ("mixtral",), "block_sparse_moe", "num_local_experts", "w1", "w3", "w2")
+QWEN_MOE = _moe("qwen3_moe", ("qwen3_moe",), "mlp", "num_experts", "gate_proj", "up_proj", "down_proj")
+QWEN2_MOE = _moe("qwen2_moe", ("qwen2_moe",), "mlp", "num_experts", "gate_proj", "up_proj", "down_proj",
+                 shared="mlp.shared_expert")
+ARCHS = ARCHS + (MIXTRAL, QWEN_MOE, QWEN2_MOE)
 
 GENERIC = "generic"
 

@@ -270,8 +270,7 @@ def load_packed(path: Path, source: str):
     scheme, meta = read_quant_meta(config_dict, path)
     state = read_state(path)
     model, config = empty_model(path)
-    if arch.family == GENERIC:
-        arch = generic_arch(model, config_dict.get("model_type"))
+    arch = generic_arch(model, config_dict.get("model_type")) if arch.family == GENERIC else arch.for_config(config_dict)
     compact_modules = set(meta.get("compact_modules") or [])
     if compact_modules - set(meta["modules"]):
         raise CompressError(f"{path}: compact_modules names a module that is not quantized")
@@ -358,8 +357,7 @@ def load_sparse(path: Path, source: str):
     fmt, meta = sparse.read_sparse_meta(config_dict, path)
     state, modules = sparse.decode_state(read_state(path), fmt, path)
     model, config = empty_model(path)
-    if arch.family == GENERIC:
-        arch = generic_arch(model, config_dict.get("model_type"))
+    arch = generic_arch(model, config_dict.get("model_type")) if arch.family == GENERIC else arch.for_config(config_dict)
     fill_model(model, config, state, arch, set(), path)
     info = {"format": fmt, "method": meta.get("method"), "sparsity": meta.get("sparsity") or {},
             "patterns": meta.get("patterns") or {}, "sparse_modules": modules,

@@ -275,8 +275,7 @@ def load(spec: str, fetch_missing: bool = True) -> Loaded:
     safetensors_files(path)
     model = _from_pretrained(path)
     tok = load_tokenizer(path)
-    if arch.family == GENERIC:
-        arch = generic_arch(model, config.get("model_type"))
+    arch = generic_arch(model, config.get("model_type")) if arch.family == GENERIC else arch.for_config(config)
     return Loaded(model, tok, arch, spec, path, "hf")
 
 

@@ -75,6 +75,19 @@ def build_tiny(folder: Path, family: str = "llama", seed: int = 0, hidden: int =
         cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                             num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=1024,
                             tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, use_parallel_residual=True)
+    elif family in ("mixtral", "qwen3_moe", "qwen2_moe"):
+        from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+        common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+        if family == "mixtral":
+            cfg = MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common)
+        elif family == "qwen3_moe":
+            cfg = Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, head_dim=32,
+                                 **common)
+        else:
+            cfg = Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                 shared_expert_intermediate_size=96, **common)
     elif family == "starcoder2":          # no description: the generic path
         from transformers import Starcoder2Config
         cfg = Starcoder2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,

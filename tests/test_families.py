@@ -11,7 +11,8 @@ from compress import models
 from tests.conftest import build_tiny
 from tests.test_cli import assert_clean_error, run
 
-FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gpt_neox", "gemma2", "gemma3_text")
+FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gpt_neox", "gemma2", "gemma3_text", "mixtral", "qwen3_moe",
+            "qwen2_moe")
 LLAMA_LIKE = ("llama", "qwen2", "qwen3")         # structured pruning and GGUF export are described for these
 CAL = ["--nsamples", 8, "--seqlen", 64]
 X = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -98,6 +99,50 @@ def test_gemma_norm_offset_keeps_the_function_under_awq_and_smoothquant(family, 
             assert not torch.equal(q.model.layers[0].pre_feedforward_layernorm.weight,
                                    ref.model.layers[0].pre_feedforward_layernorm.weight)
     assert err["awq"] < 2 * err["rtn"] and err["smoothquant"] < 4 * err["rtn"], err
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_every_expert_is_quantized_and_the_router_left_in_float(family, env, tmp_path):
+    """Experts are calibrated on the tokens routed to them; one no calibration token reached is
+    rounded to nearest (recorded as a fallback), never zeroed; routers stay float."""
+    import json
+    tiny = build_tiny(tmp_path / family, family)
+    res = run(["quantize", tiny, "--method", "gptq", "--bits", 4, "--group-size", 32, *CAL, "--report",
+               tmp_path / "r.json", "-o", tmp_path / "q"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["compress"]
+    moe = "block_sparse_moe" if family == "mixtral" else "mlp"
+    names = set(meta["quantized_modules"])
+    assert {f"model.layers.{i}.{moe}.experts.{e}.{lin}" for i in range(2) for e in range(4)
+            for lin in (("w1", "w2", "w3") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj"))} <= names
+    assert not any(n.endswith((f"{moe}.gate", "shared_expert_gate")) for n in names)
+    assert (family == "qwen2_moe") == any("shared_expert.down_proj" in n for n in names)
+    from compress.qlinear import QuantLinear
+    q = models.load(str(tmp_path / "q")).model
+    assert all(float(m.dequantize().abs().sum()) > 0 for m in q.modules() if isinstance(m, QuantLinear))
+
+
+def test_an_expert_no_token_reached_falls_back_to_rtn(env, tmp_path, monkeypatch):
+    import json
+
+    from transformers.models.mixtral import modeling_mixtral
+    tiny = build_tiny(tmp_path / "mixtral", "mixtral")
+    real = modeling_mixtral.MixtralSparseMoeBlock.forward
+
+    def never_expert_3(self, hidden_states):          # the router never picks expert 3
+        w = self.gate.weight.data
+        saved = w[3].clone()
+        w[3] = -1e4 * torch.sign(hidden_states.reshape(-1, w.shape[1]).mean(0)).clamp(min=-1, max=1)
+        try:
+            return real(self, hidden_states)
+        finally:
+            w[3] = saved
+    monkeypatch.setattr(modeling_mixtral.MixtralSparseMoeBlock, "forward", never_expert_3)
+    res = run(["quantize", tiny, "--method", "gptq", "--bits", 4, "--group-size", 32, *CAL, "-o", tmp_path / "q"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["compress"]
+    fb = meta.get("fallbacks") or {}
+    assert any("experts.3" in k and "no-calibration-input" in str(v) for k, v in fb.items()), fb
 
 
 def test_calibration_longer_than_a_mixed_models_sliding_window_is_refused(env, tmp_path):
