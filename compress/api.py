@@ -135,7 +135,8 @@ def inspect(spec: str) -> dict:
 
 def eval_ppl(model_spec: str, protocol: str = "wt2-quick", max_windows: int | None = None,
              base_spec: str | None = None, data_dir: str | None = None, progress: bool = True,
-             text_file: str | None = None, seqlen: int | None = None, stride: int | None = None) -> dict:
+             text_file: str | None = None, seqlen: int | None = None, stride: int | None = None,
+             adapter: str | None = None) -> dict:
     """Perplexity (and bits per byte; KL divergence and top-1 agreement against ``base_spec``) on
     a fixed protocol, or on any UTF-8 ``text_file`` with windows of ``seqlen`` tokens every
     ``stride`` tokens (non-overlapping when ``stride`` is not given)."""
@@ -163,6 +164,9 @@ def eval_ppl(model_spec: str, protocol: str = "wt2-quick", max_windows: int | No
         text_path = Path(text_file)
     text = read_text(text_path)             # before any model is loaded
     loaded = models.load(model_spec)
+    if adapter is not None:
+        from .train.lora import load_adapter
+        load_adapter(loaded.model, Path(adapter))
     base = models.load(base_spec) if base_spec else None
     tokens = tokenize(loaded.tokenizer, text)
     if base is not None:
@@ -183,7 +187,7 @@ def eval_ppl(model_spec: str, protocol: str = "wt2-quick", max_windows: int | No
     from . import evalcache
     from .resume import model_fingerprint
     from evals.perplexity import from_windows
-    fp = model_fingerprint(loaded.path)
+    fp = model_fingerprint(loaded.path) + (f"+{model_fingerprint(Path(adapter))}" if adapter else "")
     cached = evalcache.load(fp, wins, skip) if base is None else None
     if cached is not None:
         res = from_windows(cached["window_nll"], cached["tokens"], wins, cached["seconds"])
@@ -197,7 +201,7 @@ def eval_ppl(model_spec: str, protocol: str = "wt2-quick", max_windows: int | No
     nbytes = predicted_bytes(loaded.tokenizer, wins, skip)
     stats = weight_stats(loaded.model)
     out = {
-        "model": model_spec, "path": str(loaded.path), "kind": loaded.kind,
+        "model": model_spec, "adapter": adapter, "path": str(loaded.path), "kind": loaded.kind,
         "scheme": loaded.scheme_label, "quantized": loaded.kind != "hf",
         "method": loaded.quant.get("method"), "protocol": protocol,
         "protocol_description": description, "max_windows": max_windows,

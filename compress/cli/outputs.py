@@ -110,17 +110,20 @@ def eval_():
 @click.option("--stride", type=int, default=None,
               help="--text: a window starts every N tokens (sliding windows; each token is scored once, with "
                    "the most context)  [default: --seqlen, non-overlapping]")
-def eval_ppl(model, protocol, max_windows, base, data_dir, json_out, runtime, text_file, seqlen, stride):
+@click.option("--adapter", type=click.Path(path_type=Path), default=None,
+              help="Apply this LoRA adapter folder (from `compress lora`) to the packed MODEL.")
+def eval_ppl(model, protocol, max_windows, base, data_dir, json_out, runtime, text_file, seqlen, stride, adapter):
     """Perplexity and bits per byte of MODEL on a fixed protocol or a text file (and KL divergence to --base)."""
     from ..api import eval_ppl, write_json
     if runtime == "onnxruntime":
-        if text_file is not None:
-            raise CompressError("--text works with the torch runtime; ONNX Runtime evaluates the fixed protocols")
+        if text_file is not None or adapter is not None:
+            raise CompressError("--text and --adapter work with the torch runtime; ONNX Runtime evaluates the fixed "
+                                "protocols on an exported folder")
         from ..runtime_onnx import eval_ppl_onnx
         res = eval_ppl_onnx(model, protocol, max_windows, base, data_dir)
     else:
         res = eval_ppl(model, protocol, max_windows, base, data_dir, text_file=str(text_file) if text_file else None,
-                  seqlen=seqlen, stride=stride)
+                       seqlen=seqlen, stride=stride, adapter=str(adapter) if adapter else None)
     where = protocol if text_file is None else f"{text_file} (stride {res['stride']})"
     bpb = f", {res['bits_per_byte']:.4f} bits/byte" if res.get("bits_per_byte") is not None else ""
     line = f"{model}: ppl {res['ppl']:.4f}{bpb} on {where} ({res['tokens']} tokens, {res['seconds']:.1f} s)"

@@ -158,3 +158,15 @@ def test_bad_input_is_one_line_error_with_nothing_written(case, packed, env, tmp
     out = tmp_path / "o"
     assert_clean_error(run(["lora", ckpt, *ARGS, *extra, "-o", out]), needle)
     assert not out.exists() and not list(tmp_path.glob(".o.work"))
+
+
+def test_eval_ppl_applies_an_adapter(packed, env, tmp_path):
+    base, ckpt = packed
+    assert run(["lora", ckpt, *ARGS, "--steps", 8, "-o", tmp_path / "ad"]).exit_code == 0
+    plain = run(["eval", "ppl", ckpt, "--max-windows", 2, "--json", tmp_path / "p.json"])
+    with_ad = run(["eval", "ppl", ckpt, "--adapter", tmp_path / "ad", "--max-windows", 2, "--json", tmp_path / "a.json"])
+    assert plain.exit_code == 0 and with_ad.exit_code == 0, with_ad.output
+    p, a = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("p", "a"))
+    assert a["adapter"] == str(tmp_path / "ad") and a["ppl"] != p["ppl"]
+    again = run(["eval", "ppl", ckpt, "--adapter", tmp_path / "ad", "--max-windows", 2, "--json", tmp_path / "b.json"])
+    assert json.loads((tmp_path / "b.json").read_text())["ppl"] == a["ppl"] and again.exit_code == 0
