@@ -66,8 +66,10 @@ bench-prune: setup
 # Training: QAT against post-training quantization, and distillation healing structured pruning
 # (about 2 CPU-hours on 2 cores).
 bench-train: setup
-	$(BIN)/python bench/train.py --suite distill --seqlen 256 --kd-steps 40 --kd-batch 8 --kd-lr 1e-4 --out bench/results/train-distill-smollm2.json
+	$(BIN)/python bench/train.py --suite distill --seqlen 256 --kd-steps 40 --kd-batch 8 --kd-lr 1e-4 --black-box --out bench/results/train-distill-smollm2.json
 	$(BIN)/python bench/train.py --suite qat --nsamples 64 --out bench/results/train-qat-smollm2.json
+	$(BIN)/python bench/train.py --suite qat --nsamples 64 --only "qat 3-bit g128 gptq" --exports --out bench/results/train-qat-exports-smollm2.json
+	$(BIN)/python bench/train.py --suite lora --nsamples 64 --out bench/results/train-lora-smollm2.json
 
 # The README's quality-against-size plots, from the committed results files.
 plots: setup
