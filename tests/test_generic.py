@@ -42,6 +42,7 @@ def test_generic_model_quantizes_and_loads(method, tiny, env, tmp_path):
     res = run(["quantize", tiny, "--method", method, "--bits", 4, "--group-size", 32, "--dtype", "float32",
                *(CAL if method == "gptq" else []), "--report", tmp_path / "r.json", "-o", out])
     assert res.exit_code == 0, res.output
+    assert "architecture: generic path" in res.output
     assert json.loads((tmp_path / "r.json").read_text())["architecture"] == "generic"
     meta = json.loads((out / "config.json").read_text())["quantization_config"]["compress"]
     assert meta["architecture"] == "generic" and len(meta["quantized_modules"]) == 2 * 6

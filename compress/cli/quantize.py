@@ -83,6 +83,9 @@ def _print_report(rep: dict) -> None:
     else:
         steps = " then ".join(s["method"] for s in rep["steps"])
         click.echo(f"wrote {out['out']} ({out['layers']} layers quantized, {steps}, {rep['compress_seconds']:.1f} s)")
+    if rep.get("architecture") == "generic":
+        click.echo("architecture: generic path (no description for this model type: blocks and linears found by "
+                   "tracing a forward pass)", err=True)
     for name, fb in (rep.get("fallbacks") or {}).items():
         click.echo(f"fallback: {name}: {fb}", err=True)
     for p in rep.get("post", []):
