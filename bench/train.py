@@ -27,7 +27,6 @@ import json
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -106,19 +105,21 @@ def main(argv=None):
     data = {"model": args.model, "protocol": args.protocol, "windows": int(wins.shape[0]), "tokens": base_res.tokens,
             "suite": args.suite, "calibration": calib, "base": {"ppl": base_res.ppl}, "rows": []}
 
-    def record(row, path=None, model=None):
-        """Evaluate the model in ``path`` (or ``model``), append ``row`` and rewrite the results file
-        (``row`` None: only rewrite it, a recorded row having grown); returns the loaded model."""
-        if row is not None:
-            loaded = models.load(str(path)) if model is None else types.SimpleNamespace(model=model)
-            p = evaluate_many({row["label"]: loaded.model}, wins, base.model, progress=False)[row["label"]]
-            row.update(ppl=p.ppl, kld=p.kld, top1=p.top1)
-            data["rows"].append(row)
-            print(f"{row['label']}: ppl {p.ppl:.3f}, {row['seconds']:.0f} s", file=sys.stderr, flush=True)
+    def save():
+        """Rewrite the results file (after every row, and when a recorded row grows)."""
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({**data, **finish(info)}, indent=2) + "\n")
-        return loaded if row is not None else None
+
+    def record(row, path=None, model=None):
+        """Evaluate the model in ``path`` (or ``model``), append ``row``, save; returns the model."""
+        model = models.load(str(path)).model if model is None else model
+        p = evaluate_many({row["label"]: model}, wins, base.model, progress=False)[row["label"]]
+        row.update(ppl=p.ppl, kld=p.kld, top1=p.top1)
+        data["rows"].append(row)
+        print(f"{row['label']}: ppl {p.ppl:.3f}, {row['seconds']:.0f} s", file=sys.stderr, flush=True)
+        save()
+        return model
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -129,10 +130,10 @@ def main(argv=None):
                 out = work / label.replace(" ", "_")
                 rep, seconds = _compress(step, calib, args, out)
                 row = {"label": label, "step": step, "seconds": seconds, **_qat_counts(rep, args)}
-                del record(row, out).model
+                record(row, out)
                 if args.exports and step["method"] == "qat":
                     row["exports"] = _exports(out, wins, base.model)
-                    record(None, None)
+                    save()
         elif args.suite == "lora":
             _lora_suite(args, calib, work, record)
         else:
@@ -140,7 +141,7 @@ def main(argv=None):
             rep, seconds = _compress({"method": "structured", "importance": "activation", **STRUCT}, calib, args, pruned)
             small = record({"label": "structured " + ", ".join(f"{k} {v}" for k, v in STRUCT.items()),
                             "seconds": seconds, "structured": rep["output"].get("structured")}, pruned)
-            data["base_speed"], data["pruned_speed"] = speeds(base.model, small.model, 64)
+            data["base_speed"], data["pruned_speed"] = speeds(base.model, small, 64)
             del small
             from compress.distill import DistillOptions, distill
             from compress.train.loop import TrainSpec
@@ -173,18 +174,19 @@ def _compress(step: dict, calib: dict, args, out: Path) -> tuple[dict, float]:
 
 def _exports(ckpt: Path, wins, base) -> dict:
     """Perplexity of ``ckpt`` exported to ONNX (MatMulNBits, accuracy level 0, run by ONNX Runtime) and
-    to GGUF (its integers mapped onto GGML blocks, read back by transformers' GGUF loader)."""
+    to GGUF (its integers mapped onto GGML blocks, read back by transformers' GGUF loader), both in
+    one pass over the windows."""
     from compress.api import export_gguf
     from compress.export.onnx import export_onnx
     from compress.runtime_onnx import OnnxCausalLM
-    out = {}
-    export_onnx(str(ckpt), ckpt.with_name(ckpt.name + "-onnx"), accuracy_level=0, kv_cache=False)
-    r = evaluate_many({"onnx": OnnxCausalLM(ckpt.with_name(ckpt.name + "-onnx"))}, wins, base, progress=False)["onnx"]
-    out["onnx"] = {"ppl": r.ppl, "kld": r.kld, "top1": r.top1, "accuracy_level": 0}
-    g = export_gguf(str(ckpt), ckpt.with_name(ckpt.name + ".gguf"), progress=False)
-    r = evaluate_many({"gguf": models.load(str(ckpt.with_name(ckpt.name + ".gguf"))).model}, wins, base,
-                      progress=False)["gguf"]
-    out["gguf"] = {"ppl": r.ppl, "kld": r.kld, "top1": r.top1, "mapping": g.get("mapping")}
+    onnx_dir, gguf_file = ckpt.with_name(ckpt.name + "-onnx"), ckpt.with_name(ckpt.name + ".gguf")
+    export_onnx(str(ckpt), onnx_dir, accuracy_level=0, kv_cache=False)
+    g = export_gguf(str(ckpt), gguf_file, progress=False)
+    res = evaluate_many({"onnx": OnnxCausalLM(onnx_dir), "gguf": models.load(str(gguf_file)).model}, wins, base,
+                        progress=False)
+    out = {"onnx": {"ppl": res["onnx"].ppl, "kld": res["onnx"].kld, "top1": res["onnx"].top1, "accuracy_level": 0},
+           "gguf": {"ppl": res["gguf"].ppl, "kld": res["gguf"].kld, "top1": res["gguf"].top1,
+                    "mapping": g.get("mapping")}}
     print(f"  exports: onnx ppl {out['onnx']['ppl']:.3f}, gguf ppl {out['gguf']['ppl']:.3f}", file=sys.stderr,
           flush=True)
     return out
@@ -199,8 +201,7 @@ def _lora_suite(args, calib: dict, work: Path, record) -> None:
     start = work / "gptq"
     step = {"method": "gptq", **GRIDS[0][1], "grid": "mse"}
     rep, seconds = _compress(step, calib, args, start)
-    del record({"label": f"gptq-mse {GRIDS[0][0]} (where lora starts)", "step": step, "seconds": seconds},
-               start).model
+    record({"label": f"gptq-mse {GRIDS[0][0]} (where lora starts)", "step": step, "seconds": seconds}, start)
     spec = TrainSpec(steps=args.lora_steps, lr=args.lora_lr, batch=args.batch, seed=args.seed)
     cs = CalibSpec("wikitext2", args.nsamples, args.seqlen, args.seed)
     opts = lora.LoRAOptions(rank=args.lora_rank, alpha=2.0 * args.lora_rank)

@@ -192,21 +192,8 @@ GEMMA = ArchSpec(
     norm_offset=1.0,
 )
 
-ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT, PHI3, NEOX, GEMMA)
-
-
-def check_calibration_length(config: dict, seqlen: int) -> None:
-    """Calibration replays every block with the attention mask block 0 received: with both
-    sliding-window and full layers, windows must fit the sliding window, where the two masks agree."""
-    types = set(config.get("layer_types") or [])
-    window = config.get("sliding_window")
-    if len(types) > 1 and window and seqlen > window:
-        raise CompressError(f"--seqlen {seqlen} is longer than this model's sliding window ({window}) and its "
-                            f"layers mix {' and '.join(sorted(types))}: calibrate with --seqlen {window} or less")
-
-
 def _moe(family: str, model_types: tuple[str, ...], moe: str, experts_key: str, gate: str, up: str, down: str,
-         shared: str | None = None, head_norms: bool = False) -> ArchSpec:
+         shared: str | None = None) -> ArchSpec:
     """A Llama-style block whose MLP is a mixture of experts under ``moe`` (plus a shared expert)."""
     expert = f"{moe}.experts.{{e}}"
     groups = [LinearGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -227,7 +214,18 @@ MIXTRAL = _moe("mixtral", ("mixtral",), "block_sparse_moe", "num_local_experts",
 QWEN_MOE = _moe("qwen3_moe", ("qwen3_moe",), "mlp", "num_experts", "gate_proj", "up_proj", "down_proj")
 QWEN2_MOE = _moe("qwen2_moe", ("qwen2_moe",), "mlp", "num_experts", "gate_proj", "up_proj", "down_proj",
                  shared="mlp.shared_expert")
-ARCHS = ARCHS + (MIXTRAL, QWEN_MOE, QWEN2_MOE)
+ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT, PHI3, NEOX, GEMMA, MIXTRAL, QWEN_MOE, QWEN2_MOE)
+
+
+def check_calibration_length(config: dict, seqlen: int) -> None:
+    """Calibration replays every block with the attention mask block 0 received: with both
+    sliding-window and full layers, windows must fit the sliding window, where the two masks agree."""
+    types = set(config.get("layer_types") or [])
+    window = config.get("sliding_window")
+    if len(types) > 1 and window and seqlen > window:
+        raise CompressError(f"--seqlen {seqlen} is longer than this model's sliding window ({window}) and its "
+                            f"layers mix {' and '.join(sorted(types))}: calibrate with --seqlen {window} or less")
+
 
 GENERIC = "generic"
 
@@ -258,6 +256,16 @@ def arch_for(model_type: str | None, architectures=None, generic: bool = True) -
         "(and, by the generic path, any other causal LM that transformers knows)")
 
 
+def describe(arch: ArchSpec, model: torch.nn.Module, config: dict) -> ArchSpec:
+    """``arch`` completed for one built model: the generic path traced, expert groups repeated."""
+    return generic_arch(model, config.get("model_type")) if arch.family == GENERIC else arch.for_config(config)
+
+
+def path_label(arch: ArchSpec) -> str:
+    """Which path a run took, as the report and the checkpoint's metadata record it."""
+    return "generic" if arch.family == GENERIC else f"described ({arch.family})"
+
+
 def _block_list(model: torch.nn.Module, n_layers: int | None) -> str:
     """The dotted path of the model's repeated decoder blocks: the ModuleList of same-class modules
     holding ``num_hidden_layers`` of them (else the longest such list)."""
@@ -280,8 +288,8 @@ def generic_arch(model: torch.nn.Module, model_type: str) -> ArchSpec:
     same input tensor. No group can take a rescale (nothing says what produced its input)."""
     blocks = _block_list(model, getattr(model.config, "num_hidden_layers", None))
     block = model.get_submodule(blocks)[0]
-    order: list[tuple[str, int]] = []
-    hooks = [m.register_forward_pre_hook(lambda m, a, name=name: order.append((name, id(a[0]))))
+    order: list[tuple[str, torch.Tensor]] = []     # the inputs are held, so identity compares tensors
+    hooks = [m.register_forward_pre_hook(lambda m, a, name=name: order.append((name, a[0])))
              for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     try:
         model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=next(model.parameters()).device), use_cache=False)
@@ -293,7 +301,7 @@ def generic_arch(model: torch.nn.Module, model_type: str) -> ArchSpec:
         if name in seen:
             continue
         seen.add(name)
-        if groups and groups[-1][1] == src:
+        if groups and groups[-1][1] is src:
             groups[-1][0].append(name)
         else:
             groups.append(([name], src))

@@ -262,7 +262,7 @@ def read_quant_meta(config: dict, path: Path) -> tuple[IntScheme, dict]:
 
 def load_packed(path: Path, source: str):
     """Build the model from config.json, swap in QuantLinear modules, load the safetensors."""
-    from .arch import GENERIC, generic_arch
+    from .arch import describe
     from .models import Loaded, arch_for, load_tokenizer, read_config
 
     config_dict = read_config(path)
@@ -270,7 +270,7 @@ def load_packed(path: Path, source: str):
     scheme, meta = read_quant_meta(config_dict, path)
     state = read_state(path)
     model, config = empty_model(path)
-    arch = generic_arch(model, config_dict.get("model_type")) if arch.family == GENERIC else arch.for_config(config_dict)
+    arch = describe(arch, model, config_dict)
     compact_modules = set(meta.get("compact_modules") or [])
     if compact_modules - set(meta["modules"]):
         raise CompressError(f"{path}: compact_modules names a module that is not quantized")
@@ -350,14 +350,14 @@ def load_sparse(path: Path, source: str):
     """A sparse float checkpoint (compressed-tensors sparse-bitmask / sparse-24-bitmask), decoded
     to the dense model (the same weights as the pruned model that was saved)."""
     from .formats import sparse
-    from .arch import GENERIC, generic_arch
+    from .arch import describe
     from .models import Loaded, arch_for, load_tokenizer, read_config
     config_dict = read_config(path)
     arch = arch_for(config_dict.get("model_type"), config_dict.get("architectures"))
     fmt, meta = sparse.read_sparse_meta(config_dict, path)
     state, modules = sparse.decode_state(read_state(path), fmt, path)
     model, config = empty_model(path)
-    arch = generic_arch(model, config_dict.get("model_type")) if arch.family == GENERIC else arch.for_config(config_dict)
+    arch = describe(arch, model, config_dict)
     fill_model(model, config, state, arch, set(), path)
     info = {"format": fmt, "method": meta.get("method"), "sparsity": meta.get("sparsity") or {},
             "patterns": meta.get("patterns") or {}, "sparse_modules": modules,

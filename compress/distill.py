@@ -97,7 +97,6 @@ def distill(teacher_spec: str, student_spec: str, out: Path, spec: TrainSpec, op
         raise CompressError(f"the student {student_spec} must be a float checkpoint folder")
     wins = calibration_windows(student.tokenizer, calib, data_dir)
     tfp = model_fingerprint(models.resolve(teacher_spec)[1])
-    teacher = None
     if opts.teacher_topk:
         teacher = _topk_teacher(teacher_spec, tfp, wins, opts.teacher_topk, rank, progress)
     else:
@@ -105,7 +104,7 @@ def distill(teacher_spec: str, student_spec: str, out: Path, spec: TrainSpec, op
         if teacher.config.vocab_size != student.model.config.vocab_size:
             raise CompressError("the teacher and the student have different vocabularies")
     if opts.generate:
-        wins = generated(teacher, teacher_spec, wins, opts, spec.seed, progress and rank == 0)
+        wins = generated(teacher, tfp, wins, opts, spec.seed, progress and rank == 0)
         teacher = None                   # black-box: the teacher's text is all the student sees
     model = student.model
     if opts.grad_checkpointing:
@@ -160,24 +159,20 @@ def _topk_teacher(teacher_spec: str, fingerprint: str, wins: torch.Tensor, k: in
 
 
 @torch.no_grad()
-def generated(teacher, teacher_spec: str, wins: torch.Tensor, opts: DistillOptions, seed: int,
+def generated(teacher, teacher_fingerprint: str, wins: torch.Tensor, opts: DistillOptions, seed: int,
               progress: bool) -> torch.Tensor:
     """``(generate, seqlen)`` token sequences: each window's first ``prompt_tokens`` tokens continued
     by the teacher (sampling at ``gen_temperature``); read from the cache when this teacher already
     continued these prompts with these options."""
-    import hashlib
-    import json
-
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
     from .fileio import atomic_file
-    from .resume import model_fingerprint, tensor_fingerprint
+    from .resume import tensor_fingerprint
     prompts = wins[:, :opts.prompt_tokens].contiguous()
-    key = hashlib.sha256(json.dumps({
-        "teacher": model_fingerprint(models.resolve(teacher_spec)[1]), "prompts": tensor_fingerprint(prompts),
-        "seqlen": opts.seqlen, "temperature": opts.gen_temperature, "seed": seed}).encode()).hexdigest()[:32]
-    path = models.cache_dir() / "generated" / f"{key}.safetensors"
+    path = models.cache_file("generated", {
+        "teacher": teacher_fingerprint, "prompts": tensor_fingerprint(prompts), "seqlen": opts.seqlen,
+        "temperature": opts.gen_temperature, "seed": seed}, ".safetensors")
     if path.is_file():
         print(f"reusing the teacher's generated text {path}", flush=True)
         return load_file(str(path))["ids"]

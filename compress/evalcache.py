@@ -8,7 +8,6 @@ are ever served from it, since KL divergence needs the base's full distributions
 """
 from __future__ import annotations
 
-import hashlib
 import json
 
 import torch
@@ -16,11 +15,10 @@ import torch
 
 def _path(fingerprint: str, wins: torch.Tensor, skip):
     from . import __version__
-    from .models import cache_dir
+    from .models import cache_file
     from .resume import tensor_fingerprint
-    key = hashlib.sha256(json.dumps({"model": fingerprint, "windows": tensor_fingerprint(wins), "skip": skip,
-                                     "package": __version__, "torch": torch.__version__}).encode()).hexdigest()[:32]
-    return cache_dir() / "eval" / f"{key}.json"
+    return cache_file("eval", {"model": fingerprint, "windows": tensor_fingerprint(wins), "skip": skip,
+                               "package": __version__, "torch": torch.__version__}, ".json")
 
 
 def load(fingerprint: str, wins: torch.Tensor, skip) -> dict | None:

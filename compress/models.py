@@ -8,6 +8,7 @@ no remote code runs. Inputs are checked before any reader sees them: GGUF files 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import GENERIC, ArchSpec, arch_for, generic_arch
+from .arch import ArchSpec, arch_for, describe
 from .errors import CompressError
 from .formats.gguf_file import check_gguf
 
@@ -57,6 +58,13 @@ def cache_dir() -> Path:
         return Path(root).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "compress"
+
+
+def cache_file(kind: str, key: dict, suffix: str) -> Path:
+    """The file of the suite's cache folder ``kind/`` that ``key`` (JSON-able: fingerprints and
+    options) names: one file per distinct key."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_dir() / kind / f"{digest}{suffix}"
 
 
 def model_cache_path(name: str) -> Path:
@@ -275,7 +283,7 @@ def load(spec: str, fetch_missing: bool = True) -> Loaded:
     safetensors_files(path)
     model = _from_pretrained(path)
     tok = load_tokenizer(path)
-    arch = generic_arch(model, config.get("model_type")) if arch.family == GENERIC else arch.for_config(config)
+    arch = describe(arch, model, config)
     return Loaded(model, tok, arch, spec, path, "hf")
 
 

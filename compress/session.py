@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, models
+from .arch import GENERIC, check_calibration_length, path_label, supported_model_types
 from .errors import CompressError
 from .recipe import EvalStep, ExportStep, Recipe, Step
 from .registry import RunRecord, StatsBook
@@ -50,7 +51,6 @@ def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None) -> None:
         check(config, path, recipe.steps, recipe.calib_spec() if needs_windows(recipe) else None,
               parse_size(recipe.max_memory) if recipe.max_memory else None, DEFAULT_BUDGET)
         if needs_windows(recipe):
-            from .arch import check_calibration_length
             check_calibration_length(config, recipe.calib_spec().seqlen)
     elif kind == "gguf":
         from .formats.gguf_file import check_gguf
@@ -68,7 +68,6 @@ def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None) -> None:
 
 def _check_generic(recipe: Recipe, arch, model_type) -> None:
     """On the generic path (a model type without a description) only methods that need none run."""
-    from .arch import GENERIC, supported_model_types
     if arch.family != GENERIC:
         return
     bad = [s.method for s in recipe.steps if s.cls.needs_description or s.lm_head]
@@ -200,7 +199,7 @@ def pruned_modules(loaded, records) -> set[str]:
 
 def save_output(loaded, recipe: Recipe, result: dict, out: Path, source: str) -> dict:
     """Write the compressed model: a packed checkpoint folder, or the GGUF file."""
-    extra = {"source_model": source, "architecture": extra_architecture(loaded)}
+    extra = {"source_model": source, "architecture": path_label(loaded.arch)}
     (rec, state), method = result["records"][0], result["methods"][0]
     if recipe.output == "gguf":
         from .export.gguf import save_ggml_model
@@ -276,17 +275,12 @@ def run(recipe: Recipe, spec: str | None, out: Path, data_dir=None, restart: boo
               "modules": info["layers"] if recipe.output != "gguf" else info.get("tensors"),
               "total_loss": sum(losses.values()) if losses else None,
               "fallbacks": merged(result["records"], "fallbacks"),
-              "architecture": extra_architecture(loaded), "output": info, "post": []}
+              "architecture": path_label(loaded.arch), "output": info, "post": []}
     del loaded
     for p in recipe.post:
         report["post"].append(_post(p, out, spec, data_dir, progress))
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report
-
-
-def extra_architecture(loaded) -> str:
-    from .arch import GENERIC
-    return "generic" if loaded.arch.family == GENERIC else f"described ({loaded.arch.family})"
 
 
 def _post(p, out: Path, spec: str, data_dir, progress: bool) -> dict:

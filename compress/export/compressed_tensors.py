@@ -18,13 +18,13 @@ reads them) and pruned modules stored compactly are refused with a one-line erro
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from ..errors import CompressError
 from ..formats import gptq_int
+from ..formats.gptq_int import pack_bitstream
 from ..formats.sparse import CT_VERSION, QUANT_METHOD
 
 PACKED = "pack-quantized"
@@ -34,18 +34,12 @@ PACKED_BITS = (4, 8)
 
 def pack_int32(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     """Signed ``values`` (int, in ``[-2**(bits-1), 2**(bits-1))``) packed ``32 // bits`` per int32
-    along ``dim`` (0 or 1), the first value in the lowest bits; the last word zero-padded."""
-    v = values.to(torch.int64) + (1 << (bits - 1))
+    along ``dim`` (0 or 1), the first value in the lowest bits; the last word zero-padded: the
+    GPTQ bit stream (:func:`compress.formats.gptq_int.pack_bitstream`) of the values shifted to unsigned."""
+    u = values.to(torch.int64) + (1 << (bits - 1))
     if dim == 0:
-        v = v.t()
-    rows, cols = v.shape
-    per = 32 // bits
-    words = math.ceil(cols / per)
-    v = torch.nn.functional.pad(v, (0, words * per - cols)).view(rows, words, per)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    packed = (v << shifts).sum(-1)
-    packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
-    return packed.t().contiguous() if dim == 0 else packed.contiguous()
+        return pack_bitstream(u, bits)
+    return pack_bitstream(u.t().contiguous(), bits).t().contiguous()
 
 
 def _int_tensors(p: gptq_int.PackedInt, sym: bool) -> dict[str, torch.Tensor]:

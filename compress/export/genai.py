@@ -7,9 +7,12 @@ input/output names onto the configuration ``onnxruntime_genai.Model(folder)`` re
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from ..errors import CompressError
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "genai_config.json"
 PAST_KEY = "past_key_values.%d.key"
@@ -102,3 +105,31 @@ def write_genai_config(out_dir, **kwargs) -> Path:
     path = Path(out_dir) / CONFIG_FILE
     path.write_text(json.dumps(genai_config(**kwargs), indent=2))
     return path
+
+
+def _special_token(loaded, key: str):
+    """A special token id from generation_config.json, config.json or the tokenizer (first found)."""
+    for src in (getattr(loaded.model, "generation_config", None), loaded.model.config, loaded.tokenizer):
+        value = getattr(src, key, None) if src is not None else None
+        if value is not None:
+            return value
+    return None
+
+
+def write_for_export(out_dir: Path, loaded, fmt: str, accuracy_level: int, meta: dict, info: dict,
+                     filename: str) -> str | None:
+    """Write genai_config.json for a KV-cache ONNX export (``meta``/``info``: the export's model
+    description and graph names); its file name, or None (with a warning) without an eos token id."""
+    eos = _special_token(loaded, "eos_token_id")
+    if eos is None:
+        log.warning("no eos_token_id in the model's configs or tokenizer: %s not written", CONFIG_FILE)
+        return None
+    session = {"session.qdq_matmulnbits_accuracy_level": accuracy_level} if fmt == "qdq" else None
+    write_genai_config(out_dir, num_layers=meta["num_layers"], num_heads=meta["num_heads"],
+                       num_kv_heads=meta["num_kv_heads"], head_size=meta["head_dim"], hidden_size=meta["hidden_size"],
+                       vocab_size=meta["vocab_size"], context_length=meta["max_position_embeddings"],
+                       eos_token_id=eos, bos_token_id=_special_token(loaded, "bos_token_id"),
+                       pad_token_id=_special_token(loaded, "pad_token_id"), inputs=info["inputs"],
+                       outputs=info["outputs"], model_type=meta["model_type"], filename=filename,
+                       share_buffer=meta["attention"] == "GroupQueryAttention", session_config=session)
+    return CONFIG_FILE

@@ -54,6 +54,7 @@ from ..checkpoint import AtomicFolder
 from ..errors import CompressError
 from ..formats import gptq_int
 from ..qlinear import QuantLinear
+from .genai import write_for_export
 
 log = logging.getLogger(__name__)
 
@@ -889,7 +890,8 @@ def export_onnx(loaded, out_dir, fmt: str = "matmulnbits", kv_cache: bool = True
             gen.save_pretrained(str(tmp))
         info = _export_info(loaded, opt, kv_cache, meta, lm_head_bits, lm_head_block_size, g,
                             {o.domain or "ai.onnx": o.version for o in opsets})
-        info["genai_config"] = _write_genai(tmp, loaded, opt, meta, info) if kv_cache else None
+        info["genai_config"] = (write_for_export(tmp, loaded, opt.fmt, opt.accuracy_level, meta, info, MODEL_FILE)
+                                if kv_cache else None)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
     if fmt == "matmulnbits" and accuracy_level < 4 and 8 in info["onnx_bits"]:
         log.warning("8-bit MatMulNBits at accuracy level %d: exact, but ONNX Runtime 1.30 on CPU dequantizes the "
@@ -937,35 +939,6 @@ def _export_info(loaded, opt: _Options, kv_cache: bool, meta: dict, lm_head_bits
         "package_version": __version__, "onnx_version": onnx.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def _special_token(loaded, key: str):
-    """A special token id from generation_config.json, config.json or the tokenizer (first found)."""
-    sources = (getattr(loaded.model, "generation_config", None), loaded.model.config, loaded.tokenizer)
-    for src in sources:
-        value = getattr(src, key, None) if src is not None else None
-        if value is not None:
-            return value
-    return None
-
-
-def _write_genai(out_dir: Path, loaded, opt: _Options, meta: dict, info: dict) -> str | None:
-    """Write genai_config.json (ONNX Runtime GenAI) for a KV-cache export; its file name, or None
-    (with a warning) when the model has no eos token id."""
-    from .genai import CONFIG_FILE, write_genai_config
-    eos = _special_token(loaded, "eos_token_id")
-    if eos is None:
-        log.warning("no eos_token_id in the model's configs or tokenizer: %s not written", CONFIG_FILE)
-        return None
-    session = {"session.qdq_matmulnbits_accuracy_level": opt.accuracy_level} if opt.fmt == "qdq" else None
-    write_genai_config(out_dir, num_layers=meta["num_layers"], num_heads=meta["num_heads"],
-                       num_kv_heads=meta["num_kv_heads"], head_size=meta["head_dim"], hidden_size=meta["hidden_size"],
-                       vocab_size=meta["vocab_size"], context_length=meta["max_position_embeddings"],
-                       eos_token_id=eos, bos_token_id=_special_token(loaded, "bos_token_id"),
-                       pad_token_id=_special_token(loaded, "pad_token_id"), inputs=info["inputs"],
-                       outputs=info["outputs"], model_type=meta["model_type"], filename=MODEL_FILE,
-                       share_buffer=meta["attention"] == "GroupQueryAttention", session_config=session)
-    return CONFIG_FILE
 
 
 def file_sizes(out_dir) -> dict:

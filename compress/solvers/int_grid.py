@@ -157,6 +157,6 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, scheme: IntScheme, damp: float 
     _, loss = sweep(w, u, g, block_size, FixedMask(keep.to(w.device), perm) if keep is not None else None)
     q, scales, zeros, g_idx = g.result()
     info["output_error"] = output_error(w0, dequantize_values(q, scales, zeros, g_idx), h_given)
-    fallback = "rtn:no-calibration-input" if n_dead < 0 else f"damp-increased:{cur:g}" if tries > 1 else None
+    fallback = "rtn:no-calibration-input" if n_dead == W.shape[1] else f"damp-increased:{cur:g}" if tries > 1 else None
     return GPTQResult(q=q, scales=scales, zeros=zeros, g_idx=g_idx, loss=loss, damp=cur, fallback=fallback,
                       info=info)

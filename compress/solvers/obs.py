@@ -5,7 +5,7 @@ For ``W (N, K)`` and ``H (K, K)`` (``2/n X^T X`` of the layer's input):
 
 1. :func:`prepare`: dead inputs (``H[i, i] == 0``) get ``H[i, i] = 1`` and ``W[:, i] = 0``; with a
    column order (act-order) ``W`` and ``H`` are permuted; a layer no calibration input reached
-   (every input dead) gets ``H = I`` instead, and ``-1`` as its dead count;
+   (every input dead) gets ``H = I`` instead, its weights kept;
 2. :func:`damped_inverse_cholesky`: ``H += damp * mean(diag(H)) * I``, ``U = chol(H^-1)`` (upper),
    with tenfold dampening increases when the factorisation fails;
 3. :func:`sweep`: per column ``i`` the grid gives the value the column becomes (``grid.column``),
@@ -95,16 +95,15 @@ def check_inputs(W: torch.Tensor, H: torch.Tensor, block_size: int, damp: float,
 
 def prepare(W: torch.Tensor, H: torch.Tensor, act_order: bool = False):
     """float32 copies of ``W`` and ``H`` with dead inputs neutralised and, with ``act_order``,
-    columns permuted by descending ``diag(H)``. Returns ``(w, h, perm or None, dead count)``; the dead
-    count is -1 when no input reached the layer (``h`` is then the identity and ``w`` unchanged)."""
+    columns permuted by descending ``diag(H)``. Returns ``(w, h, perm or None, dead count)``; when every
+    input is dead (none reached the layer) ``h`` is the identity and ``w`` unchanged."""
     w = W.detach().to(torch.float32).clone()
     h = H.detach().to(device=w.device, dtype=torch.float32).clone()
     dead = torch.diagonal(h) == 0
     n_dead = int(dead.sum())
     if n_dead == h.shape[0]:           # no calibration input reached the layer at all (e.g. an expert no
         h = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)   # token was routed to): H = I, which
-        n_dead = -1                    # makes the sweep round to nearest and keeps every weight
-    elif n_dead:
+    elif n_dead:                       # makes the sweep round to nearest and keeps every weight
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
     perm = None

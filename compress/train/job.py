@@ -12,7 +12,7 @@ import torch
 
 from .. import models
 from ..errors import CompressError
-from .loop import Trainer, TrainSpec
+from .loop import Trainer, TrainSpec, dist_rank_world
 
 
 def check_config(spec: str, role: str, quantized_ok: bool = False) -> dict:
@@ -50,7 +50,7 @@ def init_distributed() -> int:
     """Join the process group when launched by ``torchrun`` (gloo on CPU, NCCL on GPU); the rank."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return dist_rank_world()[0]
 
 
 def barrier() -> None:
@@ -81,7 +81,7 @@ def train(params: dict, spec: TrainSpec, wins: torch.Tensor, loss_fn, out: Path,
           restart: bool, progress: bool, desc: str) -> dict:
     """Run the loop with its checkpoints in ``out``'s work folder; the losses, time and evaluations."""
     from ..resume import work_path
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = dist_rank_world()[0]
     before = evaluate() if rank == 0 else None
     work = work_path(out)
     if restart and work.exists() and rank == 0:
@@ -100,6 +100,6 @@ def train(params: dict, spec: TrainSpec, wins: torch.Tensor, loss_fn, out: Path,
 def finish(out: Path) -> None:
     """After the output is written: drop the work folder (rank 0) and wait for every process."""
     from ..resume import work_path
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if dist_rank_world()[0] == 0:
         shutil.rmtree(work_path(out), ignore_errors=True)
     barrier()

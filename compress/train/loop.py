@@ -79,7 +79,7 @@ class TrainSpec:
         return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def _dist():
+def dist_rank_world() -> tuple[int, int]:
     """(rank, world size), (0, 1) without torch.distributed."""
     d = torch.distributed
     if d.is_available() and d.is_initialized():
@@ -120,7 +120,7 @@ class Trainer:
                                       for names, f in groups], lr=spec.lr, weight_decay=spec.weight_decay)
         self.step = 0
         self.history: list[dict] = []
-        self.rank, self.world = _dist()
+        self.rank, self.world = dist_rank_world()
         if spec.batch % (spec.accum * self.world):
             raise CompressError(f"--batch ({spec.batch}) must be a multiple of --grad-accum x processes "
                                 f"({spec.accum} x {self.world})")

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import Targets
 from ..errors import CompressError
 from ..formats import gptq_int
 from ..qlinear import QuantLinear, set_submodule
+from ..quantizer import dequantize_values, quantize_values
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,6 +49,7 @@ class LoRAOptions:
             raise CompressError(f"--lora-alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise CompressError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        Targets(self.targets)                     # names or re: patterns, checked before any loading
 
     @property
     def scaling(self) -> float:
@@ -101,23 +103,11 @@ class LoRALinear(torch.nn.Module):
         p = self.base.packed()
         q, zeros = gptq_int.unpack(p)                          # (N, K), (G, N)
         g = p.g_idx.to(torch.int64)
-        s = p.scales.to(torch.float32).t()[:, g]               # (N, K)
-        z = zeros.to(torch.float32).t()[:, g]
-        w = (q.to(torch.float32) - z) * s + self.delta()
-        maxq = 2 ** p.bits - 1
-        new = torch.clamp(torch.round(w / s) + z, 0, maxq).to(torch.int32)
+        s, z = p.scales.to(torch.float32).t()[:, g], zeros.to(torch.float32).t()[:, g]     # per column
+        w = dequantize_values(q, p.scales, zeros, p.g_idx) + self.delta()
+        new = quantize_values(w, s, z, 2 ** p.bits - 1).to(torch.int32)
         changed = int((new != q.to(torch.int32)).sum())
         return gptq_int.pack(new, p.scales, zeros.to(torch.int32), p.g_idx, p.bits), changed
-
-
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    for pat in patterns:
-        if pat.startswith("re:"):
-            if re.fullmatch(pat[3:], name) or re.search(pat[3:], name):
-                return True
-        elif name == pat or name.endswith("." + pat):
-            return True
-    return False
 
 
 def attach(model: torch.nn.Module, opts: LoRAOptions, seed: int = 0) -> dict[str, LoRALinear]:
@@ -126,7 +116,7 @@ def attach(model: torch.nn.Module, opts: LoRAOptions, seed: int = 0) -> dict[str
     if not packed:
         raise CompressError("LoRA trains on a packed gptq-int checkpoint and this model has no packed linears; "
                             "quantize it first (compress quantize MODEL --method gptq ...)")
-    names = [n for n in packed if not opts.targets or _matches(n, opts.targets)]
+    names = [n for n in packed if Targets(opts.targets).selects(n)]
     if not names:
         raise CompressError(f"--targets {' '.join(opts.targets)} match none of the packed linears "
                             f"(e.g. {packed[0]})")
@@ -201,13 +191,14 @@ def save_merged(loaded, layers: dict[str, LoRALinear], out: Path, meta: dict) ->
     """Merge every adapter into its packed layer (re-quantized on the layer's grid) and write the
     packed checkpoint, its ``quantization_config`` kept and the merge recorded."""
     from ..checkpoint import save_packed
+    from ..models import read_config
     changed = total = 0
     for n, m in layers.items():
         p, c = m.merged_packed()
         changed += c
         total += p.in_features * p.out_features
         set_submodule(loaded.model, n, QuantLinear.from_packed(p, m.base.bias))
-    qc = json.loads((loaded.path / "config.json").read_text())["quantization_config"]
+    qc = read_config(loaded.path)["quantization_config"]
     qc = dict(qc, compress=dict(qc.get("compress") or {}, lora_merged={**meta, "codes_changed": changed,
                                                                        "codes": total}))
     save_packed(loaded, out, qc)

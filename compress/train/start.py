@@ -62,9 +62,9 @@ class PackedStart:
         return self._state
 
     @torch.no_grad()
-    def load_floats(self, block: torch.nn.Module, prefix: str) -> int:
+    def load_floats(self, block: torch.nn.Module, prefix: str) -> None:
         """Copy the checkpoint's float tensors of ``block`` (full names under ``prefix``) into it."""
-        state, n = self.state(), 0
+        state = self.state()
         for rel, t in [*block.named_parameters(), *block.named_buffers()]:
             src = state.get(prefix + rel)
             if src is not None and src.is_floating_point():
@@ -72,8 +72,6 @@ class PackedStart:
                     raise CompressError(f"--from-checkpoint {self.path}: {prefix + rel} has shape "
                                         f"{tuple(src.shape)}, the model {tuple(t.shape)}")
                 t.copy_(src.to(t.dtype))
-                n += 1
-        return n
 
     def start(self, name: str, in_features: int, out_features: int):
         """``(dequantized weight, scales (G, N), zeros (G, N), g_idx (K,))`` of linear ``name``."""

@@ -9,7 +9,6 @@ teacher. A batch is matched to its rows by the windows' tokens, so any data orde
 from __future__ import annotations
 
 import hashlib
-import json
 
 import torch
 
@@ -36,11 +35,10 @@ class TopKCache:
 
 
 def cache_path(teacher_fingerprint: str, wins: torch.Tensor, k: int):
-    from ..models import cache_dir
+    from ..models import cache_file
     from ..resume import tensor_fingerprint
-    key = hashlib.sha256(json.dumps({"teacher": teacher_fingerprint, "windows": tensor_fingerprint(wins),
-                                     "k": k}).encode()).hexdigest()[:32]
-    return cache_dir() / "teacher-topk" / f"{key}.safetensors"
+    return cache_file("teacher-topk", {"teacher": teacher_fingerprint, "windows": tensor_fingerprint(wins), "k": k},
+                      ".safetensors")
 
 
 def load_cached(path, wins: torch.Tensor) -> TopKCache | None:

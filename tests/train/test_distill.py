@@ -149,16 +149,6 @@ def test_cached_teacher_topk_is_computed_once_and_reused_without_the_teacher(pai
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("extra,needle", [(["--generate", 4, "--prompt-tokens", 8], "--generate"), (["--divergence", "reverse"], "forward"),
-                                          (["--teacher-topk", -1], "--teacher-topk")])
-def test_teacher_topk_option_conflicts_are_refused(extra, needle, pair, env, tmp_path):
-    teacher, student = pair
-    res = run(["distill", "--teacher", teacher, "--student", student, *ARGS, "--teacher-topk", 8, *extra,
-               "-o", tmp_path / "o"])
-    assert_clean_error(res, needle)
-    assert not (tmp_path / "o").exists()
-
-
 def test_layer_pairs_follow_the_blocks_a_pruned_student_kept():
     from compress.train.losses import layer_pairs
     assert layer_pairs("auto", 3, 5, [0, 2, 4]) == [(0, 0), (1, 2), (2, 4)]
@@ -166,11 +156,17 @@ def test_layer_pairs_follow_the_blocks_a_pruned_student_kept():
     assert layer_pairs("0:1,1:3", 2, 4) == [(0, 1), (1, 3)]
 
 
-def test_hidden_state_matching_trains_a_projection_between_widths(env, tmp_path):
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory):
+    """A teacher and a student of another hidden width (64 against 96)."""
+    d = tmp_path_factory.mktemp("narrow")
+    return build_tiny(d / "t", layers=2, seed=0), build_tiny(d / "s", layers=1, seed=1, hidden=64, ffn=96)
+
+
+def test_hidden_state_matching_trains_a_projection_between_widths(narrow, env, tmp_path):
     """A narrower student (another hidden width): the hidden-state loss goes down with the learned
-    projection, the output is the student alone, and a resumed run restores the projection too."""
-    teacher = build_tiny(tmp_path / "t", layers=2, seed=0)
-    student = build_tiny(tmp_path / "s", layers=1, seed=1, hidden=64, ffn=96)
+    projection, and the output is the student alone."""
+    teacher, student = narrow
     args = ["distill", "--teacher", teacher, "--student", student, *ARGS, "--steps", 12, "--hidden-weight", 1.0]
     res = run([*args, "--report", tmp_path / "r.json", "-o", tmp_path / "a"])
     assert res.exit_code == 0, res.output
@@ -185,20 +181,23 @@ def test_hidden_state_matching_trains_a_projection_between_widths(env, tmp_path)
     assert rep["loss_first"] > json.loads((tmp_path / "p.json").read_text())["loss_first"]   # the MSE term is there
 
 
-def test_killed_run_with_hidden_matching_resumes_to_the_same_weights(env, tmp_path, monkeypatch):
-    teacher = build_tiny(tmp_path / "t", layers=2, seed=0)
-    student = build_tiny(tmp_path / "s", layers=1, seed=1, hidden=64, ffn=96)
+def test_killed_run_with_hidden_matching_resumes_to_the_same_weights(narrow, env, tmp_path, monkeypatch):
+    """A resumed run restores the learned projections too."""
+    teacher, student = narrow
     args = ["distill", "--teacher", teacher, "--student", student, *ARGS, "--steps", 6, "--checkpoint-every", 2,
             "--hidden-weight", 1.0]
     kill_resume_and_compare(monkeypatch, args, tmp_path, die_at=2, resumed_step=4)
 
 
-@pytest.mark.parametrize("extra,needle", [(["--hidden-layers", "0:7"], "out of range"),
-                                          (["--hidden-layers", "x"], "STUDENT:TEACHER"),
-                                          (["--teacher-topk", 8], "--hidden-weight")])
-def test_bad_hidden_layer_maps_are_refused(extra, needle, pair, env, tmp_path):
+@pytest.mark.parametrize("extra,needle", [
+    (["--teacher-topk", 8, "--generate", 4, "--prompt-tokens", 8], "--generate"),
+    (["--teacher-topk", 8, "--divergence", "reverse"], "forward"),
+    (["--teacher-topk", -1], "--teacher-topk"),
+    (["--hidden-weight", 1, "--hidden-layers", "0:7"], "out of range"),
+    (["--hidden-weight", 1, "--hidden-layers", "x"], "STUDENT:TEACHER"),
+    (["--hidden-weight", 1, "--teacher-topk", 8], "--hidden-weight")])
+def test_teacher_topk_and_hidden_matching_misuse_is_refused(extra, needle, pair, env, tmp_path):
     teacher, student = pair
-    res = run(["distill", "--teacher", teacher, "--student", student, *ARGS, "--hidden-weight", 1, *extra,
-               "-o", tmp_path / "o"])
+    res = run(["distill", "--teacher", teacher, "--student", student, *ARGS, *extra, "-o", tmp_path / "o"])
     assert_clean_error(res, needle)
     assert not (tmp_path / "o").exists()
