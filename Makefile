@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-out
 MODEL ?= smollm2-135m
 export COMPRESS_DATA_DIR := $(abspath $(DATA))
 
-.PHONY: setup demo oracle test test-fast bench-rtn bench-ptq bench-llmcompressor bench-prune bench-train plots clean
+.PHONY: setup demo oracle test test-fast bench-rtn bench-ptq bench-llmcompressor bench-prune bench-train bench-scale plots clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,14 @@ bench-train: setup
 	$(BIN)/python bench/train.py --suite qat --nsamples 64 --out bench/results/train-qat-smollm2.json
 	$(BIN)/python bench/train.py --suite qat --nsamples 64 --only "qat 3-bit g128 gptq" --exports --out bench/results/train-qat-exports-smollm2.json
 	$(BIN)/python bench/train.py --suite lora --nsamples 64 --out bench/results/train-lora-smollm2.json
+
+# Beyond one process and one machine's memory: --nproc, --stream on SmolLM2 and on a 5.9 GB
+# synthetic model under a 3 GiB cap, the memory preflight (about 45 minutes on 2 cores).
+bench-scale: setup
+	$(BIN)/python bench/scale.py --suite preflight --out bench/results/scale-preflight-smollm2.json
+	$(BIN)/python bench/scale.py --suite stream --out bench/results/scale-stream-smollm2.json
+	$(BIN)/python bench/scale.py --suite nproc --nproc 2 --out bench/results/scale-nproc-smollm2.json
+	$(BIN)/python bench/scale.py --suite synthetic --nsamples 16 --seqlen 512 --out bench/results/scale-stream-synthetic.json
 
 # The README's quality-against-size plots, from the committed results files.
 plots: setup

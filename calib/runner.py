@@ -9,6 +9,10 @@
 
 Block inputs stay on the CPU (and spill to disk, as safetensors, beyond a memory budget); one
 block at a time moves to the compute device, so the model never sits whole on the accelerator.
+
+Under ``torch.distributed`` each process holds and replays its own share of the windows, and
+statistics are merged across processes in a fixed order (:mod:`calib.dist`), so every process
+ends each block with the same weights, and the result does not depend on the number of processes.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+
+from .dist import Plan, is_main, merge_in_order
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +82,14 @@ class InputStore:
 
 
 class BlockInputs:
-    """The stored inputs of the current block and the keyword arguments to call it with."""
+    """The stored inputs of the current block (this process's windows, :attr:`plan`) and the
+    keyword arguments to call it with."""
 
-    def __init__(self, store: InputStore, kwargs: dict, device: torch.device, batch: int = 4):
+    def __init__(self, store: InputStore, kwargs: dict, device: torch.device, plan: Plan | None = None):
         self.store = store
         self.kwargs = kwargs
         self.device = device
-        self.batch = batch
+        self.plan = plan if plan is not None else Plan(max(1, len(store)))
 
     def __len__(self):
         return len(self.store)
@@ -95,27 +102,55 @@ class BlockInputs:
         """The stored inputs ``idx`` concatenated along the batch dim, on the compute device."""
         return torch.cat([self.store[i] for i in idx]).to(self.device)
 
-    def _batches(self):
-        """Consecutive stored inputs concatenated along the batch dim (bigger matmuls are faster)."""
-        n = len(self.store)
-        for start in range(0, n, self.batch):
-            idx = list(range(start, min(n, start + self.batch)))
+    def _batches(self, shard: list | None = None):
+        """The plan's batches of stored inputs (of one shard, or all), each concatenated along the
+        batch dim (bigger matmuls are faster)."""
+        for idx in (shard if shard is not None else self.plan.batches()):
             yield idx, self.gather(idx)
+
+    def accumulate(self, block: torch.nn.Module | None, watch: dict, stop_at: torch.nn.Module | None = None,
+                   fn: Callable | None = None) -> dict:
+        """Statistics over every window: ``watch`` maps a key to ``(module, accumulator factory)``;
+        each accumulator sees its module's input while ``block`` runs (as far as ``stop_at``). With
+        ``fn`` instead of a block, the accumulators (modules None) see ``fn(x)`` of the stored
+        inputs. Accumulated shard by shard and merged in shard order across processes
+        (:func:`calib.dist.merge_in_order`): the same bytes for any number of processes."""
+        per_shard = []
+        for shard in self.plan.shards:
+            accs, handles = {}, []
+            for key, (module, factory) in watch.items():
+                accs[key] = acc = factory()
+                if module is not None:
+                    handles.append(module.register_forward_hook(acc.hook))
+            try:
+                if fn is not None:
+                    with torch.no_grad():
+                        for _, x in self._batches(shard):
+                            y = fn(x)
+                            for acc in accs.values():
+                                acc.add_batch(y)
+                else:
+                    self.run(block, stop_at, shard=shard)
+            finally:
+                for h in handles:
+                    h.remove()
+            per_shard.append(accs)
+        return merge_in_order(self.plan, per_shard)
 
     @torch.no_grad()
     def run(self, block: torch.nn.Module, stop_at: torch.nn.Module | None = None,
-            keep: bool = False) -> list[torch.Tensor] | None:
+            keep: bool = False, shard: list | None = None) -> list[torch.Tensor] | None:
         """Run ``block`` over every stored input so its hooks fire.
 
         With ``stop_at``, each forward ends as soon as that submodule has been called (its
         forward hooks have run): statistics of early linears need no full block pass.
-        With ``keep``, return the block outputs.
+        With ``keep``, return the block outputs. ``shard``: only that shard's batches.
         """
         kw = self.kwargs_on_device()
         outs = [] if keep else None
         handle = stop_at.register_forward_hook(_raise_stop) if stop_at is not None else None
         try:
-            for idx, x in self._batches():
+            for idx, x in self._batches(shard):
                 try:
                     y = block(x, **kw)
                 except _Stop:
@@ -133,23 +168,14 @@ class BlockInputs:
         :class:`~calib.stats.HessianAccumulator` of the input they share (that of the first)."""
         from calib.stats import HessianAccumulator
         first = block.get_submodule(linears[0])
-        acc = HessianAccumulator(first.in_features)
-        handle = first.register_forward_hook(acc.hook)
-        try:
-            self.run(block, stop_at=block.get_submodule(linears[-1]))
-        finally:
-            handle.remove()
-        return acc
+        return self.accumulate(block, {"h": (first, lambda: HessianAccumulator(first.in_features))},
+                               stop_at=block.get_submodule(linears[-1]))["h"]
 
-    @torch.no_grad()
     def hessian_after(self, fn: Callable[[torch.Tensor], torch.Tensor], in_features: int):
         """:class:`~calib.stats.HessianAccumulator` of ``fn(x)`` over the stored inputs (e.g. the
         final norm applied to the last block's outputs: the input of the lm_head)."""
         from calib.stats import HessianAccumulator
-        acc = HessianAccumulator(in_features)
-        for _, x in self._batches():
-            acc.add_batch(fn(x))
-        return acc
+        return self.accumulate(None, {"h": (None, lambda: HessianAccumulator(in_features))}, fn=fn)["h"]
 
     @torch.no_grad()
     def advance(self, block: torch.nn.Module) -> None:
@@ -180,9 +206,11 @@ def _to(v, device):
 
 @torch.no_grad()
 def capture_first_block_inputs(model, arch, windows: torch.Tensor, budget: int = DEFAULT_BUDGET,
-                               device: torch.device | str = "cpu") -> BlockInputs:
-    """Run the model's embedding stage on each window and store what block 0 receives."""
+                               device: torch.device | str = "cpu", plan: Plan | None = None) -> BlockInputs:
+    """Run the model's embedding stage on each window (of this process's share, ``plan``) and store
+    what block 0 receives."""
     device = torch.device(device)
+    plan = plan if plan is not None else Plan.current(len(windows))
     blocks = arch.get_blocks(model)
     first = blocks[0]
     store = InputStore(budget)
@@ -209,7 +237,8 @@ def capture_first_block_inputs(model, arch, windows: torch.Tensor, budget: int =
 
     blocks[0] = Catcher(first)
     try:
-        for i, ids in enumerate(windows):
+        for i, w in enumerate(plan.windows):
+            ids = windows[w]
             state["i"] = i
             try:
                 model(input_ids=ids[None].to(device), use_cache=False)
@@ -217,7 +246,7 @@ def capture_first_block_inputs(model, arch, windows: torch.Tensor, budget: int =
                 pass
     finally:
         blocks[0] = first
-    return BlockInputs(store, state["kwargs"] or {}, device)
+    return BlockInputs(store, state["kwargs"] or {}, device, plan)
 
 
 def run_sequential(model, arch, windows: torch.Tensor, process_block: Callable[[int, torch.nn.Module, BlockInputs], None],
@@ -225,18 +254,22 @@ def run_sequential(model, arch, windows: torch.Tensor, process_block: Callable[[
                    desc: str = "calibrate",
                    process_head: Callable[[BlockInputs], None] | None = None, start: int = 0,
                    saved_inputs: list[torch.Tensor] | None = None,
-                   after_block: Callable[[int, BlockInputs], None] | None = None) -> None:
+                   after_block: Callable[[int, BlockInputs], None] | None = None,
+                   plan: Plan | None = None,
+                   before_block: Callable[[int, torch.nn.Module], None] | None = None) -> None:
     """Drive ``process_block(i, block, inputs)`` over the decoder blocks in order (see module doc);
     then ``process_head(inputs)``, if given, with the last block's outputs as the stored inputs.
 
     Resuming: ``start`` skips the blocks before it, whose outputs ``saved_inputs`` holds (one tensor
-    per window); ``after_block(i, inputs)`` is called once block ``i``'s outputs are stored.
+    per window of ``plan``, this process's share); ``after_block(i, inputs)`` is called once block
+    ``i``'s outputs are stored; ``before_block(i, block)`` before block ``i`` is touched (a streamed
+    model reads its weights then).
     """
     device = torch.device(device)
     model_device = next(model.parameters()).device
     for name in arch.embeddings + (arch.final_norm,):
         model.get_submodule(name).to(device)
-    inputs = capture_first_block_inputs(model, arch, windows, budget, device)
+    inputs = capture_first_block_inputs(model, arch, windows, budget, device, plan)
     try:
         if saved_inputs is not None:
             if len(saved_inputs) != len(inputs):
@@ -244,8 +277,10 @@ def run_sequential(model, arch, windows: torch.Tensor, process_block: Callable[[
             for j, t in enumerate(saved_inputs):
                 inputs.store[j] = t
         blocks = arch.get_blocks(model)
-        for i in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress, leave=False,
-                      initial=start, total=len(blocks)):
+        for i in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not (progress and is_main()),
+                      leave=False, initial=start, total=len(blocks)):
+            if before_block is not None:
+                before_block(i, blocks[i])
             block = blocks[i].to(device)
             process_block(i, block, inputs)
             inputs.advance(block)
@@ -257,4 +292,6 @@ def run_sequential(model, arch, windows: torch.Tensor, process_block: Callable[[
     finally:
         inputs.store.close()
         for name in arch.embeddings + (arch.final_norm,):
-            model.get_submodule(name).to(model_device)
+            mod = model.get_submodule(name)
+            if not any(p.is_meta for p in mod.parameters()):      # a streamed model's are put away
+                mod.to(model_device)

@@ -136,30 +136,54 @@ def _w8a8_config(scheme: W8A8Scheme, method: str, schemes: dict, extra: dict) ->
     }
 
 
+def as_written(name: str, t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """One tensor as the checkpoint stores it: floats in ``dtype`` (quantization scales kept as
+    they are), contiguous, on the CPU."""
+    if t.is_floating_point() and not name.endswith(_KEEP_DTYPE):
+        t = t.to(DTYPES[dtype])
+    return t.detach().contiguous().cpu()
+
+
 def model_tensors(loaded, dtype: str = "float16") -> dict[str, torch.Tensor]:
-    """The model's state dict as written: floats in ``dtype`` (quantization scales kept as they
-    are), a tied lm_head left out."""
+    """The model's state dict as written (:func:`as_written`), a tied lm_head left out; with
+    ``loaded.stream`` only what is not in the streamed blocks' shards."""
     if dtype not in DTYPES:
         raise CompressError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     model = loaded.model
     tensors: dict[str, torch.Tensor] = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     head = loaded.arch.lm_head + ".weight"
+    blocks = f"{loaded.arch.blocks}." if loaded.stream is not None else None
     for name, t in model.state_dict().items():
-        if tied and name == head:
+        if (tied and name == head) or (blocks and name.startswith(blocks)):
             continue
-        if t.is_floating_point() and not name.endswith(_KEEP_DTYPE):
-            t = t.to(DTYPES[dtype])
-        tensors[name] = t.detach().contiguous().cpu()
+        tensors[name] = as_written(name, t, dtype)
     return tensors
+
+
+def compact_tensors(tensors: dict, modules: dict) -> dict:
+    """Replace the GPTQ tensors of each pruned module (``{full name: QuantLinear}``) in ``tensors``
+    by its compact codes (format version 3); returns the added tensors."""
+    added = {}
+    for name, mod in modules.items():
+        for k in ("qweight", "qzeros", "scales", "g_idx"):
+            tensors.pop(f"{name}.{k}")
+        for k, v in gptq_int.compact(mod.packed()).items():
+            added[f"{name}.{k}"] = v.contiguous()
+    tensors.update(added)
+    return added
 
 
 def write_folder(loaded, out: Path, tensors: dict, cfg: dict, metadata: dict) -> Path:
     """Write ``config.json`` (``cfg``), ``model.safetensors`` (``tensors``, header ``metadata``),
-    the generation config and the tokenizer to ``out``, atomically."""
+    the generation config and the tokenizer to ``out``, atomically. A streamed model's blocks are
+    already in shards: they are moved in and ``tensors`` becomes the last shard."""
     model = loaded.model
     with AtomicFolder(out) as tmp:
-        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", **metadata})
+        if loaded.stream is not None:
+            loaded.stream.finish(tmp, tensors, metadata)
+        else:
+            save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", **metadata})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -188,11 +212,7 @@ def save_packed(loaded, out: Path, qconfig: dict, dtype: str = "float16", compac
     the modules named in ``compact`` (pruned ones) store their codes compactly (format version 3)."""
     tensors = model_tensors(loaded, dtype)
     if compact:
-        for name in compact:
-            for k in ("qweight", "qzeros", "scales", "g_idx"):
-                tensors.pop(f"{name}.{k}")
-            for k, v in gptq_int.compact(loaded.model.get_submodule(name).packed()).items():
-                tensors[f"{name}.{k}"] = v.contiguous()
+        compact_tensors(tensors, {n: loaded.model.get_submodule(n) for n in compact if f"{n}.qweight" in tensors})
         qconfig = dict(qconfig, compress=dict(qconfig["compress"], format_version=gptq_int.COMPACT_VERSION,
                                               compact_modules=sorted(compact)))
     cfg = loaded.model.config.to_dict()

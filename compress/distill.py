@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from calib import dist
+
 from . import models
 from .errors import CompressError
 from .train import job
@@ -91,7 +93,7 @@ def distill(teacher_spec: str, student_spec: str, out: Path, spec: TrainSpec, op
     resolve_text(opts.source, data_dir)
     calib = CalibSpec(opts.source, opts.generate or opts.nsamples, opts.seqlen, spec.seed)
 
-    rank = job.init_distributed()
+    rank = dist.init()
     student = models.load(student_spec)
     if student.kind != "hf":
         raise CompressError(f"the student {student_spec} must be a float checkpoint folder")
@@ -154,7 +156,7 @@ def _topk_teacher(teacher_spec: str, fingerprint: str, wins: torch.Tensor, k: in
         teacher = models.load(teacher_spec).model.eval()
         cached = topk.compute(teacher, wins, k, path, progress)
         del teacher
-    job.barrier()
+    dist.barrier()
     return cached if cached is not None else topk.load_cached(path, wins)
 
 

@@ -65,15 +65,23 @@ def available_bytes() -> int:
     return avail
 
 
-def checkpoint_numel(folder: Path) -> int:
-    """Elements of every tensor in the folder's safetensors files, from their (checked) headers alone."""
+def checkpoint_numel(folder: Path, blocks: str | None = None) -> int:
+    """Elements of every tensor in the folder's safetensors files, from their (checked) headers
+    alone. With ``blocks`` (the decoder blocks' path, a streamed run) only those resident at once:
+    everything outside the blocks plus the largest block."""
     from .models import check_safetensors, safetensors_files
-    total = 0
+    total, per_block = 0, {}
     for f in safetensors_files(Path(folder)):
         for k, v in check_safetensors(f).items():
-            if k != "__metadata__":
-                total += math.prod(int(d) for d in v.get("shape", []))
-    return total
+            if k == "__metadata__":
+                continue
+            n = math.prod(int(d) for d in v.get("shape", []))
+            m = re.match(re.escape(f"{blocks}.") + r"(\d+)\.", k) if blocks else None
+            if m:
+                per_block[m.group(1)] = per_block.get(m.group(1), 0) + n
+            else:
+                total += n
+    return total + max(per_block.values(), default=0)
 
 
 @dataclass
@@ -88,9 +96,11 @@ class Estimate:
         return ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.parts.items() if v)
 
 
-def estimate(config: dict, numel: int, steps, calib, budget: int) -> Estimate:
+def estimate(config: dict, numel: int, steps, calib, budget: int, procs: int = 1) -> Estimate:
     """Peak bytes of running ``steps`` (recipe steps) on a model of ``numel`` elements whose
-    ``config.json`` is ``config``; ``calib``: the calibration spec (None without calibration)."""
+    ``config.json`` is ``config``; ``calib``: the calibration spec (None without calibration).
+    With ``procs`` processes each holds the model, its statistics and one window in a block, and
+    the calibration activations are split between them."""
     hidden = int(config.get("hidden_size") or 0)
     inter = int(config.get("intermediate_size") or config.get("ffn_dim") or 4 * hidden)
     heads = int(config.get("num_attention_heads") or 1)
@@ -109,18 +119,24 @@ def estimate(config: dict, numel: int, steps, calib, budget: int) -> Estimate:
         if any(getattr(c, "importance", None) == "gradient" for c in cfgs):
             parts["gradients"] = 4 * numel
             parts["saved activations"] = 4 * layers * (heads * seq * seq + 4 * seq * inter + 8 * seq * hidden)
+    if procs > 1:
+        parts = {k: v if k == "calibration activations" else v * procs for k, v in parts.items()}
     return Estimate(parts)
 
 
-def check(config: dict, folder: Path, steps, calib, max_memory: int | None, budget: int) -> Estimate:
+def check(config: dict, folder: Path, steps, calib, max_memory: int | None, budget: int,
+          procs: int = 1, stream_blocks: str | None = None) -> Estimate:
     """Print the estimate; refuse a run that does not fit in ``max_memory`` (else the available
     memory) with a one-line error naming the estimate, the limit and what would make it fit."""
     import sys
-    est = estimate(config, checkpoint_numel(folder), steps, calib, budget)
+    from calib.dist import is_main
+    est = estimate(config, checkpoint_numel(folder, stream_blocks), steps, calib, budget, procs)
     limit = max_memory if max_memory is not None else available_bytes()
     what = "--max-memory" if max_memory is not None else "the available memory"
-    print(f"memory: estimated peak {est.total / GiB:.2f} GiB ({est.describe()}), {what} {limit / GiB:.2f} GiB",
-          file=sys.stderr, flush=True)
+    if is_main():
+        who = f" ({procs} processes)" if procs > 1 else ""
+        print(f"memory: estimated peak{who} {est.total / GiB:.2f} GiB ({est.describe()}), {what} {limit / GiB:.2f} GiB",
+              file=sys.stderr, flush=True)
     if est.total > limit:
         hint = "a machine with more memory"
         acts = est.parts.get("calibration activations", 0)
@@ -130,6 +146,8 @@ def check(config: dict, folder: Path, steps, calib, max_memory: int | None, budg
             if fit >= 1:
                 hint = (f"fewer or shorter calibration windows (--nsamples {fit} at --seqlen {calib.seqlen} "
                         f"would fit), or {hint}")
+        if stream_blocks is None:
+            hint = f"--stream (one block of weights in memory at a time), {hint}"
         raise CompressError(f"this run needs about {est.total / GiB:.2f} GiB ({est.describe()}) but {what} is "
                             f"{limit / GiB:.2f} GiB: use {hint}")
     return est

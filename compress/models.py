@@ -218,6 +218,22 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+def tensor_digests(folder: Path) -> dict[str, tuple]:
+    """Every tensor of a checkpoint folder, however it is sharded, as ``(dtype, shape, sha256 of
+    its bytes)``: two folders hold the same tensors exactly when these are equal."""
+    import hashlib
+
+    from safetensors import safe_open
+    out = {}
+    for f in safetensors_files(Path(folder)):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                t = fh.get_tensor(k).contiguous()
+                data = t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                out[k] = (str(t.dtype), tuple(t.shape), hashlib.sha256(data).hexdigest())
+    return out
+
+
 # --------------------------------------------------------------------------- loading
 
 @dataclass
@@ -229,6 +245,7 @@ class Loaded:
     path: Path                       # the folder or file read
     kind: str                        # "hf", "packed" or "gguf"
     quant: dict = field(default_factory=dict)   # the suite's quantization metadata, if any
+    stream: object = None            # compress.stream.Streamer when the blocks are read one at a time
 
     @property
     def scheme_label(self) -> str:

@@ -68,6 +68,12 @@ class QuantLinear(nn.Module):
             self.__dict__["_wcache"] = cached
         return cached[1]
 
+    def _apply(self, fn, recurse=True):
+        """Moving the module (``.to``, ``.cuda``, to ``meta``) drops the cached weight with the
+        buffers it came from."""
+        self.__dict__.pop("_wcache", None)
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.cache_dequantized_on_cpu and not x.is_cuda and not torch.is_grad_enabled()
                 and dispatch.kernel_mode() != "triton"):

@@ -32,7 +32,7 @@ from .errors import CompressError
 from .registry import Method, get
 
 TOP_KEYS = ("model", "calibration", "dtype", "device", "save_stats", "load_stats", "sparse_storage", "max_memory",
-            "steps")
+            "stream", "steps")
 SPARSE_STORAGE = ("compact", "gptq")
 STEP_KEYS = ("targets", "ignore", "overrides", "lm_head")
 CALIB_KEYS = ("source", "nsamples", "seqlen", "seed", "data_dir")
@@ -186,6 +186,7 @@ class Recipe:
     load_stats: str | None = None
     sparse_storage: str = "compact"          # pruned and quantized modules: compact codes, or plain GPTQ layout
     max_memory: str | None = None            # refuse a run whose estimated peak exceeds this (else: available memory)
+    stream: bool = False                     # read each block's weights when the runner reaches it (compress.stream)
 
     def __post_init__(self):
         if self.max_memory is not None:
@@ -204,6 +205,14 @@ class Recipe:
         if whole and len(self.steps) > 1:
             raise CompressError(f"{whole[0]} changes the model's shape: it must be the only compression step "
                                 "(compress its output in a second run)")
+        if self.stream:
+            if len(self.steps) > 1 or whole or "gguf" in outputs:
+                raise CompressError("stream runs one compression step into a packed checkpoint (not structured "
+                                    "pruning, not GGUF output)")
+            if not self.quantizes:
+                raise CompressError("stream writes packed (quantized) checkpoints; pruning alone is not streamed yet")
+            if getattr(self.steps[0].config, "profile", None) == "owl":
+                raise CompressError("stream: --profile owl makes a pass over the whole model first; run it in memory")
         if whole and (self.save_stats or self.load_stats):
             raise CompressError(f"{whole[0]} keeps no statistics (save_stats/load_stats)")
         formats = {s.writes for s in self.steps} - {None}
@@ -247,6 +256,8 @@ class Recipe:
             d["sparse_storage"] = self.sparse_storage
         if self.max_memory is not None:
             d["max_memory"] = self.max_memory
+        if self.stream:
+            d["stream"] = True
         d["steps"] = [s.to_dict() for s in self.steps] + [p.to_dict() for p in self.post]
         return {k: v for k, v in d.items() if v is not None}
 
@@ -297,7 +308,7 @@ class Recipe:
                 raise CompressError(f"recipe: calibration: {e}") from None
         return cls(tuple(steps), tuple(post), d.get("model"), dict(calib), d.get("dtype", "float16"),
                    d.get("device", "cpu"), d.get("save_stats"), d.get("load_stats"),
-                   d.get("sparse_storage", "compact"), d.get("max_memory"))
+                   d.get("sparse_storage", "compact"), d.get("max_memory"), bool(d.get("stream", False)))
 
 
 def read(path: Path) -> Recipe:

@@ -182,6 +182,13 @@ class BlockContext:
     def linear(self, name: str) -> torch.nn.Linear:
         return self.block.get_submodule(name)
 
+    def solve_each(self, names: list[str], solve) -> None:
+        """``solve(name)`` for each linear of ``names``, solves that are independent of each other;
+        under torch.distributed they are shared between the processes
+        (:func:`compress.runners.sequential.solve_each`)."""
+        from .runners.sequential import solve_each
+        solve_each(self, names, solve)
+
     def hessian(self, group):
         """The Hessian accumulator of the group's input, collected with the block as it is now
         (earlier groups already compressed), or loaded."""
@@ -197,18 +204,13 @@ class BlockContext:
         """One pass of the block with an accumulator on each group's input: ``factories`` maps a
         group to an accumulator class; returns ``{group key: accumulator}`` (loaded ones when
         statistics were loaded)."""
-        out, handles = {}, []
         if self.stats.loaded is not None:
             return {self.key(g): self.stats.get(self.key(g), cls) for g, cls in factories.items()}
-        try:
-            for g, cls in factories.items():
-                first = self.linear(g.linears[0])
-                out[self.key(g)] = acc = cls(first.in_features)
-                handles.append(first.register_forward_hook(acc.hook))
-            self.inputs.run(self.block)
-        finally:
-            for h in handles:
-                h.remove()
+        watch = {}
+        for g, cls in factories.items():
+            first = self.linear(g.linears[0])
+            watch[self.key(g)] = (first, lambda cls=cls, k=first.in_features: cls(k))
+        out = self.inputs.accumulate(self.block, watch)
         for k, acc in out.items():
             self.stats.put(k, acc)
         return out
@@ -232,6 +234,9 @@ class Method:
     # needs the family's description (rescale partners, widths, llama.cpp names): refused on the
     # generic path, which knows only the blocks and the linears in them
     needs_description: ClassVar[bool] = False
+    # observes only through accumulators merged across processes (BlockContext.observe_inputs,
+    # hessian, BlockInputs.accumulate), so its calibration can be split between processes
+    distributed: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

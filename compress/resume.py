@@ -4,7 +4,9 @@ After every finished block the runner records, in ``.<output name>.work/`` next 
 
 * ``block-<step>-<i>.safetensors``: the block's state (its packed modules included; the module
   kinds in the metadata), plus GGML tensors for GGUF outputs;
-* ``inputs-<step>-<i>.safetensors``: the block's outputs, i.e. the next block's inputs;
+* ``inputs-<step>-<i>-<rank>.safetensors``: the block's outputs, i.e. the next block's inputs, one
+  file per process (each its share of the windows, keyed by window index, so a run resumes with
+  any number of processes);
 * ``stats-<step>-<i>.safetensors``: the statistics observed in the block (with ``--save-stats``);
 * ``record-<step>.json``: losses, fallbacks, schemes and method results so far;
 * ``progress.json`` (written last, atomically): the fingerprint of model, recipe and calibration
@@ -25,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from calib import dist
 
 from .errors import CompressError
 from .fileio import atomic_file, atomic_text
@@ -109,8 +113,22 @@ def _has_progress(prog: dict) -> bool:
 
 class WorkFolder:
     def __init__(self, out: Path, fingerprint: dict, restart: bool = False):
+        """Under torch.distributed rank 0 checks, clears or creates the folder; the others then read
+        its progress (only rank 0 writes anything but its own share of the block inputs)."""
         self.path = work_path(out)
         self.fingerprint = fingerprint
+        if not dist.is_main():
+            dist.barrier()
+            self.progress = json.loads((self.path / PROGRESS).read_text())
+            self.resumed = _has_progress(self.progress)
+            return
+        try:
+            self._open(restart)
+        finally:
+            dist.barrier()
+
+    def _open(self, restart: bool) -> None:
+        fingerprint = self.fingerprint
         if restart and self.path.exists():
             shutil.rmtree(self.path)
         self.resumed = False
@@ -144,41 +162,56 @@ class WorkFolder:
         return self.progress["steps"].setdefault(str(s), {"blocks": 0, "done": False})
 
     def _write_progress(self) -> None:
+        if not dist.is_main():
+            return
         atomic_text(self.path / PROGRESS, json.dumps(self.progress, indent=1, sort_keys=True))
 
     def step_done(self, s: int) -> bool:
         return bool(self._step(s)["done"])
 
-    def resume_point(self, s: int) -> tuple[int, list[torch.Tensor] | None]:
+    def resume_point(self, s: int, windows: list[int] | None = None) -> tuple[int, list[torch.Tensor] | None]:
+        """The first block of step ``s`` to run, and the saved inputs of ``windows`` (global window
+        indices: this process's share) to run it on (None without saved inputs)."""
         b = self._step(s)["blocks"]
-        f = self.path / f"inputs-{s}-{b - 1}.safetensors"
-        if b == 0 or not f.exists():
+        if not b or windows is None:
             return b, None
-        with safe_open(str(f), framework="pt", device="cpu") as fh:
-            return b, [fh.get_tensor(f"x{j}") for j in range(len(fh.keys()))]
+        files = sorted(self.path.glob(f"inputs-{s}-{b - 1}-*.safetensors"))
+        found = {}
+        for f in files:
+            with safe_open(str(f), framework="pt", device="cpu") as fh:
+                keys = set(fh.keys())
+                found.update({w: fh.get_tensor(f"x{w}") for w in windows if f"x{w}" in keys})
+        missing = [w for w in windows if w not in found]
+        if missing:
+            raise CompressError(f"{self.path} lacks the saved inputs of {len(missing)} calibration windows; "
+                                "rerun with --restart to start over")
+        return b, [found[w] for w in windows]
 
     # ------------------------------------------------------------------ saving
     def save_block(self, s: int, i: int, block, inputs, record: RunRecord, stats, prefix: str) -> None:
-        """Save block ``i`` of step ``s`` (``prefix``: the block's full name and a dot)."""
+        """Save block ``i`` of step ``s`` (``prefix``: the block's full name and a dot; ``block``
+        None for a streamed block, whose state is in its output shard)."""
         from calib.stats import save_stats
-        ggml = {f"{GGML_PREFIX}{k}": t.data for k, t in record.packed.items()
-                if isinstance(t, GGMLTensor) and k.startswith(prefix)}
-        save_module_state(self.path / f"block-{s}-{i}.safetensors", block, ggml)
-        if inputs is not None:
-            xs = {f"x{j}": inputs.store[j] for j in range(len(inputs.store))}
-            atomic_file(self.path / f"inputs-{s}-{i}.safetensors", lambda tmp: save_file(xs, str(tmp)))
-        if stats.kept:
-            saved = self._step(s).setdefault("stats_keys", [])
-            new = {k: v for k, v in stats.kept.items() if k not in saved}
+        rank, _ = dist.world()
+        if inputs is not None:        # every process its own windows, keyed by global index
+            xs = {f"x{w}": inputs.store[j] for j, w in enumerate(inputs.plan.windows)}
+            atomic_file(self.path / f"inputs-{s}-{i}-{rank}.safetensors", lambda tmp: save_file(xs, str(tmp)))
+        dist.barrier()                # every share is on disk before the progress says so
+        saved = self._step(s).setdefault("stats_keys", [])
+        new = {k: v for k, v in (stats.kept or {}).items() if k not in saved}
+        if rank == 0 and block is not None:          # None: a streamed block, in its output shard already
+            ggml = {f"{GGML_PREFIX}{k}": t.data for k, t in record.packed.items()
+                    if isinstance(t, GGMLTensor) and k.startswith(prefix)}
+            save_module_state(self.path / f"block-{s}-{i}.safetensors", block, ggml)
             if new:
                 atomic_file(self.path / f"stats-{s}-{i}.safetensors", lambda tmp: save_stats(tmp, new))
-                saved.extend(new)
+        saved.extend(new)
         self._save_record(s, record)
         self._step(s)["blocks"] = i + 1
         self._write_progress()
-        old = self.path / f"inputs-{s}-{i - 1}.safetensors"
-        if old.exists():
-            old.unlink()
+        if rank == 0:
+            for old in self.path.glob(f"inputs-{s}-{i - 1}-*.safetensors"):
+                old.unlink()
 
     def save_blocks(self, s: int, model, arch) -> None:
         """Save every block of step ``s`` again (a method changed them after the last block, e.g. an
@@ -187,13 +220,15 @@ class WorkFolder:
             save_module_state(self.path / f"block-{s}-{i}.safetensors", block)
 
     def _save_record(self, s: int, record: RunRecord) -> None:
+        if not dist.is_main():
+            return
         ggml = {k: {"type": t.type, "shape": list(t.shape), "note": t.note}
                 for k, t in record.packed.items() if isinstance(t, GGMLTensor)}
         data = {**record.summary(), "packed": list(record.packed), "ggml": ggml}
         atomic_text(self.path / f"record-{s}.json", json.dumps(data))       # insertion order kept
 
     def finish_step(self, s: int, model, head: str | None, record: RunRecord) -> None:
-        if head is not None:
+        if head is not None and dist.is_main():
             save_module_state(self.path / f"head-{s}.safetensors", torch.nn.ModuleDict({"head": model.get_submodule(head)}))
         self._save_record(s, record)
         self._step(s)["done"] = True
@@ -243,10 +278,13 @@ class WorkFolder:
                 record.packed[name] = GGMLTensor(name, meta["type"], tuple(meta["shape"]), ggml_files[name],
                                                  meta["note"])
             else:
-                record.packed[name] = model.get_submodule(name).packed()
+                mod = model.get_submodule(name)
+                if hasattr(mod, "packed") and not any(t.is_meta for t in mod.buffers()):   # else in a stream shard
+                    record.packed[name] = mod.packed()
         if stats.kept is not None:
             for sf in sorted(self.path.glob(f"stats-{s}-*.safetensors")):
                 stats.kept.update(load_stats(sf))
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        if dist.is_main():
+            shutil.rmtree(self.path, ignore_errors=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from calib import dist
+
 from . import __version__, models
 from .arch import GENERIC, check_calibration_length, path_label, supported_model_types
 from .errors import CompressError
@@ -32,16 +34,43 @@ def _check_output(recipe: Recipe, out: Path) -> None:
         raise CompressError(f"{out} exists and is not a folder")
 
 
-def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None) -> None:
-    """Checks that need no weights: the model's architecture, the output path, the data and files."""
+def check_processes(recipe: Recipe, procs: int) -> None:
+    """Several processes split the calibration windows: every step must merge its statistics across
+    them (methods whose search or training runs the block over the windows itself do not)."""
+    if procs < 1:
+        raise CompressError(f"--nproc must be at least 1, got {procs}")
+    if procs == 1:
+        return
+    if not needs_windows(recipe):
+        raise CompressError("--nproc splits the calibration windows between processes; this run has none to split "
+                            "(a method without calibration, or --load-stats)")
+    bad = [s.method for s in recipe.steps if s.cls.calibrated and not s.cls.distributed]
+    if bad:
+        raise CompressError(f"{', '.join(bad)} cannot split its calibration between processes (it searches or trains "
+                            f"over the windows itself); run it with one process")
+    from calib.dist import Plan
+    try:
+        Plan(recipe.calib_spec().nsamples, procs - 1, procs)
+    except ValueError as e:
+        raise CompressError(str(e)) from None
+
+
+def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None, procs: int = 1) -> None:
+    """Checks that need no weights: the model's architecture, the output path, the data and files,
+    the memory of ``procs`` processes."""
     _check_output(recipe, out)
+    check_processes(recipe, procs)
     kind, path = models.resolve(spec)
     if kind == "name" and models.is_cached(spec):
         kind = "folder"
+    if recipe.stream and kind not in ("folder", "name"):
+        raise CompressError(f"--stream reads a Hugging Face folder of safetensors files, not {spec}")
     if kind == "folder":
         config = models.read_config(path)
         arch = models.arch_for(config.get("model_type"), config.get("architectures"))
         _check_generic(recipe, arch, config.get("model_type"))
+        if recipe.stream and arch.family == GENERIC:
+            raise CompressError(f"--stream needs an architecture description and '{config.get('model_type')}' has none")
         from .formats.sparse import is_sparse_config
         if config.get("quantization_config") and not is_sparse_config(config):
             raise CompressError(f"{spec} is already a quantized checkpoint")
@@ -49,7 +78,8 @@ def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None) -> None:
 
         from .memory import check, parse_size
         check(config, path, recipe.steps, recipe.calib_spec() if needs_windows(recipe) else None,
-              parse_size(recipe.max_memory) if recipe.max_memory else None, DEFAULT_BUDGET)
+              parse_size(recipe.max_memory) if recipe.max_memory else None, DEFAULT_BUDGET, procs,
+              arch.blocks if recipe.stream else None)
         if needs_windows(recipe):
             check_calibration_length(config, recipe.calib_spec().seqlen)
     elif kind == "gguf":
@@ -94,7 +124,7 @@ def check_modules(loaded, step: Step, where: str) -> list[str]:
         lin = model.get_submodule(name)
         if not isinstance(lin, torch.nn.Linear):
             raise CompressError(f"{name} is a {type(lin).__name__}, not a linear layer")
-        if not torch.isfinite(lin.weight).all():
+        if not lin.weight.is_meta and not torch.isfinite(lin.weight).all():    # streamed: Streamer.check_finite
             raise CompressError(f"{name} has NaN or Inf weights")
         inst.check_module(name, lin, step.targets.override_for(name))
     inst.check_model(loaded, step.targets)
@@ -116,6 +146,9 @@ def compress_model(loaded, recipe: Recipe, out: Path | None = None, data_dir=Non
                 raise CompressError(f"{name} has NaN or Inf weights")
     for n, step in enumerate(recipe.steps, 1):
         check_modules(loaded, step, f"step {n} ({step.method})")
+    if loaded.stream is not None:
+        loaded.stream.check_finite()
+        loaded.stream.dtype, loaded.stream.compact = recipe.dtype, recipe.sparse_storage == "compact"
     if windows is None and needs_windows(recipe):
         from calib.data import calibration_windows
         windows = calibration_windows(loaded.tokenizer, recipe.calib_spec(),
@@ -136,9 +169,15 @@ def compress_model(loaded, recipe: Recipe, out: Path | None = None, data_dir=Non
         if work.resumed:
             print(f"resuming the interrupted run from {work.path} (--restart starts over)", flush=True)
             work.restore(loaded.model, loaded.arch, len(recipe.steps), loaded.arch.lm_head)
+    if loaded.stream is not None:
+        if out is None:
+            raise CompressError("a streamed model is compressed into an output folder")
+        loaded.stream.open_staging(work.path if work is not None else None, Path(out))
     try:
         return _run_steps(loaded, recipe, work, windows, stats_loaded, progress)
     except BaseException:
+        if loaded.stream is not None:
+            loaded.stream.close()
         if work is not None and not work.has_progress():
             work.remove()           # nothing to resume: leave nothing behind
         raise
@@ -165,7 +204,7 @@ def _run_steps(loaded, recipe: Recipe, work, windows, stats_loaded, progress: bo
             run_step(run, windows, work, s)
             if work is not None:
                 work.finish_step(s, loaded.model, loaded.arch.lm_head if step.lm_head else None, record)
-        if recipe.save_stats and stats.kept is not None:
+        if recipe.save_stats and stats.kept is not None and dist.is_main():
             from calib.stats import save_stats
 
             from .fileio import atomic_file
@@ -261,13 +300,28 @@ def run(recipe: Recipe, spec: str | None, out: Path, data_dir=None, restart: boo
     if not spec:
         raise CompressError("no model: give MODEL on the command line or 'model:' in the recipe")
     out = Path(out)
-    preflight(recipe, spec, out, data_dir)
+    rank = dist.init()
+    procs = dist.world()[1]
+    preflight(recipe, spec, out, data_dir, procs)
     t0 = time.perf_counter()
-    loaded = models.load(spec)
-    result = compress_model(loaded, recipe, out, data_dir, restart, progress)
-    info = save_output(loaded, recipe, result, out, spec)
+    if recipe.stream:
+        from .stream import load as load_streamed
+        loaded = load_streamed(spec)
+    else:
+        loaded = models.load(spec)
+    result = compress_model(loaded, recipe, out, data_dir, restart, progress and rank == 0)
+    try:
+        if loaded.stream is not None:
+            loaded.stream.load_rest(loaded.model)
+        info = save_output(loaded, recipe, result, out, spec) if rank == 0 else {}
+    finally:
+        if loaded.stream is not None:
+            loaded.stream.close()
+    dist.barrier()                   # every process holds the same model; rank 0 has written it
     if result["work"] is not None:
         result["work"].remove()
+    if rank != 0:
+        return {"rank": rank}
     losses = merged(result["records"], "losses")
     steps = [{**s.to_dict(), "extra": r.extra} for s, (r, _) in zip(recipe.steps, result["records"])]
     report = {"model": spec, "out": str(out), "steps": steps,
@@ -275,7 +329,8 @@ def run(recipe: Recipe, spec: str | None, out: Path, data_dir=None, restart: boo
               "modules": info["layers"] if recipe.output != "gguf" else info.get("tensors"),
               "total_loss": sum(losses.values()) if losses else None,
               "fallbacks": merged(result["records"], "fallbacks"),
-              "architecture": path_label(loaded.arch), "output": info, "post": []}
+              "architecture": path_label(loaded.arch), "output": info, "processes": procs,
+              "streamed": loaded.stream is not None, "post": []}
     del loaded
     for p in recipe.post:
         report["post"].append(_post(p, out, spec, data_dir, progress))

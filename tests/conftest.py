@@ -28,6 +28,29 @@ def synthetic_text(n_words: int = 6000, seed: int = 0) -> str:
     return "\n\n".join(lines)
 
 
+def kill_mid_run(proc, work: Path, blocks: int, group: bool = False, timeout: float = 300) -> int:
+    """SIGKILL ``proc`` (its whole process group with ``group``) as soon as its work folder's progress
+    counts ``blocks`` finished blocks; returns the count seen."""
+    import json
+    import signal
+    import time
+    done, deadline = 0, time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = json.loads((work / "progress.json").read_text())["steps"]["0"]["blocks"]
+        except (OSError, ValueError, KeyError):
+            done = 0
+        if done >= blocks:
+            break
+        time.sleep(0.01)
+    if group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return done
+
+
 def _tokenizer(vocab: int = 300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

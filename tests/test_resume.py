@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import build_tiny
+from tests.conftest import build_tiny, kill_mid_run
 from tests.test_cli import assert_clean_error, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,18 +39,7 @@ def test_killed_run_resumes_to_identical_bytes(deep_llama, tiny_data, tmp_path):
     work = tmp_path / ".out.work"
     proc = subprocess.Popen(_cmd(deep_llama, tiny_data, out), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    blocks = 0
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            blocks = json.loads((work / "progress.json").read_text())["steps"]["0"]["blocks"]
-        except (OSError, ValueError, KeyError):
-            blocks = 0
-        if blocks >= 2:
-            break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    blocks = kill_mid_run(proc, work, 2)
     assert 2 <= blocks < 8, f"the run was not caught mid-way ({blocks} blocks done)"
     assert not out.exists() and work.is_dir()
     # the same command continues from the last finished block

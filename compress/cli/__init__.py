@@ -9,6 +9,8 @@ Bad input ends with a one-line ``Error: ...`` on stderr and exit code 1 (2 for u
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -76,11 +78,13 @@ def cli(ctx, debug, verbose, download):
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     if download:
-        import os
         os.environ["COMPRESS_DOWNLOAD"] = "1"
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+    else:      # read when transformers is first imported (importing it here would cost a second)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 # --------------------------------------------------------------------------- models

@@ -106,6 +106,10 @@ def _widths(st: dict) -> str:
 
 
 _run_options = [
+    click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Split the calibration windows between N processes on this machine (torchrun; gloo on CPU, "
+                      "NCCL on CUDA); the output is byte-identical to one process. Under torchrun the launcher's "
+                      "processes are used instead."),
     click.option("--restart", is_flag=True, help="Discard an interrupted run's work folder and start over."),
     click.option("--report", "report_out", type=click.Path(path_type=Path), default=None,
                  help="Write the run's report (JSON) here."),
@@ -140,6 +144,9 @@ def _compress_command(name: str, kind: str, default: str, doc: str, out_help: st
     @click.option("--max-memory", default=None, metavar="SIZE",
                   help="Refuse the run (before any work) if its estimated peak memory exceeds SIZE (e.g. 8GiB) "
                        "[default: the memory available].")
+    @click.option("--stream", is_flag=True,
+                  help="Read each block's weights from the safetensors files when the run reaches it and write it to "
+                       "its own output shard when done: about one block of weights in memory instead of the model.")
     @click.option("--save-recipe", type=click.Path(path_type=Path), default=None,
                   help="Write the recipe this command runs (YAML) for `compress run`.")
     @click.option("--format", "out_format", type=click.Choice(["packed", "compressed-tensors"]), default="packed",
@@ -149,8 +156,8 @@ def _compress_command(name: str, kind: str, default: str, doc: str, out_help: st
     @_with(_run_options)
     @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help=out_help)
     def command(model, method, targets, ignore, lm_head, calib_source, nsamples, seqlen, seed, data_dir, save_stats,
-                load_stats, device, dtype, sparse_storage, max_memory, save_recipe, out_format, restart, report_out,
-                out, **options):
+                load_stats, device, dtype, sparse_storage, max_memory, stream, save_recipe, out_format, nproc,
+                restart, report_out, out, **options):
         from calib.data import CalibSpec
 
         from ..recipe import Recipe, write
@@ -164,9 +171,10 @@ def _compress_command(name: str, kind: str, default: str, doc: str, out_help: st
         calibration = CalibSpec(calib_source, nsamples, seqlen, seed).to_dict() if step.cls.calibrated else {}
         recipe = Recipe((step,), (), model, calibration, dtype, _device(device),
                         str(save_stats) if save_stats else None, str(load_stats) if load_stats else None,
-                        sparse_storage, str(max_memory) if max_memory else None)
+                        sparse_storage, str(max_memory) if max_memory else None, stream)
         if save_recipe is not None:
             write(recipe, save_recipe)
+        _launch_if(nproc, recipe, model, out, data_dir)
         if out_format == "compressed-tensors":
             rep = _run_compressed_tensors(recipe, model, out, data_dir, restart, dtype)
         else:
@@ -189,6 +197,8 @@ def _run_compressed_tensors(recipe, model, out: Path, data_dir, restart: bool, d
         raise CompressError(f"{out} exists and is not a folder")
     packed = out.with_name(f".{out.name}.packed")
     rep = run(recipe, model, packed, data_dir, restart)
+    if rep.get("rank"):                           # another process of a distributed run: rank 0 writes
+        return rep
     if (rep.get("output") or {}).get("structured") or not (packed / "config.json").is_file():
         shutil.rmtree(packed, ignore_errors=True)
         raise CompressError("--format compressed-tensors applies to quantized checkpoints")
@@ -224,8 +234,31 @@ qat = _compress_command(
     "Output checkpoint folder.")
 
 
+def _launch_if(nproc: int, recipe, model, out: Path, data_dir) -> None:
+    """With ``--nproc N`` (N > 1, not already under torchrun): check what can be checked here, then
+    run this same command line in N processes (:func:`calib.dist.launch`) and exit with their status."""
+    import sys
+
+    from calib.dist import launch, launched
+    from ..session import preflight
+    if nproc == 1 or launched():
+        return
+    preflight(recipe, model or recipe.model, Path(out), data_dir, nproc)
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    sys.exit(launch(nproc, [sys.executable, "-m", "compress", *args]))
+
+
 def _finish_run(rep: dict, report_out) -> None:
     from ..api import write_json
+    if rep.get("rank"):                           # another process of a distributed run: rank 0 reports
+        return
     _print_report(rep)
     if report_out is not None:
         write_json(rep, report_out)
@@ -239,11 +272,12 @@ def _finish_run(rep: dict, report_out) -> None:
 @_with(_run_options)
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Output checkpoint folder (.gguf file for GGUF methods).")
-def run_recipe(recipe, model, data_dir, restart, report_out, out):
+def run_recipe(recipe, model, data_dir, nproc, restart, report_out, out):
     """Run RECIPE (YAML): compression steps, then evaluation and export steps, with one report."""
     from ..recipe import read
     from ..session import run
     r = read(recipe)
+    _launch_if(nproc, r, model, out, data_dir)
     rep = run(r, model, out, data_dir, restart)
     _finish_run(rep, report_out)
 

@@ -84,15 +84,16 @@ def head_hessian(run, inputs):
 @register
 class GPTQ(Method):
     name = "gptq"
+    distributed = True
     summary = "GPTQ onto the integer grid, against each layer's input Hessian"
     config = GPTQOptions
     lm_head = True
 
     def process_block(self, blk) -> None:
         for group, H in block_hessians(blk, self.cfg):
-            for name in blk.targeted(group):
-                gptq_into(blk.record, blk.block, name, blk.full(name), H, blk.scheme(name), self.cfg,
-                          keep_zeros=blk.full(name) in blk.pruned)
+            blk.solve_each(blk.targeted(group), lambda name, H=H: gptq_into(
+                blk.record, blk.block, name, blk.full(name), H, blk.scheme(name), self.cfg,
+                keep_zeros=blk.full(name) in blk.pruned))
 
     def process_head(self, run, inputs) -> None:
         name = run.arch.lm_head

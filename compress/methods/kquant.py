@@ -126,6 +126,7 @@ class KQuant(_GGMLMethod):
 @register
 class KQuantGPTQ(_GGMLMethod):
     name = "kquant-gptq"
+    distributed = True
     summary = "GPTQ onto the GGML grids of a llama.cpp type mix (--type)"
     config = KQuantGPTQOptions
     calibrated = True
@@ -135,22 +136,24 @@ class KQuantGPTQ(_GGMLMethod):
         return blk.hessian(group).hessian()
 
     def apply(self, blk, group, H) -> None:
+        blk.solve_each(blk.targeted(group), lambda name: self._solve(blk, name, H))
+
+    def _solve(self, blk, name: str, H) -> None:
         st = blk.run_state
-        for name in blk.targeted(group):
-            lin, full = blk.linear(name), blk.full(name)
-            ch = st["plan"][st["name"](full)]
-            w = lin.weight.data
-            if ch.type in FLOAT_TYPES:
-                data = quantize_tensor(w, ch.type)
-                blk.record.add(full, GGMLTensor(ch.name, ch.type, ch.shape, data, note(ch)))
-                lin.weight.data = data.to(torch.float32).to(w.device, w.dtype)
-                continue
-            res = gptq_ggml_solve(w.to(torch.float32), H, ch.type, damp=self.cfg.damp)
-            blk.record.add(full, GGMLTensor(ch.name, ch.type, ch.shape, res.data,
-                                            note(ch, f"gptq {res.fallback}" if res.fallback else "gptq")),
-                           loss=res.loss, fallback=res.fallback)
-            blk.record.extra.setdefault("output_errors", {})[full] = res.info["output_error"]
-            lin.weight.data = res.weight.to(w.device, w.dtype)
+        lin, full = blk.linear(name), blk.full(name)
+        ch = st["plan"][st["name"](full)]
+        w = lin.weight.data
+        if ch.type in FLOAT_TYPES:
+            data = quantize_tensor(w, ch.type)
+            blk.record.add(full, GGMLTensor(ch.name, ch.type, ch.shape, data, note(ch)))
+            lin.weight.data = data.to(torch.float32).to(w.device, w.dtype)
+            return
+        res = gptq_ggml_solve(w.to(torch.float32), H, ch.type, damp=self.cfg.damp)
+        blk.record.add(full, GGMLTensor(ch.name, ch.type, ch.shape, res.data,
+                                        note(ch, f"gptq {res.fallback}" if res.fallback else "gptq")),
+                       loss=res.loss, fallback=res.fallback)
+        blk.record.extra.setdefault("output_errors", {})[full] = res.info["output_error"]
+        lin.weight.data = res.weight.to(w.device, w.dtype)
 
     def metadata(self, record=None) -> dict:
         errs = (record.extra if record else {}).get("output_errors", {})

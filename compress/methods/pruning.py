@@ -177,16 +177,9 @@ def owl_sparsities(run, cfg: PruneOptions) -> list[float]:
     def process(i, block, inputs):
         names = [n for n in arch.block_linears if run.targets.selects(f"{arch.blocks}.{i}.{n}")
                  and isinstance(block.get_submodule(n), torch.nn.Linear)]
-        accs, handles = {}, []
-        for n in names:
-            lin = block.get_submodule(n)
-            accs[n] = acc = ImportanceAccumulator(lin.in_features)
-            handles.append(lin.register_forward_hook(acc.hook))
-        try:
-            inputs.run(block)
-        finally:
-            for h in handles:
-                h.remove()
+        watch = {n: (block.get_submodule(n), lambda k=block.get_submodule(n).in_features: ImportanceAccumulator(k))
+                 for n in names}
+        accs = inputs.accumulate(block, watch) if names else {}
         if names:
             scores = torch.cat([(block.get_submodule(n).weight.detach().abs().float()
                                  * accs[n].importance().sqrt()[None, :]).flatten() for n in names])

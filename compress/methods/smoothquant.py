@@ -68,6 +68,7 @@ class SmoothQuant(Method):
     what ``--save-stats`` stores; reloading them reproduces the run for any alpha or act scheme."""
 
     name = "smoothquant"
+    distributed = True
     needs_description = True
     summary = "SmoothQuant migration, then W8A8 (int8 per-channel weights, int8 activations)"
     config = SmoothQuantOptions

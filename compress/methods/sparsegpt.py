@@ -36,18 +36,20 @@ class SparseGPTOptions(JointOptions):
 @register
 class SparseGPT(PruneMethod):
     name = "sparsegpt"
+    distributed = True
     summary = "OBS pruning against each layer's input Hessian, kept weights updated; --bits prunes and quantizes at once"
     config = SparseGPTOptions
 
     def process_block(self, blk) -> None:
         for group, H in block_hessians(blk, self.cfg):
-            for name in blk.targeted(group):
-                sc = self.layer_scheme(blk, name)
-                lin = blk.linear(name)
-                res = sparsegpt_solve(lin.weight.data.float(), H.to(lin.weight.device), sc.sparsity, sc.nm, sc.quant,
-                                      damp=self.cfg.damp, block_size=self.cfg.block_size)
-                packed = None
-                if sc.quant is not None:
-                    packed = gptq_int.pack(res.q.cpu(), res.scales.cpu(), res.zeros.cpu(), res.g_idx.cpu(),
-                                           sc.quant.bits)
-                self.record_layer(blk, name, res.weight, sc, res.loss, res.fallback, packed)
+            blk.solve_each(blk.targeted(group), lambda name, H=H: self._solve(blk, name, H))
+
+    def _solve(self, blk, name: str, H) -> None:
+        sc = self.layer_scheme(blk, name)
+        lin = blk.linear(name)
+        res = sparsegpt_solve(lin.weight.data.float(), H.to(lin.weight.device), sc.sparsity, sc.nm, sc.quant,
+                              damp=self.cfg.damp, block_size=self.cfg.block_size)
+        packed = None
+        if sc.quant is not None:
+            packed = gptq_int.pack(res.q.cpu(), res.scales.cpu(), res.zeros.cpu(), res.g_idx.cpu(), sc.quant.bits)
+        self.record_layer(blk, name, res.weight, sc, res.loss, res.fallback, packed)

@@ -22,6 +22,7 @@ class WandaOptions(PruneOptions):
 @register
 class Wanda(PruneMethod):
     name = "wanda"
+    distributed = True
     summary = "weights times input-activation norms, pruned per output row (calibrated, no weight update)"
     config = WandaOptions
 

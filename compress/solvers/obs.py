@@ -122,7 +122,9 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor | None:
     # cholesky_solve against the identity: the same inverse as cholesky_inverse, which MKL computes
     # up to 20x slower on some CPUs (121 ms against 6 ms for 576 x 576 on an AMD EPYC)
     hinv = torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype, device=h.device), chol)
+    del chol                           # K x K each: hold no more of them than needed at once
     u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    del hinv
     if int(info) != 0 or not bool(torch.isfinite(u).all()) or not bool((torch.diagonal(u) > 0).all()):
         return None
     return u
@@ -139,6 +141,7 @@ def damped_inverse_cholesky(h: torch.Tensor, damp: float, max_tries: int, what: 
         hd = h.clone()
         hd.diagonal().add_(cur * mean_diag)
         u = _inverse_cholesky(hd)
+        del hd
         if u is not None:
             break
         if attempt < max_tries:

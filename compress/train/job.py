@@ -3,16 +3,17 @@ weights are read, the process group under ``torchrun``, the training windows, th
 before and after, and the work folder a killed run resumes from."""
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from calib import dist
+
 from .. import models
 from ..errors import CompressError
-from .loop import Trainer, TrainSpec, dist_rank_world
+from .loop import Trainer, TrainSpec
 
 
 def check_config(spec: str, role: str, quantized_ok: bool = False) -> dict:
@@ -46,18 +47,6 @@ def check_output(out: Path) -> Path:
     return out
 
 
-def init_distributed() -> int:
-    """Join the process group when launched by ``torchrun`` (gloo on CPU, NCCL on GPU); the rank."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist_rank_world()[0]
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def evaluator(model, tokenizer, n: int, data_dir):
     """Perplexity on the first ``n`` windows of wt2-quick (None when ``n`` is 0)."""
     if n == 0:
@@ -81,7 +70,7 @@ def train(params: dict, spec: TrainSpec, wins: torch.Tensor, loss_fn, out: Path,
           restart: bool, progress: bool, desc: str) -> dict:
     """Run the loop with its checkpoints in ``out``'s work folder; the losses, time and evaluations."""
     from ..resume import work_path
-    rank = dist_rank_world()[0]
+    rank = dist.world()[0]
     before = evaluate() if rank == 0 else None
     work = work_path(out)
     if restart and work.exists() and rank == 0:
@@ -100,6 +89,6 @@ def train(params: dict, spec: TrainSpec, wins: torch.Tensor, loss_fn, out: Path,
 def finish(out: Path) -> None:
     """After the output is written: drop the work folder (rank 0) and wait for every process."""
     from ..resume import work_path
-    if dist_rank_world()[0] == 0:
+    if dist.world()[0] == 0:
         shutil.rmtree(work_path(out), ignore_errors=True)
-    barrier()
+    dist.barrier()

@@ -33,6 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from calib import dist
+
 from ..errors import CompressError
 from ..fileio import atomic_file, atomic_text
 
@@ -79,14 +81,6 @@ class TrainSpec:
         return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world size), (0, 1) without torch.distributed."""
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size()
-    return 0, 1
-
-
 def batch_indices(n: int, spec: TrainSpec, step: int) -> list[int]:
     """The window indices of global batch ``step`` (epochs are seeded permutations of ``range(n)``)."""
     orders: dict[int, torch.Tensor] = {}
@@ -120,7 +114,7 @@ class Trainer:
                                       for names, f in groups], lr=spec.lr, weight_decay=spec.weight_decay)
         self.step = 0
         self.history: list[dict] = []
-        self.rank, self.world = dist_rank_world()
+        self.rank, self.world = dist.world()
         if spec.batch % (spec.accum * self.world):
             raise CompressError(f"--batch ({spec.batch}) must be a multiple of --grad-accum x processes "
                                 f"({spec.accum} x {self.world})")

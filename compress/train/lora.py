@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from calib import dist
+
 from ..config import Targets
 from ..errors import CompressError
 from ..formats import gptq_int
@@ -226,7 +228,7 @@ def run(checkpoint: str, out: Path, spec, opts: LoRAOptions, calib, teacher_spec
     if teacher_spec is not None:
         job.check_vocab(job.check_config(teacher_spec, "teacher"), cfg)
     resolve_text(calib.source, data_dir)
-    rank = job.init_distributed()
+    rank = dist.init()
     loaded = models.load(checkpoint)
     if loaded.kind != "packed":
         raise CompressError(f"{checkpoint} is not a packed checkpoint folder")

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from calib.data import CalibError, CalibSpec, calibration_windows
+from calib.dist import Plan
 from calib.runner import InputStore, capture_first_block_inputs, run_sequential
 from compress import models
 
@@ -12,7 +13,7 @@ def test_sequential_replay_reproduces_the_model(tiny_llama):
     model, arch = loaded.model, loaded.arch
     wins = torch.randint(0, 300, (5, 24))
     inputs = capture_first_block_inputs(model, arch, wins)
-    inputs.batch = 2
+    inputs.plan = Plan(5, batch=2)
     assert len(inputs) == 5
     for block in arch.get_blocks(model):
         inputs.advance(block)
@@ -31,7 +32,7 @@ def test_stop_at_ends_the_forward_early(tiny_llama):
     calls = {"q": 0, "down": 0}
     h1 = block.self_attn.q_proj.register_forward_hook(lambda *a: calls.__setitem__("q", calls["q"] + 1))
     h2 = block.mlp.down_proj.register_forward_hook(lambda *a: calls.__setitem__("down", calls["down"] + 1))
-    inputs.batch = 1
+    inputs.plan = Plan(3, batch=1)
     inputs.run(block, stop_at=block.self_attn.v_proj)
     assert calls == {"q": 3, "down": 0}
     inputs.run(block)
