@@ -108,6 +108,17 @@ def test_two_processes_write_the_bytes_of_one(case, deep_llama, tiny_data, tmp_p
         assert list(a) == list(b) and all(torch.equal(a[k].H, b[k].H) and a[k].nsamples == b[k].nsamples for k in a)
 
 
+def test_two_streaming_processes_write_the_tensors_of_one_in_memory(deep_llama, tiny_data, tmp_path):
+    from compress.models import tensor_digests
+    opts = [*CASES["gptq"][1:], "--nsamples", 16, "--seqlen", 48]
+    for name, extra in (("mem", ["--nproc", 1]), ("str", ["--nproc", 2, "--stream"])):
+        res = subprocess.run(_cli("quantize", deep_llama, *opts, *extra, "-o", tmp_path / name), env=_env(tiny_data),
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+    assert tensor_digests(tmp_path / "mem") == tensor_digests(tmp_path / "str")
+    assert (tmp_path / "str" / "model.safetensors.index.json").is_file() and not list(tmp_path.glob(".str*"))
+
+
 def test_killed_two_process_run_resumes_with_one_to_the_same_bytes(deep_llama, tiny_data, tmp_path):
     opts = [*CASES["gptq"][1:], "--nsamples", 16, "--seqlen", 48]
     ref = tmp_path / "ref"
