@@ -206,9 +206,10 @@ class Recipe:
             raise CompressError(f"{whole[0]} changes the model's shape: it must be the only compression step "
                                 "(compress its output in a second run)")
         if self.stream:
-            if len(self.steps) > 1 or whole or "gguf" in outputs:
-                raise CompressError("stream runs one compression step into a packed checkpoint (not structured "
-                                    "pruning, not GGUF output)")
+            if len(self.steps) > 1 or whole:
+                raise CompressError("stream runs one compression step (not structured pruning)")
+            if "gguf" in outputs and self.steps[0].cls.calibrated:
+                raise CompressError(f"stream writes GGUF files with kquant; {self.steps[0].method} runs in memory")
             if not self.quantizes:
                 raise CompressError("stream writes packed (quantized) checkpoints; pruning alone is not streamed yet")
             if getattr(self.steps[0].config, "profile", None) == "owl":

@@ -142,13 +142,14 @@ def compress_model(loaded, recipe: Recipe, out: Path | None = None, data_dir=Non
         from .export.gguf import HParams
         HParams.from_config(loaded.model.config)
         for name, p in loaded.model.named_parameters():
-            if not torch.isfinite(p).all():
+            if not p.is_meta and not torch.isfinite(p).all():      # streamed blocks: Streamer.check_finite
                 raise CompressError(f"{name} has NaN or Inf weights")
     for n, step in enumerate(recipe.steps, 1):
         check_modules(loaded, step, f"step {n} ({step.method})")
     if loaded.stream is not None:
         loaded.stream.check_finite()
         loaded.stream.dtype, loaded.stream.compact = recipe.dtype, recipe.sparse_storage == "compact"
+        loaded.stream.shards = recipe.output != "gguf"
     if windows is None and needs_windows(recipe):
         from calib.data import calibration_windows
         windows = calibration_windows(loaded.tokenizer, recipe.calib_spec(),

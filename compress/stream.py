@@ -57,6 +57,7 @@ class Streamer:
                     self.where[k] = f
         self.staging: Path | None = None
         self.own_staging = False
+        self.shards = True                     # write each block's shard (False: a GGUF output, written at the end)
         self.dtype = "float16"                 # storage dtype of the float tensors
         self.compact = True                    # pruned and quantized modules stored compactly
         self.written: dict[str, str] = {}      # tensor name -> shard file name
@@ -142,6 +143,8 @@ class Streamer:
     # ---------------------------------------------------------------- writing
     def open_staging(self, work_dir: Path | None, out: Path) -> None:
         """Shards go into the work folder (kept for a resumed run) or a temporary sibling of ``out``."""
+        if not self.shards:
+            return
         if work_dir is not None:
             self.staging = Path(work_dir) / "shards"
             self.staging.mkdir(parents=True, exist_ok=True)
@@ -154,14 +157,15 @@ class Streamer:
 
     def write_block(self, i: int, block: torch.nn.Module, record) -> None:
         """Block ``i``'s tensors as the checkpoint stores them (in :attr:`dtype`; pruned and
-        quantized modules compactly with :attr:`compact`), to its shard, atomically; then the
-        block goes back to ``meta``."""
+        quantized modules compactly with :attr:`compact`), to its shard, atomically (with
+        :attr:`shards`; a GGUF keeps the block's GGML tensors in the run's record); then the block
+        goes back to ``meta``."""
         from calib.dist import is_main
 
         from .checkpoint import as_written, compact_tensors
         from .fileio import save_safetensors
         prefix = f"{self.arch.blocks}.{i}."
-        if is_main():
+        if is_main() and self.shards:
             tensors = {prefix + k: as_written(k, v, self.dtype) for k, v in block.state_dict().items()}
             if self.compact:
                 pruned = [m for m in (record.extra.get("sparsity") or {}) if m.startswith(prefix) and m in record.schemes]

@@ -69,6 +69,21 @@ def test_streamed_run_writes_the_tensors_of_the_in_memory_run(case, sharded_llam
     assert torch.equal(la, lb)
 
 
+@pytest.mark.parametrize("imatrix", [False, True])
+def test_streamed_kquant_writes_the_gguf_of_the_in_memory_run(imatrix, sharded_llama, tiny_data, tmp_path):
+    extra = []
+    if imatrix:
+        im = tmp_path / "im.gguf"
+        res = run(["imatrix", sharded_llama, "--nsamples", 4, "--seqlen", 32, "--data-dir", tiny_data, "-o", im])
+        assert res.exit_code == 0, res.output
+        extra = ["--imatrix", im]
+    for name, flag in (("mem", []), ("str", ["--stream"])):
+        res = run(["quantize", sharded_llama, "--method", "kquant", "--type", "q4_k_m", *extra, *flag,
+                   "-o", tmp_path / f"{name}.gguf"])
+        assert res.exit_code == 0, res.output
+    assert (tmp_path / "mem.gguf").read_bytes() == (tmp_path / "str.gguf").read_bytes()
+
+
 def test_stream_holds_one_block_of_weights(sharded_llama):
     every = checkpoint_numel(sharded_llama)
     resident = checkpoint_numel(sharded_llama, "model.layers")
@@ -129,7 +144,7 @@ def test_what_stream_does_not_cover_is_refused(sharded_llama, tiny_data, tmp_pat
     env = {"COMPRESS_DATA_DIR": str(tiny_data)}
     cases = [
         (["prune", sharded_llama, "--method", "structured", "--heads", "0.25", "--stream"], "structured pruning"),
-        (["quantize", sharded_llama, "--method", "kquant", "--type", "q4_0", "--stream"], "not GGUF output"),
+        (["quantize", sharded_llama, "--method", "kquant-gptq", "--type", "q4_0", "--stream"], "runs in memory"),
         (["prune", sharded_llama, "--method", "wanda", "--stream"], "pruning alone"),
     ]
     for args, needle in cases:

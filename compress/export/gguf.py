@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +172,32 @@ def model_tensors(model, arch) -> dict[str, torch.Tensor]:
             raise CompressError(f"tensor {k} is not a float tensor; cannot export it to GGUF")
         out[gguf_name(k, arch.blocks)] = v.detach().to(torch.float32).cpu()
     return dict(sorted(out.items(), key=lambda kv: _file_order(kv[0])))
+
+
+class StreamedTensors(Mapping):
+    """:func:`model_tensors` of a streamed model (:mod:`compress.stream`): the same GGUF names in
+    the same order, each tensor taken from the model when its block is in memory, else read from
+    the checkpoint's files when asked for (one at a time)."""
+
+    def __init__(self, model, arch, stream):
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        names = [k for k in model.state_dict(keep_vars=True) if not (tied and k == arch.lm_head + ".weight")]
+        self.model, self.stream = model, stream
+        self.names = dict(sorted(((gguf_name(k, arch.blocks), k) for k in names), key=lambda kv: _file_order(kv[0])))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        hf = self.names[name]
+        mod, _, leaf = hf.rpartition(".")
+        t = getattr(self.model.get_submodule(mod) if mod else self.model, leaf)
+        if t.is_meta:
+            t = self.stream.read([hf])[hf]
+        return t.detach().to(torch.float32).cpu()
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _file_order(name: str):

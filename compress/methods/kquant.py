@@ -72,9 +72,10 @@ class _GGMLMethod(Method):
         return {}
 
     def begin(self, run) -> None:
-        from ..export.gguf import HParams, gguf_name, model_tensors, plan_types
+        from ..export.gguf import HParams, StreamedTensors, gguf_name, model_tensors, plan_types
         hp = HParams.from_config(run.model.config)
-        floats = model_tensors(run.model, run.arch)
+        stream = run.loaded.stream
+        floats = model_tensors(run.model, run.arch) if stream is None else StreamedTensors(run.model, run.arch, stream)
         imp = self.importance(floats)
         plan = plan_types(floats, self.cfg.mix, hp, self.cfg.pure, bool(imp))
         for full in run.arch.linear_names(run.model):      # linears the targets leave out stay F16

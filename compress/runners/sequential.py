@@ -200,8 +200,9 @@ def run_step(run: StepRun, windows: torch.Tensor | None, work=None, step_index: 
         prefix = f"{arch.blocks}.{i}."
         if stream is not None:     # the block's shard first: the progress must not claim a block not on disk
             stream.write_block(i, blocks[i], run.record)
-            for k in [k for k in run.record.packed if k.startswith(prefix)]:
-                del run.record.packed[k]        # in the shard now; the record keeps schemes and losses
+            if stream.shards:
+                for k in [k for k in run.record.packed if k.startswith(prefix)]:
+                    del run.record.packed[k]    # in the shard now; the record keeps schemes and losses
         if work is not None:
             work.save_block(step_index, i, None if stream is not None else blocks[i], inputs, run.record, run.stats,
                             prefix)
