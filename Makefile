@@ -78,6 +78,7 @@ bench-scale: setup
 	$(BIN)/python bench/scale.py --suite stream --out bench/results/scale-stream-smollm2.json
 	$(BIN)/python bench/scale.py --suite nproc --nproc 2 --out bench/results/scale-nproc-smollm2.json
 	$(BIN)/python bench/scale.py --suite synthetic --nsamples 16 --seqlen 512 --out bench/results/scale-stream-synthetic.json
+	$(BIN)/python bench/scale.py --suite synthetic-kquant --out bench/results/scale-stream-synthetic-kquant.json
 
 # The README's quality-against-size plots, from the committed results files.
 plots: setup

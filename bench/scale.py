@@ -17,6 +17,8 @@ Suites (each writes one JSON results file):
   ``RLIMIT_AS`` would measure neither): peak resident memory beside
   the model's size; the preflight refusing the in-memory run under the same cap; and a streamed
   run killed half-way that resumes;
+* ``synthetic-kquant``: the same model into a Q4_K_M GGUF with ``kquant --stream`` under the same
+  cap (and the in-memory run refused by the preflight);
 * ``preflight``: a run whose estimated peak memory exceeds ``--max-memory`` is refused: how long
   the refusal took, its exit code and message, and that nothing was written.
 
@@ -25,6 +27,7 @@ Peak resident memory comes from ``/usr/bin/time -v`` (the largest single process
     python bench/scale.py --suite nproc --nproc 2 --out bench/results/scale-nproc-smollm2.json
     python bench/scale.py --suite stream --out bench/results/scale-stream-smollm2.json
     python bench/scale.py --suite synthetic --out bench/results/scale-stream-synthetic.json
+    python bench/scale.py --suite synthetic-kquant --out bench/results/scale-stream-synthetic-kquant.json
     python bench/scale.py --suite preflight --out bench/results/scale-preflight-smollm2.json
 
 Every results file records the exact command, the package version, the thread count, the CPU and
@@ -237,6 +240,29 @@ def suite_synthetic(args, env) -> dict:
             "peak_rss_over_model_size": round(out_rows["stream"]["peak_rss_mib"] * (1 << 20) / info["bytes"], 3)}
 
 
+def suite_synthetic_kquant(args, env) -> dict:
+    """The synthetic model into a Q4_K_M GGUF with ``kquant --stream`` under the same cap."""
+    sys.path.insert(0, str(ROOT))
+    from compress import models
+    cap = int(args.cap_gb * (1 << 30))
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        model = Path(tmp) / "synthetic-llama"
+        info = write_synthetic(model, args.synthetic_gb, models.fetch(args.model))
+        print(json.dumps(info), flush=True)
+        base = [sys.executable, "-m", "compress", "quantize", str(model), "--method", "kquant", "--type", "q4_k_m",
+                "--max-memory", f"{args.cap_gb}GiB"]
+        pre = timed([*base, "-o", str(Path(tmp) / "mem.gguf")], env, cap)
+        pre["left_behind"] = (Path(tmp) / "mem.gguf").exists()
+        print(json.dumps(pre), flush=True)
+        out = Path(tmp) / "stream.gguf"
+        r = timed([*base, "--stream", "-o", str(out)], env, cap)
+        print(json.dumps(r), flush=True)
+        size = out.stat().st_size if out.exists() else None
+    return {"model": info, "cap": f"RLIMIT_DATA {args.cap_gb} GiB on the child process", "type": "Q4_K_M",
+            "in_memory_preflight": pre, "stream": r, "output_bytes": size,
+            "peak_rss_over_model_size": round(r["peak_rss_mib"] * (1 << 20) / info["bytes"], 3) if r["peak_rss_mib"] else None}
+
+
 def suite_preflight(args, env) -> dict:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         out = Path(tmp) / "out"
@@ -251,7 +277,7 @@ def suite_preflight(args, env) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--suite", choices=["nproc", "stream", "synthetic", "preflight"], required=True)
+    ap.add_argument("--suite", choices=["nproc", "stream", "synthetic", "synthetic-kquant", "preflight"], required=True)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--nsamples", type=int, default=128)
@@ -265,7 +291,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     info = run_info("bench/scale.py")
     result = {"nproc": suite_nproc, "stream": suite_stream, "synthetic": suite_synthetic,
-              "preflight": suite_preflight}[args.suite](args, env)
+              "synthetic-kquant": suite_synthetic_kquant, "preflight": suite_preflight}[args.suite](args, env)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"run": finish(info), "suite": args.suite, **result}, indent=1) + "\n")
