@@ -48,9 +48,8 @@ def check_processes(recipe: Recipe, procs: int) -> None:
     if bad:
         raise CompressError(f"{', '.join(bad)} cannot split its calibration between processes (it searches or trains "
                             f"over the windows itself); run it with one process")
-    from calib.dist import Plan
     try:
-        Plan(recipe.calib_spec().nsamples, procs - 1, procs)
+        dist.Plan(recipe.calib_spec().nsamples, procs - 1, procs)
     except ValueError as e:
         raise CompressError(str(e)) from None
 
@@ -312,7 +311,7 @@ def run(recipe: Recipe, spec: str | None, out: Path, data_dir=None, restart: boo
         loaded = models.load(spec)
     result = compress_model(loaded, recipe, out, data_dir, restart, progress and rank == 0)
     try:
-        if loaded.stream is not None:
+        if loaded.stream is not None and loaded.stream.shards:     # a GGUF's tensors are in the record already
             loaded.stream.load_rest(loaded.model)
         info = save_output(loaded, recipe, result, out, spec) if rank == 0 else {}
     finally:

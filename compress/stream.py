@@ -60,7 +60,6 @@ class Streamer:
         self.shards = True                     # write each block's shard (False: a GGUF output, written at the end)
         self.dtype = "float16"                 # storage dtype of the float tensors
         self.compact = True                    # pruned and quantized modules stored compactly
-        self.written: dict[str, str] = {}      # tensor name -> shard file name
 
     # ---------------------------------------------------------------- reading
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -148,8 +147,6 @@ class Streamer:
         if work_dir is not None:
             self.staging = Path(work_dir) / "shards"
             self.staging.mkdir(parents=True, exist_ok=True)
-            self.written = json.loads((self.staging / "written.json").read_text()) \
-                if (self.staging / "written.json").exists() else {}
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
             self.staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.shards-"))
@@ -174,9 +171,6 @@ class Streamer:
             tmp = self.staging / (name + ".tmp")
             save_safetensors(tensors, tmp, metadata={"format": "pt"})
             os.replace(tmp, self.staging / name)
-            self.written.update({k: name for k in tensors})
-            (self.staging / "written.json.tmp").write_text(json.dumps(self.written))
-            os.replace(self.staging / "written.json.tmp", self.staging / "written.json")
         block.to("meta")
         _trim()
 
@@ -185,17 +179,20 @@ class Streamer:
         second copy on disk and the staged ones stay for a rerun if writing fails), write the rest
         of the model as the last shard and the index."""
         from .fileio import save_safetensors
+        from .models import check_safetensors
         last = shard_name(self.nblocks, self.nblocks + 1)
+        weight_map = {}
         for i in range(self.nblocks):
             name = shard_name(i, self.nblocks + 1)
             if not (self.staging / name).exists():
                 raise CompressError(f"block {i}'s shard is missing from {self.staging}")
+            weight_map.update({k: name for k in check_safetensors(self.staging / name) if k != "__metadata__"})
             try:
                 os.link(self.staging / name, tmp / name)
             except OSError:                 # another file system, or no hard links there
                 shutil.copyfile(self.staging / name, tmp / name)
         save_safetensors(rest, tmp / last, metadata={"format": "pt", **metadata})
-        weight_map = {**self.written, **{k: last for k in rest}}
+        weight_map.update({k: last for k in rest})
         size = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": size},
                                              "weight_map": dict(sorted(weight_map.items()))}, indent=2))

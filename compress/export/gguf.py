@@ -185,10 +185,17 @@ class StreamedTensors(Mapping):
         self.model, self.stream = model, stream
         self.names = dict(sorted(((gguf_name(k, arch.blocks), k) for k in names), key=lambda kv: _file_order(kv[0])))
 
+    def _tensor(self, hf: str) -> torch.Tensor:
+        mod, _, leaf = hf.rpartition(".")
+        return getattr(self.model.get_submodule(mod) if mod else self.model, leaf)
+
+    def shapes(self) -> dict[str, tuple]:
+        """Every tensor's shape, from the model (its ``meta`` tensors have them): nothing is read."""
+        return {g: tuple(self._tensor(hf).shape) for g, hf in self.names.items()}
+
     def __getitem__(self, name: str) -> torch.Tensor:
         hf = self.names[name]
-        mod, _, leaf = hf.rpartition(".")
-        t = getattr(self.model.get_submodule(mod) if mod else self.model, leaf)
+        t = self._tensor(hf)
         if t.is_meta:
             t = self.stream.read([hf])[hf]
         return t.detach().to(torch.float32).cpu()
@@ -502,8 +509,10 @@ def inspect_gguf(path: Path) -> dict:
 # building GGUFs from models and checkpoints
 # --------------------------------------------------------------------------------------------
 
-def plan_types(tensors: dict[str, torch.Tensor], mix: str, hp: HParams, pure: bool, has_imatrix: bool):
-    return select_types(((n, tuple(t.shape)) for n, t in tensors.items()), mix, n_layer=hp.n_layer,
+def plan_types(tensors: Mapping[str, torch.Tensor], mix: str, hp: HParams, pure: bool, has_imatrix: bool):
+    shapes = (tensors.shapes() if isinstance(tensors, StreamedTensors)       # no tensor read to plan
+              else {n: tuple(t.shape) for n, t in tensors.items()})
+    return select_types(shapes.items(), mix, n_layer=hp.n_layer,
                         n_head=hp.n_head, n_head_kv=hp.n_head_kv, pure=pure, has_imatrix=has_imatrix)
 
 

@@ -26,6 +26,14 @@ class GGMLTensor:
     data: torch.Tensor
     note: str = ""          # "imatrix", "gptq", "fallback Q4_K->Q5_0", ...
 
+    def meta(self) -> dict:
+        """Everything but the data, JSON-able (:meth:`from_meta` rebuilds the tensor)."""
+        return {"name": self.name, "type": self.type, "shape": list(self.shape), "note": self.note}
+
+    @classmethod
+    def from_meta(cls, meta: dict, data: torch.Tensor) -> "GGMLTensor":
+        return cls(meta["name"], meta["type"], tuple(meta["shape"]), data, meta["note"])
+
 
 @dataclass
 class GGMLModel:

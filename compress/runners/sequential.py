@@ -129,7 +129,7 @@ def _share_entry(blk: BlockContext, name: str, src: int) -> None:
             meta["packed"] = {"kind": "int", "bits": p.bits, "in": p.in_features, "out": p.out_features}
         elif isinstance(p, GGMLTensor):
             tensors["data"] = p.data
-            meta["packed"] = {"kind": "ggml", "name": p.name, "type": p.type, "shape": list(p.shape), "note": p.note}
+            meta["packed"] = {"kind": "ggml", **p.meta()}
         elif p is not None:
             raise CompressError(f"{full}: a {type(p).__name__} result cannot be shared between processes")
         meta.update(scheme=rec.schemes.get(full), loss=rec.losses.get(full), fallback=rec.fallbacks.get(full),
@@ -143,7 +143,7 @@ def _share_entry(blk: BlockContext, name: str, src: int) -> None:
     if pk and pk["kind"] == "int":
         rec.packed[full] = gptq_int.from_tensors(tensors, pk["bits"], pk["in"], pk["out"])
     elif pk:
-        rec.packed[full] = GGMLTensor(pk["name"], pk["type"], tuple(pk["shape"]), tensors["data"], pk["note"])
+        rec.packed[full] = GGMLTensor.from_meta(pk, tensors["data"])
     if meta["scheme"] is not None:
         rec.schemes[full] = meta["scheme"]
     if meta["loss"] is not None:
