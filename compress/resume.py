@@ -222,8 +222,7 @@ class WorkFolder:
     def _save_record(self, s: int, record: RunRecord) -> None:
         if not dist.is_main():
             return
-        ggml = {k: {"type": t.type, "shape": list(t.shape), "note": t.note}
-                for k, t in record.packed.items() if isinstance(t, GGMLTensor)}
+        ggml = {k: t.meta() for k, t in record.packed.items() if isinstance(t, GGMLTensor)}
         data = {**record.summary(), "packed": list(record.packed), "ggml": ggml}
         atomic_text(self.path / f"record-{s}.json", json.dumps(data))       # insertion order kept
 
@@ -275,8 +274,8 @@ class WorkFolder:
                             for k in fh.keys():
                                 if k.startswith(GGML_PREFIX):
                                     ggml_files[k[len(GGML_PREFIX):]] = fh.get_tensor(k)
-                record.packed[name] = GGMLTensor(name, meta["type"], tuple(meta["shape"]), ggml_files[name],
-                                                 meta["note"])
+                # the tensor's GGUF name (records before it was kept: the module's name, as they had it)
+                record.packed[name] = GGMLTensor.from_meta({"name": name, **meta}, ggml_files[name])
             else:
                 mod = model.get_submodule(name)
                 if hasattr(mod, "packed") and not any(t.is_meta for t in mod.buffers()):   # else in a stream shard

@@ -85,3 +85,21 @@ def test_failed_run_leaves_nothing_behind(deep_llama, tiny_data, tmp_path):
                "-o", tmp_path / "o"])
     assert_clean_error(res, "no statistics for model.layers.0.self_attn.q_proj")
     assert list(tmp_path.iterdir()) == [stats]
+
+
+def test_killed_gguf_run_resumes_to_identical_bytes(deep_llama, tiny_data, tmp_path):
+    """GPTQ onto k-quant grids: the blocks finished before the kill keep their GPTQ tensors."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def cmd(out):
+        return [sys.executable, "-m", "compress.cli", "quantize", str(deep_llama), "--method", "kquant-gptq",
+                "--type", "q4_k_m", "--nsamples", "16", "--seqlen", "64", "--data-dir", str(tiny_data), "-o", str(out)]
+    ref, out = tmp_path / "ref.gguf", tmp_path / "out.gguf"
+    subprocess.run(cmd(ref), check=True, env=env, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    blocks = kill_mid_run(proc, tmp_path / ".out.gguf.work", 2)
+    assert 2 <= blocks < 8, f"the run was not caught mid-way ({blocks} blocks done)"
+    res = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "resuming" in res.stdout
+    assert out.read_bytes() == ref.read_bytes()
