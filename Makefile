@@ -76,6 +76,7 @@ bench-train: setup
 bench-scale: setup
 	$(BIN)/python bench/scale.py --suite preflight --out bench/results/scale-preflight-smollm2.json
 	$(BIN)/python bench/scale.py --suite stream --out bench/results/scale-stream-smollm2.json
+	$(BIN)/python bench/scale.py --suite stream --gguf --nsamples 32 --out bench/results/scale-stream-smollm2-gguf.json
 	$(BIN)/python bench/scale.py --suite nproc --nproc 2 --out bench/results/scale-nproc-smollm2.json
 	$(BIN)/python bench/scale.py --suite synthetic --nsamples 16 --seqlen 512 --out bench/results/scale-stream-synthetic.json
 	$(BIN)/python bench/scale.py --suite synthetic-kquant --out bench/results/scale-stream-synthetic-kquant.json

@@ -220,7 +220,7 @@ def _load_gguf_model(base_model, path: Path):
     """A copy of ``base_model`` holding the GGUF's weights (decoded as transformers' loader does)."""
     import copy
 
-    from compress.export.gguf import read_gguf_weights
+    from compress.formats.gguf_tensors import read_gguf_weights
     m = copy.deepcopy(base_model)
     state = read_gguf_weights(path)
     missing, unexpected = m.load_state_dict(state, strict=False)

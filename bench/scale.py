@@ -8,7 +8,8 @@ Suites (each writes one JSON results file):
   BLAS kernels' summation order depends on the thread count, so the bytes match one process with
   the same threads per process), and the largest process's peak resident memory;
 * ``stream``: GPTQ on the model in memory and with ``--stream``: peak resident memory of each and
-  whether every tensor is the same;
+  whether every tensor is the same (with ``--gguf``, reading the registered model's original GGUF
+  file, whose tensors a streamed run decodes one at a time);
 * ``synthetic``: a random-weight Llama-architecture model of about ``--synthetic-gb`` GB (float32,
   written tensor by tensor by this script, sharded) quantized with GPTQ ``--stream`` in a child
   process whose memory is capped (``RLIMIT_DATA``, ``--cap-gb``: heap and every private writable
@@ -26,6 +27,7 @@ Peak resident memory comes from ``/usr/bin/time -v`` (the largest single process
 
     python bench/scale.py --suite nproc --nproc 2 --out bench/results/scale-nproc-smollm2.json
     python bench/scale.py --suite stream --out bench/results/scale-stream-smollm2.json
+    python bench/scale.py --suite stream --gguf --nsamples 32 --out bench/results/scale-stream-smollm2-gguf.json
     python bench/scale.py --suite synthetic --out bench/results/scale-stream-synthetic.json
     python bench/scale.py --suite synthetic-kquant --out bench/results/scale-stream-synthetic-kquant.json
     python bench/scale.py --suite preflight --out bench/results/scale-preflight-smollm2.json
@@ -120,18 +122,24 @@ def suite_nproc(args, env) -> dict:
 
 def suite_stream(args, env) -> dict:
     rows, outs = [], {}
+    model = args.model
+    if args.gguf:               # the registered model's original GGUF file (fetched with the model)
+        sys.path.insert(0, str(ROOT))
+        from compress import models
+        models.fetch(args.model)
+        model = str(models.source_gguf(args.model))
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for label, extra in (("in memory", []), ("--stream", ["--stream"])):
             out = Path(tmp) / label.strip("-").replace(" ", "-")
-            r = timed([*gptq_cmd(args.model, args.nsamples, args.seqlen), *extra, "-o", str(out)], env)
+            r = timed([*gptq_cmd(model, args.nsamples, args.seqlen), *extra, "-o", str(out)], env)
             if r["exit_code"]:
                 raise SystemExit(f"{label}: {r['error']}")
             outs[label] = tensors(out)
             rows.append({"run": label, **r})
             print(json.dumps(rows[-1]), flush=True)
     a, b = outs.values()
-    return {"method": "gptq w4 g128", "model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
-            "rows": rows, "identical_tensors": a.keys() == b.keys() and all(a[k] == b[k] for k in a),
+    return {"method": "gptq w4 g128", "model": args.model, "input": "gguf" if args.gguf else "safetensors",
+            "nsamples": args.nsamples, "seqlen": args.seqlen, "rows": rows, "identical_tensors": a.keys() == b.keys() and all(a[k] == b[k] for k in a),
             "peak_rss_ratio_memory_over_stream": round(rows[0]["peak_rss_mib"] / rows[1]["peak_rss_mib"], 3)}
 
 
@@ -285,6 +293,7 @@ def main() -> None:
     ap.add_argument("--max-memory", default="1GiB")
     ap.add_argument("--synthetic-gb", type=float, default=6.0)
     ap.add_argument("--cap-gb", type=float, default=3.0)
+    ap.add_argument("--gguf", action="store_true", help="stream: read the model from its original GGUF file.")
     ap.add_argument("--tmp", default=None, help="Folder for the outputs (default: the system's temporary folder).")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

@@ -347,7 +347,8 @@ def empty_model(path: Path):
         delattr(config, "quantization_config")
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
-    return model, config
+    from .models import exact_attention
+    return exact_attention(model), config
 
 
 def fill_model(model, config, state: dict, arch, replaced: set, path: Path) -> None:

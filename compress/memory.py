@@ -70,17 +70,38 @@ def checkpoint_numel(folder: Path, blocks: str | None = None) -> int:
     alone. With ``blocks`` (the decoder blocks' path, a streamed run) only those resident at once:
     everything outside the blocks plus the largest block."""
     from .models import check_safetensors, safetensors_files
-    total, per_block = 0, {}
+    shapes = {}
     for f in safetensors_files(Path(folder)):
-        for k, v in check_safetensors(f).items():
-            if k == "__metadata__":
-                continue
-            n = math.prod(int(d) for d in v.get("shape", []))
-            m = re.match(re.escape(f"{blocks}.") + r"(\d+)\.", k) if blocks else None
-            if m:
-                per_block[m.group(1)] = per_block.get(m.group(1), 0) + n
-            else:
-                total += n
+        shapes.update({k: v.get("shape", []) for k, v in check_safetensors(f).items() if k != "__metadata__"})
+    return _resident(shapes, re.escape(f"{blocks}.") + r"(\d+)\." if blocks else None)
+
+
+def gguf_numel(layout, stream: bool) -> int:
+    """:func:`checkpoint_numel` of a GGUF file, from its (checked) tensor table."""
+    return _resident({t.name: t.dims for t in layout.tensors}, r"blk\.(\d+)\." if stream else None)
+
+
+def gguf_config(layout) -> dict:
+    """The ``config.json`` sizes :func:`estimate` reads, from a GGUF header."""
+    kv = layout.kv
+    arch = kv["general.architecture"]
+    keys = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+            "num_attention_heads": "attention.head_count", "num_hidden_layers": "block_count"}
+    config = {k: kv[f"{arch}.{g}"] for k, g in keys.items() if f"{arch}.{g}" in kv}
+    tokens = kv.get("tokenizer.ggml.tokens")
+    config["vocab_size"] = getattr(tokens, "count", 0)
+    return config
+
+
+def _resident(shapes: dict, block_pattern: str | None) -> int:
+    total, per_block = 0, {}
+    for k, shape in shapes.items():
+        n = math.prod(int(d) for d in shape)
+        m = re.match(block_pattern, k) if block_pattern else None
+        if m:
+            per_block[m.group(1)] = per_block.get(m.group(1), 0) + n
+        else:
+            total += n
     return total + max(per_block.values(), default=0)
 
 
@@ -124,13 +145,14 @@ def estimate(config: dict, numel: int, steps, calib, budget: int, procs: int = 1
     return Estimate(parts)
 
 
-def check(config: dict, folder: Path, steps, calib, max_memory: int | None, budget: int,
-          procs: int = 1, stream_blocks: str | None = None) -> Estimate:
-    """Print the estimate; refuse a run that does not fit in ``max_memory`` (else the available
-    memory) with a one-line error naming the estimate, the limit and what would make it fit."""
+def check(config: dict, numel: int, steps, calib, max_memory: int | None, budget: int,
+          procs: int = 1, streamed: bool = False) -> Estimate:
+    """Print the estimate for a model of ``numel`` resident elements; refuse a run that does not fit
+    in ``max_memory`` (else the available memory) with a one-line error naming the estimate, the
+    limit and what would make it fit."""
     import sys
     from calib.dist import is_main
-    est = estimate(config, checkpoint_numel(folder, stream_blocks), steps, calib, budget, procs)
+    est = estimate(config, numel, steps, calib, budget, procs)
     limit = max_memory if max_memory is not None else available_bytes()
     what = "--max-memory" if max_memory is not None else "the available memory"
     if is_main():
@@ -146,7 +168,7 @@ def check(config: dict, folder: Path, steps, calib, max_memory: int | None, budg
             if fit >= 1:
                 hint = (f"fewer or shorter calibration windows (--nsamples {fit} at --seqlen {calib.seqlen} "
                         f"would fit), or {hint}")
-        if stream_blocks is None:
+        if not streamed:
             hint = f"--stream (one block of weights in memory at a time), {hint}"
         raise CompressError(f"this run needs about {est.total / GiB:.2f} GiB ({est.describe()}) but {what} is "
                             f"{limit / GiB:.2f} GiB: use {hint}")

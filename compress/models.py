@@ -312,6 +312,14 @@ def load_tokenizer(path: Path):
         raise CompressError(f"cannot load the tokenizer in {path}: {str(e).splitlines()[0]}") from None
 
 
+def exact_attention(model):
+    """Gemma 2 soft-caps its attention scores, which only transformers' eager attention applies
+    (the SDPA path leaves the cap out and computes another function): such a model runs eager."""
+    if getattr(model.config, "attn_logit_softcapping", None) and model.config._attn_implementation != "eager":
+        model.set_attn_implementation("eager")
+    return model
+
+
 def _from_pretrained(path: Path):
     from transformers import AutoModelForCausalLM
     try:
@@ -322,7 +330,30 @@ def _from_pretrained(path: Path):
     except Exception as e:
         raise CompressError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
     model.eval()
-    return model
+    return exact_attention(model)
+
+
+def hf_config(path: Path):
+    """The transformers config of a model folder (no weights read)."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:
+        raise CompressError(f"cannot read the config in {path}: {str(e).splitlines()[0]}") from None
+
+
+def gguf_config(path: Path):
+    """(transformers config, tokenizer) of a checked GGUF file, from its header (no tensor read)."""
+    from transformers import AutoConfig, AutoTokenizer
+    check_gguf(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CompressError(f"cannot load GGUF file {path}: {msg}") from None
+    return config, tok
 
 
 def _load_gguf_transformers(path: Path):
@@ -336,4 +367,4 @@ def _load_gguf_transformers(path: Path):
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CompressError(f"cannot load GGUF file {path}: {msg}") from None
     model.eval()
-    return model, tok
+    return exact_attention(model), tok

@@ -208,12 +208,6 @@ class Recipe:
         if self.stream:
             if len(self.steps) > 1 or whole:
                 raise CompressError("stream runs one compression step (not structured pruning)")
-            if "gguf" in outputs and self.steps[0].cls.calibrated:
-                raise CompressError(f"stream writes GGUF files with kquant; {self.steps[0].method} runs in memory")
-            if not self.quantizes:
-                raise CompressError("stream writes packed (quantized) checkpoints; pruning alone is not streamed yet")
-            if getattr(self.steps[0].config, "profile", None) == "owl":
-                raise CompressError("stream: --profile owl makes a pass over the whole model first; run it in memory")
         if whole and (self.save_stats or self.load_stats):
             raise CompressError(f"{whole[0]} keeps no statistics (save_stats/load_stats)")
         formats = {s.writes for s in self.steps} - {None}

@@ -62,8 +62,6 @@ def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None, procs: int = 
     kind, path = models.resolve(spec)
     if kind == "name" and models.is_cached(spec):
         kind = "folder"
-    if recipe.stream and kind not in ("folder", "name"):
-        raise CompressError(f"--stream reads a Hugging Face folder of safetensors files, not {spec}")
     if kind == "folder":
         config = models.read_config(path)
         arch = models.arch_for(config.get("model_type"), config.get("architectures"))
@@ -73,17 +71,15 @@ def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None, procs: int = 
         from .formats.sparse import is_sparse_config
         if config.get("quantization_config") and not is_sparse_config(config):
             raise CompressError(f"{spec} is already a quantized checkpoint")
-        from calib.runner import DEFAULT_BUDGET
-
-        from .memory import check, parse_size
-        check(config, path, recipe.steps, recipe.calib_spec() if needs_windows(recipe) else None,
-              parse_size(recipe.max_memory) if recipe.max_memory else None, DEFAULT_BUDGET, procs,
-              arch.blocks if recipe.stream else None)
+        from .memory import checkpoint_numel
+        _check_memory(recipe, config, checkpoint_numel(path, arch.blocks if recipe.stream else None), procs)
         if needs_windows(recipe):
             check_calibration_length(config, recipe.calib_spec().seqlen)
     elif kind == "gguf":
         from .formats.gguf_file import check_gguf
-        check_gguf(path)
+        from .memory import gguf_config, gguf_numel
+        lay = check_gguf(path)
+        _check_memory(recipe, gguf_config(lay), gguf_numel(lay, recipe.stream), procs)
     if needs_windows(recipe):
         from calib.data import resolve_text
         resolve_text(recipe.calib_spec().source, data_dir or recipe.calibration.get("data_dir"))
@@ -93,6 +89,14 @@ def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None, procs: int = 
         im = getattr(s.config, "imatrix", None)
         if im is not None and not Path(im).is_file():
             raise CompressError(f"importance matrix {im} does not exist")
+
+
+def _check_memory(recipe: Recipe, config: dict, numel: int, procs: int) -> None:
+    from calib.runner import DEFAULT_BUDGET
+
+    from .memory import check, parse_size
+    check(config, numel, recipe.steps, recipe.calib_spec() if needs_windows(recipe) else None,
+          parse_size(recipe.max_memory) if recipe.max_memory else None, DEFAULT_BUDGET, procs, recipe.stream)
 
 
 def _check_generic(recipe: Recipe, arch, model_type) -> None:
@@ -143,12 +147,16 @@ def compress_model(loaded, recipe: Recipe, out: Path | None = None, data_dir=Non
         for name, p in loaded.model.named_parameters():
             if not p.is_meta and not torch.isfinite(p).all():      # streamed blocks: Streamer.check_finite
                 raise CompressError(f"{name} has NaN or Inf weights")
-    for n, step in enumerate(recipe.steps, 1):
-        check_modules(loaded, step, f"step {n} ({step.method})")
+    names = [check_modules(loaded, step, f"step {n} ({step.method})") for n, step in enumerate(recipe.steps, 1)]
     if loaded.stream is not None:
         loaded.stream.check_finite()
         loaded.stream.dtype, loaded.stream.compact = recipe.dtype, recipe.sparse_storage == "compact"
         loaded.stream.shards = recipe.output != "gguf"
+        if not recipe.quantizes:            # pruned float modules: each block's shard in the sparse format
+            from .formats.sparse import step_format
+            step = recipe.steps[-1]
+            inst = step.cls(step.config)
+            loaded.stream.sparse = step_format(names[-1], lambda n: inst.scheme_for(n, step.targets.override_for(n)).nm)
     if windows is None and needs_windows(recipe):
         from calib.data import calibration_windows
         windows = calibration_windows(loaded.tokenizer, recipe.calib_spec(),

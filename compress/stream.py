@@ -37,15 +37,14 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-class Streamer:
-    """The safetensors files of a Hugging Face folder, read tensor by tensor into a model whose
-    blocks live on ``meta`` until :meth:`load_block`."""
+class SafetensorsFiles:
+    """The tensors of a Hugging Face folder's safetensors files: ``name in src``, ``iter(src)`` and
+    ``src.read(names)``, each tensor read with plain reads into its own buffer (no mapping of the
+    file: memory is the tensors alone)."""
 
-    def __init__(self, folder: Path, arch, nblocks: int):
+    def __init__(self, folder: Path):
         from .models import check_safetensors, safetensors_files
         self.folder = Path(folder)
-        self.arch = arch
-        self.nblocks = nblocks
         self.where: dict[str, Path] = {}
         self.headers: dict[Path, tuple[dict, int]] = {}      # file -> (header, offset of its data)
         for f in safetensors_files(self.folder):
@@ -55,17 +54,16 @@ class Streamer:
             for k in head:
                 if k != "__metadata__":
                     self.where[k] = f
-        self.staging: Path | None = None
-        self.own_staging = False
-        self.shards = True                     # write each block's shard (False: a GGUF output, written at the end)
-        self.dtype = "float16"                 # storage dtype of the float tensors
-        self.compact = True                    # pruned and quantized modules stored compactly
 
-    # ---------------------------------------------------------------- reading
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def __iter__(self):
+        return iter(self.where)
+
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, as float32 (integers as stored), each read from its file with plain
-        reads into its own buffer (no mapping of the file: memory is the tensors alone). A file cut
-        short is a one-line error naming it."""
+        """The named tensors, as float32 (integers as stored). A file cut short is a one-line error
+        naming it."""
         out = {}
         for n in names:
             if n not in self.where:
@@ -91,11 +89,30 @@ class Streamer:
             out[n] = t.to(torch.float32) if t.is_floating_point() else t
         return out
 
+
+class Streamer:
+    """A model whose blocks live on ``meta`` until :meth:`load_block` reads them from ``source``
+    (:class:`SafetensorsFiles`, or :class:`compress.formats.gguf_tensors.GGUFTensors`)."""
+
+    def __init__(self, source, arch, nblocks: int):
+        self.source = source
+        self.arch = arch
+        self.nblocks = nblocks
+        self.staging: Path | None = None
+        self.own_staging = False
+        self.shards = True                     # write each block's shard (False: a GGUF output, written at the end)
+        self.dtype = "float16"                 # storage dtype of the float tensors
+        self.compact = True                    # pruned and quantized modules stored compactly
+        self.sparse: str | None = None         # pruned float modules in this compressed-tensors format
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return self.source.read(names)
+
     def check_finite(self) -> None:
         """Every weight of the blocks finite, read one tensor at a time and checked in slices (no
         temporaries the size of the tensor), before any work starts."""
         prefix = f"{self.arch.blocks}."
-        for name in self.where:
+        for name in self.source:
             if name.startswith(prefix):
                 t = self.read([name])[name]
                 if t.is_floating_point() and not all(bool(torch.isfinite(c).all()) for c in t.view(-1).split(1 << 20)):
@@ -131,10 +148,10 @@ class Streamer:
         if not names:
             return
         head = f"{self.arch.lm_head}.weight"
-        emb = next((n for n in self.where if n.startswith(self.arch.embeddings[0] + ".")), None)
-        tensors = self.read([emb if n == head and n not in self.where else n for n in names])
+        emb = next((n for n in self.source if n.startswith(self.arch.embeddings[0] + ".")), None)
+        tensors = self.read([emb if n == head and n not in self.source else n for n in names])
         for n in names:
-            src = emb if n == head and n not in self.where else n
+            src = emb if n == head and n not in self.source else n
             _assign(model, n, tensors[src].clone() if src != n else tensors[src])
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
@@ -164,15 +181,38 @@ class Streamer:
         prefix = f"{self.arch.blocks}.{i}."
         if is_main() and self.shards:
             tensors = {prefix + k: as_written(k, v, self.dtype) for k, v in block.state_dict().items()}
-            if self.compact:
-                pruned = [m for m in (record.extra.get("sparsity") or {}) if m.startswith(prefix) and m in record.schemes]
+            pruned = [m for m in (record.extra.get("sparsity") or {}) if m.startswith(prefix)]
+            counts = {}
+            if self.sparse is not None:
+                from .formats.sparse import encode_modules
+                counts = encode_modules(tensors, pruned, self.sparse)
+                counts.update(zeros=sum(int((p == 0).sum()) for p in block.parameters()),
+                              params=sum(p.numel() for p in block.parameters()))
+            elif self.compact:
+                pruned = [m for m in pruned if m in record.schemes]
                 compact_tensors(tensors, {m: block.get_submodule(m[len(prefix):]) for m in pruned})
             name = shard_name(i, self.nblocks + 1)
             tmp = self.staging / (name + ".tmp")
-            save_safetensors(tensors, tmp, metadata={"format": "pt"})
+            save_safetensors(tensors, tmp, metadata={"format": "pt", **{k: str(v) for k, v in counts.items()}})
             os.replace(tmp, self.staging / name)
+        self.drop_block(block)
+
+    def drop_block(self, block: torch.nn.Module) -> None:
+        """Put ``block`` back on ``meta`` and hand its memory back to the system."""
         block.to("meta")
         _trim()
+
+    def shard_counts(self) -> dict[str, int]:
+        """The counts :meth:`write_block` wrote into the block shards' headers (zeros, parameters,
+        dense and stored bytes of a sparse run), summed over the blocks."""
+        from .models import check_safetensors
+        total: dict[str, int] = {}
+        for i in range(self.nblocks):
+            meta = check_safetensors(self.staging / shard_name(i, self.nblocks + 1)).get("__metadata__") or {}
+            for k, v in meta.items():
+                if k != "format":
+                    total[k] = total.get(k, 0) + int(v)
+        return total
 
     def finish(self, tmp: Path, rest: dict, metadata: dict) -> None:
         """Put the block shards into the output folder being written (``tmp``: hard links, so no
@@ -236,10 +276,11 @@ def _assign(root: torch.nn.Module, name: str, t: torch.Tensor) -> None:
 
 
 def load(spec: str):
-    """``spec`` (a Hugging Face folder or a registered name) with its decoder blocks on ``meta``:
-    a :class:`~compress.models.Loaded` whose ``stream`` is the :class:`Streamer` that fills them."""
+    """``spec`` (a Hugging Face folder, a registered name or a ``.gguf`` file) with its decoder
+    blocks on ``meta``: a :class:`~compress.models.Loaded` whose ``stream`` is the
+    :class:`Streamer` that fills them."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from . import models
     from .arch import GENERIC, describe
@@ -248,28 +289,35 @@ def load(spec: str):
     if kind == "name":
         path = models.fetch(spec)
         kind = "folder"
-    if kind != "folder":
-        raise CompressError(f"--stream reads a Hugging Face folder of safetensors files, not {spec}")
-    config = models.read_config(path)
-    arch = models.arch_for(config.get("model_type"), config.get("architectures"))
+    if kind == "gguf":
+        from .formats.gguf_tensors import GGUFTensors
+        hf_config, tokenizer = models.gguf_config(path)
+        config = hf_config.to_dict()
+        arch = models.arch_for(config.get("model_type"), config.get("architectures"))
+    else:
+        config = models.read_config(path)
+        arch = models.arch_for(config.get("model_type"), config.get("architectures"))
+        if arch.family != GENERIC:
+            models.check_config(config, path, arch)
+        if config.get("quantization_config"):
+            raise CompressError(f"{spec} is already a quantized checkpoint")
+        hf_config, tokenizer = models.hf_config(path), None
     if arch.family == GENERIC:
         raise CompressError(f"--stream needs an architecture description and '{config.get('model_type')}' has none")
-    models.check_config(config, path, arch)
-    if config.get("quantization_config"):
-        raise CompressError(f"{spec} is already a quantized checkpoint")
-    hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, trust_remote_code=False)
     model.eval()
+    models.exact_attention(model)
     arch = describe(arch, model, config)
     blocks = arch.get_blocks(model)
-    st = Streamer(path, arch, len(blocks))
+    source = GGUFTensors(path, arch.blocks) if kind == "gguf" else SafetensorsFiles(path)
+    st = Streamer(source, arch, len(blocks))
     block_prefix = f"{arch.blocks}."
     rest = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
             if p.is_meta and not n.startswith(block_prefix)]
     head = arch.lm_head + ".weight"
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    tensors = st.read([n for n in rest if not (tied and n == head and n not in st.where)])
+    tensors = st.read([n for n in rest if not (tied and n == head and n not in source)])
     for n, t in tensors.items():
         _assign(model, n, t)
     if tied:
@@ -277,6 +325,8 @@ def load(spec: str):
     left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(block_prefix)]
     if left:
         raise CompressError(f"{path}: weights do not match the config (missing: {left[:3]})")
-    loaded = models.Loaded(model, models.load_tokenizer(path), arch, spec, path, "hf")
+    if tokenizer is None:
+        tokenizer = models.load_tokenizer(path)
+    loaded = models.Loaded(model, tokenizer, arch, spec, path, "gguf" if kind == "gguf" else "hf")
     loaded.stream = st
     return loaded

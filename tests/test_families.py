@@ -187,7 +187,7 @@ def test_gguf_export_reads_back_as_the_same_model(tiny, env, tmp_path):
     file loads in transformers with the same logits."""
     import gguf
 
-    from compress.export.gguf import read_gguf_weights
+    from compress.formats.gguf_tensors import read_gguf_weights
     out = tmp_path / "m.gguf"
     if tiny.name not in LLAMA_LIKE:
         assert_clean_error(run(["export", "gguf", tiny, "--type", "f32", "-o", out]), tiny.name)
@@ -207,3 +207,37 @@ def test_gguf_export_reads_back_as_the_same_model(tiny, env, tmp_path):
     assert all(torch.equal(back[k], state[k]) for k in state)
     g = models.load(str(out))
     torch.testing.assert_close(_logits(g.model), _logits(ref.model), rtol=1e-4, atol=1e-4)
+
+
+ONNX_FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+def test_onnx_runtime_reproduces_the_packed_model(fmt, tiny, env, tmp_path):
+    """ONNX export per family (one builder, the family's layout as data): ONNX Runtime's logits
+    equal the torch packed model's over a window longer than Gemma's sliding window (64), at once
+    and in chunks through the KV cache, with GroupQueryAttention where the head size allows it
+    (Qwen3, Gemma) and standard ops otherwise; Gemma 2's soft-capped scores included."""
+    pytest.importorskip("onnxruntime")
+    from compress.runtime_onnx import OnnxCausalLM
+    out, onnx_dir = tmp_path / "q", tmp_path / "onnx"
+    assert run(["quantize", tiny, "--method", "rtn", "--bits", 4, "--group-size", 32, "--dtype", "float32",
+                "-o", out]).exit_code == 0
+    res = run(["export", "onnx", out, "--format", fmt, "-o", onnx_dir])
+    if tiny.name not in ONNX_FAMILIES:
+        assert_clean_error(res, tiny.name)
+        assert not onnx_dir.exists()
+        return
+    assert res.exit_code == 0, res.output
+    ids = torch.randint(0, 300, (1, 96), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = models.load(str(out)).model(input_ids=ids, use_cache=False).logits
+    ort = OnnxCausalLM(onnx_dir, threads=2)
+    got = ort(input_ids=ids, use_cache=False).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    chunks, past = [], None             # with the KV cache, across the sliding window's edge
+    for a, b in ((0, 60), (60, 61), (61, 80), (80, 96)):
+        o = ort(input_ids=ids[:, a:b], use_cache=True, past_key_values=past)
+        chunks.append(o.logits)
+        past = o.past_key_values
+    assert float((torch.cat(chunks, dim=1) - ref).abs().max() / ref.abs().max()) < 1e-5

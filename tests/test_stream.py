@@ -43,6 +43,9 @@ CASES = {
     "rtn": ["quantize", "--method", "rtn", "--bits", "3", "--group-size", "64"],
     "sparsegpt-joint": ["prune", "--method", "sparsegpt", "--sparsity", "0.5", "--bits", "4", "--group-size", "32"],
     "smoothquant": ["quantize", "--method", "smoothquant"],
+    "wanda-owl": ["prune", "--method", "wanda", "--sparsity", "0.5", "--profile", "owl"],
+    "awq": ["quantize", "--method", "awq", "--bits", "4", "--group-size", "32"],
+    "sparsegpt-2:4": ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--ignore", "re:.*q_proj"],
 }
 
 
@@ -69,19 +72,49 @@ def test_streamed_run_writes_the_tensors_of_the_in_memory_run(case, sharded_llam
     assert torch.equal(la, lb)
 
 
-@pytest.mark.parametrize("imatrix", [False, True])
-def test_streamed_kquant_writes_the_gguf_of_the_in_memory_run(imatrix, sharded_llama, tiny_data, tmp_path):
+@pytest.mark.parametrize("method", ["kquant", "kquant+imatrix", "kquant-gptq"])
+def test_streamed_kquant_writes_the_gguf_of_the_in_memory_run(method, sharded_llama, tiny_data, tmp_path):
     extra = []
-    if imatrix:
+    if method == "kquant+imatrix":
         im = tmp_path / "im.gguf"
         res = run(["imatrix", sharded_llama, "--nsamples", 4, "--seqlen", 32, "--data-dir", tiny_data, "-o", im])
         assert res.exit_code == 0, res.output
         extra = ["--imatrix", im]
+    if method == "kquant-gptq":
+        extra = ["--nsamples", 8, "--seqlen", 32, "--data-dir", tiny_data]
     for name, flag in (("mem", []), ("str", ["--stream"])):
-        res = run(["quantize", sharded_llama, "--method", "kquant", "--type", "q4_k_m", *extra, *flag,
+        res = run(["quantize", sharded_llama, "--method", method.split("+")[0], "--type", "q4_k_m", *extra, *flag,
                    "-o", tmp_path / f"{name}.gguf"])
         assert res.exit_code == 0, res.output
     assert (tmp_path / "mem.gguf").read_bytes() == (tmp_path / "str.gguf").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def k_gguf(sharded_llama, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "tiny-q4km.gguf"
+    res = run(["export", "gguf", sharded_llama, "--type", "Q4_K_M", "-o", out])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.mark.parametrize("method", ["gptq", "kquant"])
+def test_streamed_gguf_input_gives_the_in_memory_output(method, k_gguf, tiny_data, tmp_path):
+    """A GGUF's blocks are read and decoded tensor by tensor (this suite's decoders, q/k rows
+    un-permuted) into what transformers' GGUF loader gives the in-memory run."""
+    opts = (["--bits", "4", "--group-size", "32", "--nsamples", 8, "--seqlen", 32, "--data-dir", tiny_data]
+            if method == "gptq" else ["--type", "Q4_0"])
+    outs = {}
+    for name, flag in (("mem", []), ("str", ["--stream"])):
+        outs[name] = tmp_path / (name + (".gguf" if method == "kquant" else ""))
+        res = run(["quantize", k_gguf, "--method", method, *opts, *flag, "--report", tmp_path / f"{name}.json",
+                   "-o", outs[name]])
+        assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "str.json").read_text())["streamed"] is True
+    if method == "kquant":
+        assert outs["mem"].read_bytes() == outs["str"].read_bytes()
+        return
+    a, b = tensor_digests(outs["mem"]), tensor_digests(outs["str"])
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
 
 
 def test_stream_holds_one_block_of_weights(sharded_llama):
@@ -94,27 +127,36 @@ def test_stream_holds_one_block_of_weights(sharded_llama):
     assert resident == every - 5 * block
 
 
-def _cmd(model, data, out, *extra):
-    return [sys.executable, "-m", "compress", "quantize", str(model), "--method", "gptq", "--bits", "3",
-            "--group-size", "32", "--nsamples", "16", "--seqlen", "64", "--data-dir", str(data), "--lm-head",
-            "--stream", *extra, "-o", str(out)]
+KILLED = {
+    "gptq": ["quantize", "--method", "gptq", "--bits", "3", "--group-size", "32", "--lm-head"],
+    "sparsegpt": ["prune", "--method", "sparsegpt", "--sparsity", "0.6"],     # shard counts kept across the kill
+}
 
 
-def test_killed_streamed_run_resumes_to_the_same_tensors(sharded_llama, tiny_data, tmp_path):
+def _cmd(case, model, data, out):
+    cmd, *opts = KILLED[case]
+    return [sys.executable, "-m", "compress", cmd, str(model), *opts, "--nsamples", "16", "--seqlen", "64",
+            "--data-dir", str(data), "--stream", "-o", str(out)]
+
+
+@pytest.mark.parametrize("case", list(KILLED))
+def test_killed_streamed_run_resumes_to_the_same_tensors(case, sharded_llama, tiny_data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ref = tmp_path / "ref"
-    subprocess.run(_cmd(sharded_llama, tiny_data, ref), check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(_cmd(case, sharded_llama, tiny_data, ref), check=True, env=env, capture_output=True, timeout=600)
     out, work = tmp_path / "out", tmp_path / ".out.work"
-    proc = subprocess.Popen(_cmd(sharded_llama, tiny_data, out), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(case, sharded_llama, tiny_data, out), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     blocks = kill_mid_run(proc, work, 2)
     assert 2 <= blocks < 6, f"the run was not caught mid-way ({blocks} blocks done)"
     assert not out.exists() and len(list((work / "shards").glob("model-*.safetensors"))) >= 2
-    res = subprocess.run(_cmd(sharded_llama, tiny_data, out), env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(_cmd(case, sharded_llama, tiny_data, out), env=env, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stderr
     assert "resuming" in res.stdout and not work.exists()
     a, b = tensor_digests(ref), tensor_digests(out)
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+    assert (ref / "config.json").read_text() == (out / "config.json").read_text()
 
 
 def test_truncated_shard_met_half_way_is_one_line_and_nothing_is_written(sharded_llama, tiny_data, tmp_path,
@@ -144,11 +186,52 @@ def test_what_stream_does_not_cover_is_refused(sharded_llama, tiny_data, tmp_pat
     env = {"COMPRESS_DATA_DIR": str(tiny_data)}
     cases = [
         (["prune", sharded_llama, "--method", "structured", "--heads", "0.25", "--stream"], "structured pruning"),
-        (["quantize", sharded_llama, "--method", "kquant-gptq", "--type", "q4_0", "--stream"], "runs in memory"),
-        (["prune", sharded_llama, "--method", "wanda", "--stream"], "pruning alone"),
     ]
+    two = tmp_path / "two.yaml"
+    two.write_text(json.dumps({"stream": True, "steps": [{"method": "sparsegpt", "sparsity": 0.5},
+                                                         {"method": "gptq", "bits": 4, "group_size": 32}]}))
+    cases.append((["run", two, "--model", sharded_llama], "one compression step"))
     for args, needle in cases:
-        out = tmp_path / ("o.gguf" if "kquant" in args else "o")
+        out = tmp_path / "o"
         res = run([*args, "-o", out], env)
         assert_clean_error(res, needle)
         assert not out.exists()
+
+
+def test_preflight_reads_a_gguf_header_and_counts_one_streamed_block(k_gguf, tmp_path):
+    """The memory estimate of a GGUF input comes from its tensor table: a limit between the
+    streamed and the in-memory estimate refuses the in-memory run (naming --stream) and lets the
+    streamed one through."""
+    from compress.formats.gguf_file import check_gguf
+    from compress.memory import FIXED, gguf_numel
+    lay = check_gguf(k_gguf)
+    whole, one = gguf_numel(lay, False), gguf_numel(lay, True)
+    assert one < whole / 2
+    limit = FIXED + 2 * (whole + one)            # bytes: float32 of the midpoint
+    res = run(["quantize", k_gguf, "--method", "rtn", "--group-size", 32, "--max-memory", limit, "-o", tmp_path / "a"])
+    assert_clean_error(res, "--stream")
+    assert not (tmp_path / "a").exists()
+    res = run(["quantize", k_gguf, "--method", "rtn", "--group-size", 32, "--max-memory", limit, "--stream",
+               "-o", tmp_path / "b"])
+    assert res.exit_code == 0, res.output
+
+
+def test_gguf_cut_short_half_way_is_one_line_and_nothing_is_written(k_gguf, tmp_path, monkeypatch):
+    import shutil
+
+    from compress.stream import Streamer
+    model = tmp_path / "m.gguf"
+    shutil.copyfile(k_gguf, model)
+    original = Streamer.load_block
+
+    def load_block(self, i, block):
+        if i == 3:          # the file is cut short after the run has started
+            data = model.read_bytes()
+            model.write_bytes(data[: len(data) // 2])
+        return original(self, i, block)
+
+    monkeypatch.setattr(Streamer, "load_block", load_block)
+    out = tmp_path / "out"
+    res = run(["quantize", model, "--method", "rtn", "--stream", "-o", out, "--group-size", 32])
+    assert_clean_error(res, "truncated GGUF file", model.name)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))

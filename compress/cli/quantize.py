@@ -145,7 +145,7 @@ def _compress_command(name: str, kind: str, default: str, doc: str, out_help: st
                   help="Refuse the run (before any work) if its estimated peak memory exceeds SIZE (e.g. 8GiB) "
                        "[default: the memory available].")
     @click.option("--stream", is_flag=True,
-                  help="Read each block's weights from the safetensors files when the run reaches it and write it to "
+                  help="Read each block's weights from the safetensors (or GGUF) file when the run reaches it and write it to "
                        "its own output shard when done: about one block of weights in memory instead of the model.")
     @click.option("--save-recipe", type=click.Path(path_type=Path), default=None,
                   help="Write the recipe this command runs (YAML) for `compress run`.")

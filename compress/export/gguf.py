@@ -36,7 +36,7 @@ from ..errors import CompressError
 from ..fileio import atomic_file
 from ..formats.ggml_mix import FLOAT_TYPES, MIXES, TensorChoice, get_mix, select_types
 from ..formats.ggml_model import GGMLModel, GGMLTensor, bits_per_weight, quantize_model_rtn
-from ..formats.gguf_file import check_gguf, read_gguf_layout
+from ..formats.gguf_file import read_gguf_layout
 from ..solvers.ggml_grid import CODECS, pack_codes
 
 log = logging.getLogger(__name__)
@@ -680,42 +680,3 @@ def build_from_packed(loaded, target: str | None) -> tuple[GGMLModel, dict]:
     tgt = "+".join(sorted(targets))
     gm = GGMLModel(tensors, f"gptq-int->{tgt}", False, f"export:{loaded.quant.get('method', 'gptq-int')}", plan)
     return gm, {"mapping": how, "target": tgt, "scheme": scheme.describe()}
-
-
-def unpermute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`permute_qk` (what transformers' GGUF loader applies)."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    rows = t.shape[0]
-    return t.reshape(n_head, rows // n_head // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
-
-
-def read_gguf_weights(path: Path, blocks_prefix: str = "model.layers") -> dict[str, torch.Tensor]:
-    """Every tensor of a llama GGUF as float32 under its Hugging Face name, q/k rows un-permuted:
-    the weights transformers' GGUF loader produces, decoded with this suite's (bit-exact) decoders."""
-    from gguf import GGUFReader
-
-    from ..formats import kquants
-    check_gguf(Path(path))
-    r = GGUFReader(str(path))
-    arch = r.fields["general.architecture"].contents()
-    n_head = int(r.fields[f"{arch}.attention.head_count"].contents())
-    n_kv = int(r.fields[f"{arch}.attention.head_count_kv"].contents())
-    permuted = arch in PERMUTED_QK
-    out = {}
-    for t in r.tensors:
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        tname = t.tensor_type.name
-        raw = torch.from_numpy(np.array(t.data))
-        if tname == "F32":
-            w = raw.to(torch.float32).reshape(shape)
-        elif tname == "F16":
-            w = raw.to(torch.float32).reshape(shape)
-        else:
-            w = kquants.dequantize(raw.reshape(-1).view(torch.uint8), tname, shape)
-        if permuted and re.search(r"\.attn_q\.(weight|bias)$", t.name):
-            w = unpermute_qk(w, n_head, n_head)
-        elif permuted and re.search(r"\.attn_k\.(weight|bias)$", t.name):
-            w = unpermute_qk(w, n_head, n_kv)
-        out[hf_name(t.name, blocks_prefix)] = w
-    return out

@@ -101,6 +101,25 @@ def choose_format(patterns: dict[str, str]) -> tuple[str, str]:
     return BITMASK, "unstructured"
 
 
+def encode_modules(tensors: dict, modules: list[str], fmt: str) -> dict[str, int]:
+    """Replace each module's ``.weight`` in ``tensors`` by its :func:`encode` tensors; returns the
+    bytes before and after."""
+    dense = stored = 0
+    for m in modules:
+        w = tensors.pop(m + ".weight")
+        dense += w.numel() * w.element_size()
+        for k, v in encode(w, fmt).items():
+            tensors[f"{m}.{k}"] = v
+            stored += v.numel() * v.element_size()
+    return {"dense_bytes": dense, "stored_bytes": stored}
+
+
+def step_format(names: list[str], scheme_of) -> str:
+    """The format of a pruning step's output decided before it runs, from each module's scheme
+    (``scheme_of(name)``: its N:M pattern or None), as :func:`choose_format` decides after."""
+    return choose_format({n: (f"{nm[0]}:{nm[1]}" if (nm := scheme_of(n)) else "unstructured") for n in names})[0]
+
+
 def save_sparse(loaded, out: Path, sparsity: dict[str, float], patterns: dict[str, str], dtype: str,
                 meta: dict) -> dict:
     """Write ``loaded``'s float model with the linears named in ``sparsity`` stored compactly."""
@@ -109,15 +128,17 @@ def save_sparse(loaded, out: Path, sparsity: dict[str, float], patterns: dict[st
         raise CompressError("nothing was pruned: the targets selected no module")
     fmt, structure = choose_format({m: patterns.get(m, "unstructured") for m in sparsity})
     tensors = model_tensors(loaded, dtype)
-    dense_bytes = stored_bytes = 0
-    for m in sparsity:
-        w = tensors.pop(m + ".weight")
-        dense_bytes += w.numel() * w.element_size()
-        for k, v in encode(w, fmt).items():
-            tensors[f"{m}.{k}"] = v
-            stored_bytes += v.numel() * v.element_size()
-    params = sum(p.numel() for p in loaded.model.parameters())
-    zeros = sum(int((p == 0).sum()) for p in loaded.model.parameters())
+    resident = [p for p in loaded.model.parameters() if not p.is_meta]     # a streamed model's blocks: in shards
+    counts = {"zeros": sum(int((p == 0).sum()) for p in resident), "params": sum(p.numel() for p in resident)}
+    if loaded.stream is not None:
+        if loaded.stream.sparse != fmt:
+            raise CompressError(f"the streamed blocks were written as {loaded.stream.sparse}, the run needs {fmt}")
+        for k, v in loaded.stream.shard_counts().items():
+            counts[k] = counts.get(k, 0) + v
+    else:
+        for k, v in encode_modules(tensors, list(sparsity), fmt).items():
+            counts[k] = counts.get(k, 0) + v
+    dense_bytes, stored_bytes, zeros, params = (counts.get(k, 0) for k in ("dense_bytes", "stored_bytes", "zeros", "params"))
     cfg = loaded.model.config.to_dict()
     cfg["torch_dtype"] = dtype
     cfg["quantization_config"] = {

@@ -185,7 +185,10 @@ def owl_sparsities(run, cfg: PruneOptions) -> list[float]:
                                  * accs[n].importance().sqrt()[None, :]).flatten() for n in names])
             ratios[i] = float((scores > cfg.owl_m * scores.mean()).float().mean())
 
-    run_sequential(model, arch, run.windows, process, device=run.device, progress=run.progress, desc="owl")
+    stream = run.loaded.stream            # a streamed model's blocks are read for this pass and put away
+    run_sequential(model, arch, run.windows, process, device=run.device, progress=run.progress, desc="owl",
+                   before_block=stream.load_block if stream is not None else None,
+                   after_block=(lambda i, _: stream.drop_block(arch.get_blocks(model)[i])) if stream is not None else None)
     r = torch.tensor(ratios, dtype=torch.float64)
     spread = float(r.max() - r.min())
     if spread == 0:

@@ -318,7 +318,7 @@ def test_quantize_q4_k_m_mix_and_inspect(tiny_llama, tmp_path):
     assert np.array_equal(np.array(t.data).reshape(-1), kquants.quantize(w, "Q5_0").numpy().reshape(-1))
     # transformers' GGUF loader (our `models.load`) and our own decoders agree bit for bit
     from compress import models
-    from compress.export.gguf import read_gguf_weights
+    from compress.formats.gguf_tensors import read_gguf_weights
     sd = models.load(str(out)).model.state_dict()
     mine = read_gguf_weights(out)
     assert set(mine) == set(sd) - {"lm_head.weight"}
@@ -368,7 +368,7 @@ def test_gptq_gguf(tiny_llama, tiny_data, tmp_path):
     from gguf import quants as gguf_quants
 
     from compress import models
-    from compress.export.gguf import read_gguf_weights, unpermute_qk
+    from compress.formats.gguf_tensors import read_gguf_weights, unpermute_qk
     from compress.formats import kquants
     out = tmp_path / "g.gguf"
     res = run(["quantize", tiny_llama, "--method", "kquant-gptq", "--type", "Q3_K_M", "--nsamples", 4, "--seqlen", 64,

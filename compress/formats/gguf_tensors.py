@@ -1,0 +1,81 @@
+"""The tensors of a GGUF model file under their Hugging Face names, decoded one at a time.
+
+Each tensor is read from the file with plain reads (its offset and size from the checked tensor
+table of :func:`compress.formats.gguf_file.check_gguf`; no mapping of the file), decoded to
+float32 with this suite's bit-exact GGML decoders, and for llama's query/key rows un-permuted:
+the weights transformers' GGUF loader produces. A streamed run (``--stream``) reads a GGUF's
+blocks this way; :func:`read_gguf_weights` reads them all.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import CompressError
+from .gguf_file import check_gguf
+
+_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def unpermute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`compress.export.gguf.permute_qk` (what transformers' GGUF loader applies)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    rows = t.shape[0]
+    return t.reshape(n_head, rows // n_head // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+class GGUFTensors:
+    """``name in src``, ``iter(src)`` (Hugging Face names) and ``src.read(names)`` (float32)."""
+
+    def __init__(self, path: Path, blocks_prefix: str = "model.layers"):
+        from ..export.gguf import PERMUTED_QK, hf_name
+        self.path = Path(path)
+        lay = check_gguf(self.path)
+        arch = lay.kv["general.architecture"]
+        self.n_head = int(lay.kv[f"{arch}.attention.head_count"])
+        self.n_kv = int(lay.kv.get(f"{arch}.attention.head_count_kv", self.n_head))
+        self.permuted = arch in PERMUTED_QK
+        self.data_offset = lay.data_offset
+        self.infos = {hf_name(t.name, blocks_prefix): t for t in lay.tensors}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def __iter__(self):
+        return iter(self.infos)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from . import kquants
+        out = {}
+        with open(self.path, "rb") as fh:
+            for n in names:
+                info = self.infos.get(n)
+                if info is None:
+                    raise CompressError(f"{self.path}: tensor {n} is missing from the GGUF file")
+                raw = torch.empty(info.nbytes, dtype=torch.uint8)
+                try:
+                    fh.seek(self.data_offset + info.offset)
+                    got = fh.readinto(memoryview(raw.numpy()))
+                except OSError as err:
+                    raise CompressError(f"cannot read {self.path}: {err.strerror or err}") from None
+                if got != info.nbytes:
+                    raise CompressError(f"truncated GGUF file {self.path}: tensor {info.name} ends past the end of the file")
+                if info.type in _FLOATS:
+                    w = raw.view(_FLOATS[info.type]).reshape(info.shape).to(torch.float32)
+                else:
+                    w = kquants.dequantize(raw, info.type, info.shape)
+                if self.permuted and re.search(r"\.attn_q\.(weight|bias)$", info.name):
+                    w = unpermute_qk(w, self.n_head, self.n_head)
+                elif self.permuted and re.search(r"\.attn_k\.(weight|bias)$", info.name):
+                    w = unpermute_qk(w, self.n_head, self.n_kv)
+                out[n] = w
+        return out
+
+
+def read_gguf_weights(path: Path, blocks_prefix: str = "model.layers") -> dict[str, torch.Tensor]:
+    """Every tensor of a GGUF model file as float32 under its Hugging Face name (module doc)."""
+    src = GGUFTensors(path, blocks_prefix)
+    return src.read(list(src))
