@@ -293,7 +293,7 @@ def export_gguf(spec: str, out: Path, gguf_type: str | None = None, imatrix=None
     mix = get_mix(gguf_type).name if gguf_type is not None else None
     if Path(out).suffix != ".gguf":
         raise CompressError(f"GGUF output must end with .gguf, got {out}")
-    importance = imx.read(Path(imatrix)).by_module() if imatrix is not None else None
+    importance = imx.read(Path(imatrix)).importance() if imatrix is not None else None
     loaded = models.load(spec)
     gg.HParams.from_config(loaded.model.config)
     t0 = time.perf_counter()

@@ -90,7 +90,7 @@ def collect(loaded, windows: torch.Tensor, process_output: bool = False, device:
     from calib.runner import run_sequential
     from calib.stats import ImportanceAccumulator
 
-    from .export.gguf import check_exportable, gguf_name
+    from .export.gguf import check_exportable, gguf_arch, gguf_name
 
     model, arch = loaded.model, loaded.arch
     check_exportable(model.config)
@@ -117,7 +117,7 @@ def collect(loaded, windows: torch.Tensor, process_output: bool = False, device:
             acc = ImportanceAccumulator(first.in_features)
             handles.append(first.register_forward_hook(acc.hook))
             for name in g.linears:
-                accs[gguf_name(f"{arch.blocks}.{i}.{name}.weight", arch.blocks)] = acc
+                accs[gguf_name(f"{arch.blocks}.{i}.{name}.weight", arch.blocks, gguf_arch(model.config))] = acc
         if i == nblocks - 1 and process_output and not tied:
             head = model.get_submodule(arch.lm_head)
             norm = model.get_submodule(arch.final_norm)

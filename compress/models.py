@@ -284,7 +284,6 @@ def load(spec: str, fetch_missing: bool = True) -> Loaded:
             path = fetch(spec)
         kind = "folder"
     if kind == "gguf":
-        check_gguf(path)
         model, tok = _load_gguf_transformers(path)
         arch = arch_for(model.config.model_type)
         return Loaded(model, tok, arch, spec, path, "gguf")
@@ -343,28 +342,52 @@ def hf_config(path: Path):
 
 
 def gguf_config(path: Path):
-    """(transformers config, tokenizer) of a checked GGUF file, from its header (no tensor read)."""
-    from transformers import AutoConfig, AutoTokenizer
-    check_gguf(path)
+    """The transformers config of a checked GGUF file, from its header (no tensor read). Gemma's
+    settings that transformers' GGUF reader leaves at their defaults are taken from the header as
+    llama.cpp reads them: the query scale (1/sqrt(key length), or 1/sqrt(hidden/heads) for the
+    27B models) and the soft-caps."""
+    from transformers import AutoConfig
+    lay = check_gguf(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CompressError(f"cannot load GGUF file {path}: {msg}") from None
-    return config, tok
+        raise CompressError(f"cannot load GGUF file {path}: {_first_line(e)}") from None
+    arch = lay.kv["general.architecture"]
+    if arch in ("gemma2", "gemma3"):
+        n_layer = int(lay.kv[f"{arch}.block_count"])
+        big = n_layer == {"gemma2": 46, "gemma3": 62}[arch]
+        config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads if big
+                                        else int(lay.kv.get(f"{arch}.attention.key_length", config.head_dim)))
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            setattr(config, key, lay.kv.get(f"{arch}.{key}", getattr(config, key, None) if arch == "gemma2" else None))
+    return config
+
+
+def gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise CompressError(f"cannot load the tokenizer of GGUF file {path}: {_first_line(e)}") from None
+
+
+def gguf_model(path: Path):
+    """The float32 transformers model of a GGUF file (:func:`gguf_config`)."""
+    from transformers import AutoModelForCausalLM
+    config = gguf_config(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, config=config, dtype=torch.float32, trust_remote_code=False)
+    except Exception as e:
+        raise CompressError(f"cannot load GGUF file {path}: {_first_line(e)}") from None
+    model.eval()
+    return exact_attention(model)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _load_gguf_transformers(path: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CompressError(f"cannot load GGUF file {path}: {msg}") from None
-    model.eval()
-    return exact_attention(model), tok
+    return gguf_model(path), gguf_tokenizer(path)

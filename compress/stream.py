@@ -291,7 +291,7 @@ def load(spec: str):
         kind = "folder"
     if kind == "gguf":
         from .formats.gguf_tensors import GGUFTensors
-        hf_config, tokenizer = models.gguf_config(path)
+        hf_config, tokenizer = models.gguf_config(path), models.gguf_tokenizer(path)
         config = hf_config.to_dict()
         arch = models.arch_for(config.get("model_type"), config.get("architectures"))
     else:

@@ -88,10 +88,13 @@ def build_tiny(folder: Path, family: str = "llama", seed: int = 0, hidden: int =
     elif family in ("gemma2", "gemma3_text"):
         from transformers import Gemma2Config, Gemma3TextConfig
         cls = Gemma2Config if family == "gemma2" else Gemma3TextConfig
+        every = 2 if family == "gemma2" else 6      # a full-attention layer in every 2 (gemma2), 6 (gemma3)
+        layers = max(layers, every)
         cfg = cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
                   max_position_embeddings=1024, sliding_window=64, tie_word_embeddings=True,
-                  layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
+                  layer_types=["sliding_attention" if i % every < every - 1 else "full_attention"
+                               for i in range(layers)],
                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
     elif family == "gpt_neox":
         from transformers import GPTNeoXConfig

@@ -4,6 +4,9 @@ dense model that plain transformers loads. Qwen2 has q/k/v biases; Qwen3 has per
 and a head_dim that is not hidden / heads."""
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +16,8 @@ from tests.test_cli import assert_clean_error, run
 
 FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gpt_neox", "gemma2", "gemma3_text", "mixtral", "qwen3_moe",
             "qwen2_moe")
-LLAMA_LIKE = ("llama", "qwen2", "qwen3")         # structured pruning and GGUF export are described for these
+LLAMA_LIKE = ("llama", "qwen2", "qwen3")         # structured pruning and GGUF inputs are described for these
+GGUF_FAMILIES = (*LLAMA_LIKE, "phi3", "gemma2", "gemma3_text")
 CAL = ["--nsamples", 8, "--seqlen", 64]
 X = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -183,30 +187,93 @@ def test_pruned_and_structured_models_load(tiny, env, tmp_path):
 
 def test_gguf_export_reads_back_as_the_same_model(tiny, env, tmp_path):
     """llama.cpp's names and metadata per family (q/k rows permuted for llama only, Qwen2's
-    biases, Qwen3's q/k norms and key length): gguf's reader gives back every weight, and the
-    file loads in transformers with the same logits."""
+    biases, Qwen3's q/k norms and key length, Phi-3's fused attn_qkv and ffn_up, Gemma's extra
+    norms stored with their +1 and its soft-caps and sliding window): gguf's reader gives back
+    every weight under gguf-py's own name for it, and the file loads in transformers with the
+    same logits."""
     import gguf
 
     from compress.formats.gguf_tensors import read_gguf_weights
     out = tmp_path / "m.gguf"
-    if tiny.name not in LLAMA_LIKE:
-        assert_clean_error(run(["export", "gguf", tiny, "--type", "f32", "-o", out]), tiny.name)
+    res = run(["export", "gguf", tiny, "--type", "f32", "-o", out])
+    if tiny.name not in GGUF_FAMILIES:
+        assert_clean_error(res, tiny.name)
         assert not out.exists()
         return
-    assert run(["export", "gguf", tiny, "--type", "f32", "-o", out]).exit_code == 0
+    assert res.exit_code == 0, res.output
     ref = models.load(str(tiny))
-    r = gguf.GGUFReader(str(out))
     fam = ref.model.config.model_type
-    assert r.fields["general.architecture"].contents() == {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[fam]
-    names = {t.name for t in r.tensors}
+    r = gguf.GGUFReader(str(out))
+    arch = r.fields["general.architecture"].contents()
+    assert arch == {"gemma3_text": "gemma3"}.get(fam, fam)
+    names = {t.name: t for t in r.tensors}
     assert ("blk.0.attn_q.bias" in names) == (fam == "qwen2")
-    assert ("blk.0.attn_q_norm.weight" in names) == (fam == "qwen3")
-    back = read_gguf_weights(out)
-    state = {k: v for k, v in ref.model.state_dict().items() if k != "lm_head.weight"}
-    assert back.keys() == state.keys()
-    assert all(torch.equal(back[k], state[k]) for k in state)
-    g = models.load(str(out))
-    torch.testing.assert_close(_logits(g.model), _logits(ref.model), rtol=1e-4, atol=1e-4)
+    assert ("blk.0.attn_q_norm.weight" in names) == (fam in ("qwen3", "gemma3_text"))
+    ggml_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    name_map = gguf.get_tensor_name_map(ggml_arch, ref.model.config.num_hidden_layers)
+    state = {k: v for k, v in ref.model.state_dict().items() if not (ref.model.config.tie_word_embeddings
+                                                                      and k == "lm_head.weight")}
+    assert len(names) == len(state)
+    offset = 1.0 if fam.startswith("gemma") else 0.0
+    for k, v in state.items():                                     # gguf-py's name, the same numbers
+        t = names[name_map.get_name(k, try_suffixes=(".weight", ".bias"))]
+        data = torch.from_numpy(np.array(t.data)).reshape(v.shape)
+        want = v + offset if k.endswith("norm.weight") else v
+        if arch == "llama" and re.search(r"\.(q|k)_proj\.weight$", k):
+            continue                                               # rows permuted: read_gguf_weights checks them
+        assert torch.equal(data, want), k
+    back = read_gguf_weights(out)          # this suite's reader (streamed GGUF inputs): names, rows, norms
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    kv = {f.name: f.contents() for f in r.fields.values() if f.name.startswith(arch + ".")}
+    if fam == "gemma2":
+        assert kv["gemma2.attn_logit_softcapping"] == 50.0 and kv["gemma2.final_logit_softcapping"] == 30.0
+    if fam.startswith("gemma"):
+        assert kv[f"{arch}.attention.sliding_window"] == 64 and kv[f"{arch}.attention.key_length"] == 32
+    # the model as transformers reads it (the tiny models' byte-level BPE tokenizer has no Gemma reader)
+    g = models.load(str(out)).model if fam in LLAMA_LIKE else models.gguf_model(out)
+    torch.testing.assert_close(_logits(g), _logits(ref.model), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["kquant", "kquant-gptq"])
+def test_kquant_mix_per_family(method, tiny, env, tmp_path):
+    """A Q4_K_M GGUF per family: the tensor types are llama-quantize's for that family's names
+    (Phi-3's fused attn_qkv takes attn_v's rule: Q6_K in the layers use_more_bits picks; a tied
+    Gemma token_embd takes the output's Q6_K), the weights transformers reads from the file are
+    this suite's decoding of it, and its logits stay near the float model's."""
+    import gguf
+
+    from compress.formats import kquants
+    from compress.formats.ggml_mix import fallback_type, use_more_bits
+    if tiny.name not in GGUF_FAMILIES:
+        return
+    out = tmp_path / "q.gguf"
+    res = run(["quantize", tiny, "--method", method, "--type", "Q4_K_M", *(CAL if method == "kquant-gptq" else []),
+               "-o", out])
+    assert res.exit_code == 0, res.output
+    r = gguf.GGUFReader(str(out))
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    n = sum(1 for k in types if k.endswith("attn_norm.weight"))
+    wv = "attn_qkv" if tiny.name == "phi3" else "attn_v"
+    ref = models.load(str(tiny)).model
+    cols = ref.config.hidden_size          # 96: not a multiple of 256, so llama.cpp's fallback types
+    assert [types[f"blk.{i}.{wv}.weight"] for i in range(n)] == [
+        fallback_type("Q6_K" if use_more_bits(i, n) else "Q4_K", cols) for i in range(n)]
+    if ref.config.tie_word_embeddings:
+        assert types["token_embd.weight"] == fallback_type("Q6_K", cols)
+    g = models.gguf_model(out)
+    state = g.state_dict()
+    arch = r.fields["general.architecture"].contents()
+    ggml_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    name_map = gguf.get_tensor_name_map(ggml_arch, n)
+    for k, v in state.items():
+        t = next((t for t in r.tensors if t.name == name_map.get_name(k, try_suffixes=(".weight", ".bias"))), None)
+        if t is None or t.tensor_type.name in ("F32", "F16") or "attn_q" in t.name or "attn_k" in t.name:
+            continue            # q/k rows are permuted for llama
+        w = kquants.dequantize(torch.from_numpy(np.array(t.data)).reshape(-1).view(torch.uint8),
+                               t.tensor_type.name, tuple(v.shape))
+        assert torch.equal(w, v), k
+    a, b = _logits(g), _logits(ref)
+    assert float((a - b).abs().max() / b.abs().max()) < 0.25
 
 
 ONNX_FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")

@@ -42,7 +42,8 @@ from ..solvers.ggml_grid import CODECS, pack_codes
 log = logging.getLogger(__name__)
 
 # Hugging Face model type -> llama.cpp architecture written
-GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+              "gemma2": "gemma2", "gemma3_text": "gemma3"}
 SUPPORTED_MODEL_TYPES = tuple(GGUF_ARCHS)
 # architectures whose q/k rows llama.cpp's converter permutes (rotary halves interleaved)
 PERMUTED_QK = ("llama",)
@@ -63,8 +64,27 @@ BLOCK_NAMES = {
     "mlp.down_proj": "ffn_down",
 }
 GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-_BLOCK_INV = {v: k for k, v in BLOCK_NAMES.items()}
 _GLOBAL_INV = {v: k for k, v in GLOBAL_NAMES.items()}
+# where a family's block names differ from llama's (as gguf-py's tensor name map has them)
+_GEMMA_NAMES = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}
+FAMILY_BLOCK_NAMES = {"phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
+                      "gemma2": _GEMMA_NAMES, "gemma3": _GEMMA_NAMES}
+_ORDER = [*BLOCK_NAMES.values(), "attn_qkv", "post_attention_norm", "post_ffw_norm"]
+
+
+def block_names(gguf_arch: str = "llama") -> dict[str, str]:
+    """Block-relative Hugging Face module -> llama.cpp tensor base name, for one llama.cpp arch."""
+    names = dict(BLOCK_NAMES)
+    for hf, g in FAMILY_BLOCK_NAMES.get(gguf_arch, {}).items():
+        names = {k: v for k, v in names.items() if v != g}      # the llama module that had this name
+        names[hf] = g
+    return names
+
+
+def gguf_arch(config) -> str:
+    """The llama.cpp architecture of a transformers config (llama for types GGUF export refuses)."""
+    return GGUF_ARCHS.get(getattr(config, "model_type", None), "llama")
 
 # ggml type name -> the llama_ftype a file made mostly of it carries
 _FTYPE_OF_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
@@ -76,36 +96,83 @@ FTYPE_NAMES = {m.ftype: m.name for m in MIXES.values()}
 # names and hyperparameters
 # --------------------------------------------------------------------------------------------
 
-def gguf_name(hf_name: str, blocks_prefix: str = "model.layers") -> str:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (llama naming)."""
+def gguf_name(hf_name: str, blocks_prefix: str = "model.layers", arch: str = "llama") -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (llama.cpp's names for
+    the llama.cpp architecture ``arch``)."""
     base, _, suffix = hf_name.rpartition(".")
     if base in GLOBAL_NAMES:
         return f"{GLOBAL_NAMES[base]}.{suffix}"
+    names = block_names(arch)
     m = re.fullmatch(re.escape(blocks_prefix) + r"\.(\d+)\.(.+)", base)
-    if m and m.group(2) in BLOCK_NAMES:
-        return f"blk.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}.{suffix}"
+    if m and m.group(2) in names:
+        return f"blk.{m.group(1)}.{names[m.group(2)]}.{suffix}"
     raise CompressError(f"tensor {hf_name} has no llama.cpp name (unsupported module for GGUF export)")
 
 
-def hf_name(name: str, blocks_prefix: str = "model.layers") -> str:
+def hf_name(name: str, blocks_prefix: str = "model.layers", arch: str = "llama") -> str:
     """Inverse of :func:`gguf_name`: ``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
     base, _, suffix = name.rpartition(".")
     if base in _GLOBAL_INV:
         return f"{_GLOBAL_INV[base]}.{suffix}"
+    inv = {v: k for k, v in block_names(arch).items()}
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if m and m.group(2) in _BLOCK_INV:
-        return f"{blocks_prefix}.{m.group(1)}.{_BLOCK_INV[m.group(2)]}.{suffix}"
+    if m and m.group(2) in inv:
+        return f"{blocks_prefix}.{m.group(1)}.{inv[m.group(2)]}.{suffix}"
     raise CompressError(f"unknown llama.cpp tensor name {name}")
 
 
 def check_exportable(config) -> None:
+    """Refuse, in one line, a model llama.cpp would run as another function than transformers."""
     mt = getattr(config, "model_type", None)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise CompressError(f"GGUF export supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}, not '{mt}'")
-    if getattr(config, "rope_scaling", None):
-        raise CompressError(f"GGUF export does not handle rope scaling ({config.rope_scaling})")
+    rope = getattr(config, "rope_scaling", None)
+    if rope and not (mt == "gemma3_text" and (rope.get("rope_type") or rope.get("type")) == "linear"):
+        raise CompressError(f"GGUF export does not handle rope scaling ({rope})")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise CompressError("GGUF export does not handle linear biases (attention_bias / mlp_bias)")
+    if mt in ("gemma2", "gemma3_text"):
+        _check_gemma(config, GGUF_ARCHS[mt])
+
+
+def _check_gemma(config, arch: str) -> None:
+    """llama.cpp fixes what Gemma's config.json states: the sliding-window layers (every other one
+    for gemma2, five of every six for gemma3), the query scale (1/sqrt(head_dim), or
+    1/sqrt(hidden/heads) for the 27B models) and gemma3's local rotary base (10000)."""
+    n, every = int(config.num_hidden_layers), {"gemma2": 2, "gemma3": 6}[arch]
+    want = ["sliding_attention" if i % every < every - 1 else "full_attention" for i in range(n)]
+    if list(getattr(config, "layer_types", None) or want) != want:
+        raise CompressError(f"GGUF export: llama.cpp's {arch} makes {'every other layer' if every == 2 else 'every sixth layer'} "
+                            f"a full-attention layer; this model's layer_types are {config.layer_types}")
+    head_dim = int(config.head_dim)
+    qpas = getattr(config, "query_pre_attn_scalar", head_dim)
+    big = n in {"gemma2": (46,), "gemma3": (62,)}[arch] and qpas == config.hidden_size // config.num_attention_heads
+    if qpas != head_dim and not big:
+        raise CompressError(f"GGUF export: llama.cpp's {arch} scales queries by 1/sqrt(head_dim={head_dim}); "
+                            f"this model's query_pre_attn_scalar is {qpas}")
+    if arch == "gemma3" and float(getattr(config, "rope_local_base_freq", 10000.0)) != 10000.0:
+        raise CompressError(f"GGUF export: llama.cpp's gemma3 uses a local rotary base of 10000; this model's "
+                            f"rope_local_base_freq is {config.rope_local_base_freq}")
+
+
+def _family_kvs(config, arch: str, head_dim: int) -> tuple:
+    """The metadata llama.cpp's converter writes for a family beyond the llama keys:
+    ``(key after '<arch>.', value, 'u32'|'f32'|'str')``."""
+    c = config
+    if arch == "phi3":
+        orig = getattr(c, "original_max_position_embeddings", None) or c.max_position_embeddings
+        return (("rope.scaling.original_context_length", int(orig), "u32"),
+                ("attention.sliding_window", int(getattr(c, "sliding_window", None) or 0), "u32"))
+    if arch not in ("gemma2", "gemma3"):
+        return ()
+    kv = [("attention.key_length", head_dim, "u32"), ("attention.value_length", head_dim, "u32"),
+          ("attention.sliding_window", int(c.sliding_window), "u32")]
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(c, key, None) is not None:
+            kv.append((key, float(getattr(c, key)), "f32"))
+    if getattr(c, "rope_scaling", None):
+        kv += [("rope.scaling.type", "linear", "str"), ("rope.scaling.factor", float(c.rope_scaling["factor"]), "f32")]
+    return tuple(kv)
 
 
 @dataclass(frozen=True)
@@ -122,6 +189,8 @@ class HParams:
     vocab: int
     tied: bool
     arch: str = "llama"              # llama.cpp architecture
+    rope_dims: int = 0               # rotated dimensions of a head (0: all of them)
+    family: tuple = ()               # the family's own metadata (:func:`_family_kvs`)
 
     @property
     def permuted(self) -> bool:
@@ -132,12 +201,17 @@ class HParams:
         check_exportable(config)
         n_head = int(config.num_attention_heads)
         n_embd = int(config.hidden_size)
+        head_dim = int(getattr(config, "head_dim", None) or n_embd // n_head)
+        arch = GGUF_ARCHS[config.model_type]
+        rot = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
         return cls(n_layer=int(config.num_hidden_layers), n_embd=n_embd, n_ff=int(config.intermediate_size),
                    n_head=n_head, n_head_kv=int(getattr(config, "num_key_value_heads", None) or n_head),
-                   head_dim=int(getattr(config, "head_dim", None) or n_embd // n_head),
+                   head_dim=head_dim,
                    n_ctx=int(config.max_position_embeddings), rope_theta=float(getattr(config, "rope_theta", 10000.0)),
                    rms_eps=float(config.rms_norm_eps), vocab=int(config.vocab_size),
-                   tied=bool(getattr(config, "tie_word_embeddings", False)), arch=GGUF_ARCHS[config.model_type])
+                   tied=bool(getattr(config, "tie_word_embeddings", False)), arch=arch,
+                   rope_dims=int(rot * n_embd) // n_head if rot != 1.0 else head_dim,
+                   family=_family_kvs(config, arch, head_dim))
 
 
 def permute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
@@ -165,13 +239,23 @@ def model_tensors(model, arch) -> dict[str, torch.Tensor]:
             if k != name + ".bias":
                 state.pop(k)
         state[name + ".weight"] = m.dequantize(torch.float32)
+    a = gguf_arch(model.config)
     for k, v in state.items():
         if hp_tied and k == arch.lm_head + ".weight":
             continue
         if not v.is_floating_point():
             raise CompressError(f"tensor {k} is not a float tensor; cannot export it to GGUF")
-        out[gguf_name(k, arch.blocks)] = v.detach().to(torch.float32).cpu()
+        out[gguf_name(k, arch.blocks, a)] = as_stored(k, v.detach().to(torch.float32).cpu(), a)
     return dict(sorted(out.items(), key=lambda kv: _file_order(kv[0])))
+
+
+def as_stored(hf: str, t: torch.Tensor, arch: str) -> torch.Tensor:
+    """A tensor as llama.cpp (architecture ``arch``) stores it: a Gemma norm's weight with the 1 of
+    its (1 + weight) added, as llama.cpp's converter does (its RMSNorm multiplies by the weight)."""
+    from ..formats.gguf_tensors import NORM_OFFSET
+    if NORM_OFFSET.get(arch) and hf.endswith("norm.weight"):
+        return t + NORM_OFFSET[arch]
+    return t
 
 
 class StreamedTensors(Mapping):
@@ -183,7 +267,8 @@ class StreamedTensors(Mapping):
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         names = [k for k in model.state_dict(keep_vars=True) if not (tied and k == arch.lm_head + ".weight")]
         self.model, self.stream = model, stream
-        self.names = dict(sorted(((gguf_name(k, arch.blocks), k) for k in names), key=lambda kv: _file_order(kv[0])))
+        a = self.arch = gguf_arch(model.config)
+        self.names = dict(sorted(((gguf_name(k, arch.blocks, a), k) for k in names), key=lambda kv: _file_order(kv[0])))
 
     def _tensor(self, hf: str) -> torch.Tensor:
         mod, _, leaf = hf.rpartition(".")
@@ -198,7 +283,7 @@ class StreamedTensors(Mapping):
         t = self._tensor(hf)
         if t.is_meta:
             t = self.stream.read([hf])[hf]
-        return t.detach().to(torch.float32).cpu()
+        return as_stored(hf, t.detach().to(torch.float32).cpu(), self.arch)
 
     def __iter__(self):
         return iter(self.names)
@@ -212,8 +297,7 @@ def _file_order(name: str):
         return (0, 0, 0)
     m = re.match(r"blk\.(\d+)\.(\w+)", name)
     if m:
-        order = list(BLOCK_NAMES.values())
-        return (1, int(m.group(1)), order.index(m.group(2)) if m.group(2) in order else 99)
+        return (1, int(m.group(1)), _ORDER.index(m.group(2)) if m.group(2) in _ORDER else 99)
     return (2, 0 if name.startswith("output_norm") else 1, 0)
 
 
@@ -383,10 +467,12 @@ def model_metadata(hp: HParams, file_type: int, name: str, general: list[KV] | N
             KV(f"{a}.attention.layer_norm_rms_epsilon", hp.rms_eps, T.FLOAT32),
             KV("general.file_type", int(file_type), T.UINT32),
             KV(f"{a}.vocab_size", hp.vocab, T.UINT32),
-            KV(f"{a}.rope.dimension_count", hp.head_dim, T.UINT32)]
+            KV(f"{a}.rope.dimension_count", hp.rope_dims or hp.head_dim, T.UINT32)]
+    family = {f"{a}.{k}": (v, {"u32": T.UINT32, "f32": T.FLOAT32, "str": T.STRING}[kind]) for k, v, kind in hp.family}
     if hp.head_dim * hp.n_head != hp.n_embd:
-        kvs += [KV(f"{a}.attention.key_length", hp.head_dim, T.UINT32),
-                KV(f"{a}.attention.value_length", hp.head_dim, T.UINT32)]
+        family.setdefault(f"{a}.attention.key_length", (hp.head_dim, T.UINT32))
+        family.setdefault(f"{a}.attention.value_length", (hp.head_dim, T.UINT32))
+    kvs += [KV(k, v, t) for k, (v, t) in family.items()]
     kvs.append(KV("general.quantization_version", QUANTIZATION_VERSION, T.UINT32))
     for k, v in (extra or {}).items():
         if isinstance(v, bool):
@@ -525,7 +611,7 @@ def build_rtn(loaded, mix: str, importance: dict[str, torch.Tensor] | None = Non
     """llama.cpp's quantization of ``loaded`` (its float or dequantized weights) with a mix."""
     hp = HParams.from_config(loaded.model.config)
     floats = model_tensors(loaded.model, loaded.arch)
-    imp = gguf_importance(importance, floats)
+    imp = gguf_importance(importance, floats, hp.arch)
     if importance is not None and not imp:
         raise CompressError("the importance matrix has no entry for any tensor of this model")
     plan = plan_types(floats, mix, hp, pure, bool(imp))
@@ -533,11 +619,14 @@ def build_rtn(loaded, mix: str, importance: dict[str, torch.Tensor] | None = Non
     return GGMLModel(tensors, get_mix(mix).name, pure, "kquant", plan)
 
 
-def gguf_importance(importance, floats) -> dict[str, torch.Tensor]:
+def gguf_importance(importance, floats, arch: str = "llama") -> dict[str, torch.Tensor]:
     """Importance keyed by GGUF tensor name, from {our module name or GGUF name: (K,)}."""
     out = {}
     for k, v in (importance or {}).items():
-        name = k if (k.startswith("blk.") or k.split(".")[0] in _GLOBAL_INV) else gguf_name(k + ".weight")
+        try:
+            name = k if (k.startswith("blk.") or k.split(".")[0] in _GLOBAL_INV) else gguf_name(k + ".weight", arch=arch)
+        except CompressError:           # a tensor this model does not have: left out, as below
+            continue
         if name in floats:
             out[name] = v
     return out
@@ -660,7 +749,7 @@ def build_from_packed(loaded, target: str | None) -> tuple[GGMLModel, dict]:
     tensors, how = [], {}
     arch = loaded.arch
     for name, w in floats.items():
-        hf = hf_name(name, arch.blocks)
+        hf = hf_name(name, arch.blocks, gguf_arch(loaded.model.config))
         mod_name = hf.rpartition(".")[0]
         mod = loaded.model.get_submodule(mod_name) if name.endswith(".weight") else None
         if isinstance(mod, QuantLinear):

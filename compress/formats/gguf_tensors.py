@@ -2,8 +2,8 @@
 
 Each tensor is read from the file with plain reads (its offset and size from the checked tensor
 table of :func:`compress.formats.gguf_file.check_gguf`; no mapping of the file), decoded to
-float32 with this suite's bit-exact GGML decoders, and for llama's query/key rows un-permuted:
-the weights transformers' GGUF loader produces. A streamed run (``--stream``) reads a GGUF's
+float32 with this suite's bit-exact GGML decoders, for llama's query/key rows un-permuted and for
+Gemma's norms less the 1 llama.cpp adds: the weights transformers' GGUF loader produces. A streamed run (``--stream``) reads a GGUF's
 blocks this way; :func:`read_gguf_weights` reads them all.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ from ..errors import CompressError
 from .gguf_file import check_gguf
 
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# llama.cpp stores Gemma's norms as (1 + weight), what its RMSNorm multiplies by
+NORM_OFFSET = {"gemma2": 1.0, "gemma3": 1.0}
 
 
 def unpermute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
@@ -38,8 +40,9 @@ class GGUFTensors:
         self.n_head = int(lay.kv[f"{arch}.attention.head_count"])
         self.n_kv = int(lay.kv.get(f"{arch}.attention.head_count_kv", self.n_head))
         self.permuted = arch in PERMUTED_QK
+        self.norm_offset = NORM_OFFSET.get(arch, 0.0)
         self.data_offset = lay.data_offset
-        self.infos = {hf_name(t.name, blocks_prefix): t for t in lay.tensors}
+        self.infos = {hf_name(t.name, blocks_prefix, arch): t for t in lay.tensors}
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos
@@ -71,6 +74,8 @@ class GGUFTensors:
                     w = unpermute_qk(w, self.n_head, self.n_head)
                 elif self.permuted and re.search(r"\.attn_k\.(weight|bias)$", info.name):
                     w = unpermute_qk(w, self.n_head, self.n_kv)
+                if self.norm_offset and n.endswith("norm.weight"):
+                    w = w - self.norm_offset
                 out[n] = w
         return out
 

@@ -68,7 +68,7 @@ class _GGMLMethod(Method):
     def check_module(self, full_name, linear, override) -> None:
         self.scheme_for(full_name, override)
 
-    def importance(self, floats) -> dict:
+    def importance(self, floats, arch: str) -> dict:
         return {}
 
     def begin(self, run) -> None:
@@ -76,15 +76,15 @@ class _GGMLMethod(Method):
         hp = HParams.from_config(run.model.config)
         stream = run.loaded.stream
         floats = model_tensors(run.model, run.arch) if stream is None else StreamedTensors(run.model, run.arch, stream)
-        imp = self.importance(floats)
+        imp = self.importance(floats, hp.arch)
         plan = plan_types(floats, self.cfg.mix, hp, self.cfg.pure, bool(imp))
         for full in run.arch.linear_names(run.model):      # linears the targets leave out stay F16
-            g = gguf_name(full + ".weight", run.arch.blocks)
+            g = gguf_name(full + ".weight", run.arch.blocks, hp.arch)
             if not run.targets.selects(full) and g in plan:
                 c = plan[g]
                 plan[g] = TensorChoice(c.name, c.shape, c.category, "F16", "F16", True)
         run.state.update(floats=floats, plan=plan, importance=imp,
-                         name=lambda full: gguf_name(full + ".weight", run.arch.blocks))
+                         name=lambda full: gguf_name(full + ".weight", run.arch.blocks, hp.arch))
 
     def finish(self, run) -> None:
         plan, floats = run.state["plan"], run.state["floats"]
@@ -102,12 +102,12 @@ class KQuant(_GGMLMethod):
     summary = "llama.cpp's k-quant/legacy quantizers for a type mix (--type), optionally importance-weighted"
     config = KQuantImatrixOptions
 
-    def importance(self, floats) -> dict:
+    def importance(self, floats, arch: str) -> dict:
         if self.cfg.imatrix is None:
             return {}
         from .. import imatrix as imx
         from ..export.gguf import gguf_importance
-        imp = gguf_importance(imx.read(Path(self.cfg.imatrix)).by_module(), floats)
+        imp = gguf_importance(imx.read(Path(self.cfg.imatrix)).importance(), floats, arch)
         if not imp:
             raise CompressError("the importance matrix has no entry for any tensor of this model")
         return imp
