@@ -7,7 +7,7 @@ DEMO_OUT ?= demo-out
 MODEL ?= smollm2-135m
 export COMPRESS_DATA_DIR := $(abspath $(DATA))
 
-.PHONY: setup demo oracle test test-fast bench-rtn bench-ptq bench-llmcompressor bench-prune bench-train bench-scale plots clean
+.PHONY: setup demo oracle test test-fast families bench-rtn bench-ptq bench-llmcompressor bench-prune bench-train bench-scale plots clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,11 @@ bench-scale: setup
 	$(BIN)/python bench/scale.py --suite nproc --nproc 2 --out bench/results/scale-nproc-smollm2.json
 	$(BIN)/python bench/scale.py --suite synthetic --nsamples 16 --seqlen 512 --out bench/results/scale-stream-synthetic.json
 	$(BIN)/python bench/scale.py --suite synthetic-kquant --out bench/results/scale-stream-synthetic-kquant.json
+
+# The README's table of what works per model family, from the family tests' own records.
+families: setup
+	COMPRESS_FAMILY_TABLE=docs/families.json $(BIN)/python -m pytest -q tests/test_families.py
+	$(BIN)/python -m tests.family_table docs/families.json README.md
 
 # The README's quality-against-size plots, from the committed results files.
 plots: setup

@@ -173,3 +173,13 @@ def smollm2(real_data) -> Path:
         return models.fetch("smollm2-135m")
     except CompressError as e:
         pytest.skip(f"cannot fetch smollm2-135m: {e}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With COMPRESS_FAMILY_TABLE=FILE, write what the family tests recorded (tests/family_table.py)."""
+    path = os.environ.get("COMPRESS_FAMILY_TABLE")
+    if path:
+        import json
+
+        from tests.family_table import RESULTS
+        Path(path).write_text(json.dumps(RESULTS, indent=1, sort_keys=True) + "\n")

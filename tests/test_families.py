@@ -12,6 +12,7 @@ import torch
 
 from compress import models
 from tests.conftest import build_tiny
+from tests.family_table import record
 from tests.test_cli import assert_clean_error, run
 
 FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gpt_neox", "gemma2", "gemma3_text", "mixtral", "qwen3_moe",
@@ -58,6 +59,18 @@ def test_quantized_checkpoint_matches_its_dequantized_model(method, tiny, env, t
             ref.load_state_dict(floats, strict=False)
     torch.testing.assert_close(_logits(packed.model), _logits(ref), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(_logits(packed.model), base, atol=1e-4)     # it did quantize
+    record(tiny.name, method.upper() if method != "awq" else "AWQ", True)
+
+
+def test_smoothquant_keeps_the_function_at_8_bits(tiny, env, tmp_path):
+    """W8A8 per family: the quantized model's logits stay near the float model's."""
+    out = tmp_path / "q"
+    res = run(["quantize", tiny, "--method", "smoothquant", *CAL, "--dtype", "float32", "-o", out])
+    assert res.exit_code == 0, res.output
+    ref = _logits(models.load(str(tiny)).model)
+    q = _logits(models.load(str(out)).model)
+    assert 0 < float((q - ref).abs().mean() / ref.abs().mean()) < 0.05
+    record(tiny.name, "SmoothQuant", True)
 
 
 def test_fused_projections_are_quantized_as_stored_and_never_rescaled(env, tmp_path):
@@ -171,10 +184,12 @@ def test_pruned_and_structured_models_load(tiny, env, tmp_path):
     w = models.load(str(tmp_path / "w"))
     last = w.arch.get_blocks(w.model)[0].get_submodule(w.arch.groups[-1].linears[-1])    # down_proj, fc2, ...
     assert float((last.weight == 0).float().mean()) == 0.5
+    record(tiny.name, "2:4 pruning", True)
     if tiny.name not in LLAMA_LIKE:
         res = run(["prune", tiny, "--method", "structured", "--heads", 0.5, *CAL, "-o", tmp_path / "s"])
         assert_clean_error(res, "structured pruning is not described")
         assert not (tmp_path / "s").exists()
+        record(tiny.name, "structured pruning", False)
         return
     res = run(["prune", tiny, "--method", "structured", "--heads", 0.5, "--mlp", 0.25, "--layers", 1,
                "--hidden", 0.25, "--multiple-of", 8, *CAL, "--dtype", "float32", "-o", tmp_path / "s"])
@@ -183,6 +198,7 @@ def test_pruned_and_structured_models_load(tiny, env, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "s")).eval()
     assert plain.config.num_hidden_layers == 1 and plain.config.hidden_size == 72
     assert torch.equal(_logits(plain), _logits(models.load(str(tmp_path / "s")).model))
+    record(tiny.name, "structured pruning", True)
 
 
 def test_gguf_export_reads_back_as_the_same_model(tiny, env, tmp_path):
@@ -199,6 +215,7 @@ def test_gguf_export_reads_back_as_the_same_model(tiny, env, tmp_path):
     if tiny.name not in GGUF_FAMILIES:
         assert_clean_error(res, tiny.name)
         assert not out.exists()
+        record(tiny.name, "GGUF", False)
         return
     assert res.exit_code == 0, res.output
     ref = models.load(str(tiny))
@@ -232,6 +249,7 @@ def test_gguf_export_reads_back_as_the_same_model(tiny, env, tmp_path):
     # the model as transformers reads it (the tiny models' byte-level BPE tokenizer has no Gemma reader)
     g = models.load(str(out)).model if fam in LLAMA_LIKE else models.gguf_model(out)
     torch.testing.assert_close(_logits(g), _logits(ref.model), rtol=1e-4, atol=1e-4)
+    record(tiny.name, "GGUF", True)
 
 
 @pytest.mark.parametrize("method", ["kquant", "kquant-gptq"])
@@ -244,11 +262,15 @@ def test_kquant_mix_per_family(method, tiny, env, tmp_path):
 
     from compress.formats import kquants
     from compress.formats.ggml_mix import fallback_type, use_more_bits
-    if tiny.name not in GGUF_FAMILIES:
-        return
+    column = "k-quants" if method == "kquant" else "GPTQ on k-quants"
     out = tmp_path / "q.gguf"
     res = run(["quantize", tiny, "--method", method, "--type", "Q4_K_M", *(CAL if method == "kquant-gptq" else []),
                "-o", out])
+    if tiny.name not in GGUF_FAMILIES:
+        assert_clean_error(res, tiny.name)
+        assert not out.exists()
+        record(tiny.name, column, False)
+        return
     assert res.exit_code == 0, res.output
     r = gguf.GGUFReader(str(out))
     types = {t.name: t.tensor_type.name for t in r.tensors}
@@ -274,6 +296,7 @@ def test_kquant_mix_per_family(method, tiny, env, tmp_path):
         assert torch.equal(w, v), k
     a, b = _logits(g), _logits(ref)
     assert float((a - b).abs().max() / b.abs().max()) < 0.25
+    record(tiny.name, column, True)
 
 
 ONNX_FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
@@ -294,6 +317,7 @@ def test_onnx_runtime_reproduces_the_packed_model(fmt, tiny, env, tmp_path):
     if tiny.name not in ONNX_FAMILIES:
         assert_clean_error(res, tiny.name)
         assert not onnx_dir.exists()
+        record(tiny.name, "ONNX", False)
         return
     assert res.exit_code == 0, res.output
     ids = torch.randint(0, 300, (1, 96), generator=torch.Generator().manual_seed(1))
@@ -308,3 +332,4 @@ def test_onnx_runtime_reproduces_the_packed_model(fmt, tiny, env, tmp_path):
         chunks.append(o.logits)
         past = o.past_key_values
     assert float((torch.cat(chunks, dim=1) - ref).abs().max() / ref.abs().max()) < 1e-5
+    record(tiny.name, "ONNX", True)
