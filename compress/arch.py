@@ -174,6 +174,22 @@ NEOX = ArchSpec(
     required_config=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
 )
 
+GPT2 = ArchSpec(
+    family="gpt2",
+    model_types=("gpt2",),
+    blocks="transformer.h",
+    embeddings=("transformer.wte", "transformer.wpe"),
+    final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    groups=(            # Conv1D layers, held as nn.Linear (compress.conv1d); fused c_attn; GELU in the MLP
+        LinearGroup("ln_1", ("attn.c_attn",)),
+        LinearGroup("attn.c_attn", ("attn.c_proj",), scalable=False),
+        LinearGroup("ln_2", ("mlp.c_fc",)),
+        LinearGroup("mlp.c_fc", ("mlp.c_proj",), scalable=False),
+    ),
+    required_config=("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"),
+)
+
 GEMMA = ArchSpec(
     family="gemma",
     model_types=("gemma2", "gemma3_text"),   # gemma3_text: q/k norms per head; both: sliding-window layers
@@ -214,7 +230,7 @@ MIXTRAL = _moe("mixtral", ("mixtral",), "block_sparse_moe", "num_local_experts",
 QWEN_MOE = _moe("qwen3_moe", ("qwen3_moe",), "mlp", "num_experts", "gate_proj", "up_proj", "down_proj")
 QWEN2_MOE = _moe("qwen2_moe", ("qwen2_moe",), "mlp", "num_experts", "gate_proj", "up_proj", "down_proj",
                  shared="mlp.shared_expert")
-ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT, PHI3, NEOX, GEMMA, MIXTRAL, QWEN_MOE, QWEN2_MOE)
+ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT, PHI3, NEOX, GPT2, GEMMA, MIXTRAL, QWEN_MOE, QWEN2_MOE)
 
 
 def check_calibration_length(config: dict, seqlen: int) -> None:

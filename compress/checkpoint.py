@@ -158,7 +158,8 @@ def model_tensors(loaded, dtype: str = "float16") -> dict[str, torch.Tensor]:
         if (tied and name == head) or (blocks and name.startswith(blocks)):
             continue
         tensors[name] = as_written(name, t, dtype)
-    return tensors
+    from .conv1d import conv1d_modules, swap_orientation
+    return swap_orientation(tensors, conv1d_modules(model))         # GPT-2's float layers as Conv1D stores them
 
 
 def compact_tensors(tensors: dict, modules: dict) -> dict:
@@ -347,14 +348,18 @@ def empty_model(path: Path):
         delattr(config, "quantization_config")
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    from .conv1d import linearize
     from .models import exact_attention
+    linearize(model)
     return exact_attention(model), config
 
 
 def fill_model(model, config, state: dict, arch, replaced: set, path: Path) -> None:
     """Load the remaining float tensors; every weight the model has must be there (those of the
     modules in ``replaced`` and a tied lm_head excepted), and nothing else."""
+    from .conv1d import conv1d_modules, swap_orientation
     state = {k: (v.to(torch.float32) if v.is_floating_point() else v) for k, v in state.items()}
+    swap_orientation(state, conv1d_modules(model))                    # stored as Conv1D, held as Linear
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = arch.lm_head + ".weight"
     missing = [m for m in missing if m.rpartition(".")[0] not in replaced

@@ -122,10 +122,10 @@ def estimate(config: dict, numel: int, steps, calib, budget: int, procs: int = 1
     ``config.json`` is ``config``; ``calib``: the calibration spec (None without calibration).
     With ``procs`` processes each holds the model, its statistics and one window in a block, and
     the calibration activations are split between them."""
-    hidden = int(config.get("hidden_size") or 0)
-    inter = int(config.get("intermediate_size") or config.get("ffn_dim") or 4 * hidden)
-    heads = int(config.get("num_attention_heads") or 1)
-    layers = int(config.get("num_hidden_layers") or 1)
+    hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)          # n_*: GPT-2's keys
+    inter = int(config.get("intermediate_size") or config.get("ffn_dim") or config.get("n_inner") or 4 * hidden)
+    heads = int(config.get("num_attention_heads") or config.get("n_head") or 1)
+    layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 1)
     vocab = int(config.get("vocab_size") or 0)
     parts = {"weights": 4 * numel, "runtime": FIXED}
     if calib is not None:

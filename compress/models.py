@@ -329,6 +329,8 @@ def _from_pretrained(path: Path):
     except Exception as e:
         raise CompressError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
     model.eval()
+    from .conv1d import linearize
+    linearize(model)                        # GPT-2's Conv1D layers as nn.Linear
     return exact_attention(model)
 
 

@@ -308,6 +308,9 @@ def load(spec: str):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, trust_remote_code=False)
     model.eval()
     models.exact_attention(model)
+    from .conv1d import linearize
+    if linearize(model):
+        raise CompressError(f"--stream does not read {config.get('model_type')}'s Conv1D layers; run it in memory")
     arch = describe(arch, model, config)
     blocks = arch.get_blocks(model)
     source = GGUFTensors(path, arch.blocks) if kind == "gguf" else SafetensorsFiles(path)

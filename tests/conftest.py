@@ -96,6 +96,10 @@ def build_tiny(folder: Path, family: str = "llama", seed: int = 0, hidden: int =
                   layer_types=["sliding_attention" if i % every < every - 1 else "full_attention"
                                for i in range(layers)],
                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    elif family == "gpt2":
+        from transformers import GPT2Config
+        cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_inner=ffn, n_layer=layers, n_head=4, n_positions=1024,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
     elif family == "gpt_neox":
         from transformers import GPTNeoXConfig
         cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,

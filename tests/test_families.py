@@ -15,7 +15,7 @@ from tests.conftest import build_tiny
 from tests.family_table import record
 from tests.test_cli import assert_clean_error, run
 
-FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gpt_neox", "gemma2", "gemma3_text", "mixtral", "qwen3_moe",
+FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gpt_neox", "gpt2", "gemma2", "gemma3_text", "mixtral", "qwen3_moe",
             "qwen2_moe")
 LLAMA_LIKE = ("llama", "qwen2", "qwen3")         # structured pruning and GGUF inputs are described for these
 GGUF_FAMILIES = (*LLAMA_LIKE, "phi3", "gemma2", "gemma3_text")
@@ -333,3 +333,31 @@ def test_onnx_runtime_reproduces_the_packed_model(fmt, tiny, env, tmp_path):
         past = o.past_key_values
     assert float((torch.cat(chunks, dim=1) - ref).abs().max() / ref.abs().max()) < 1e-5
     record(tiny.name, "ONNX", True)
+
+
+def test_gpt2_conv1d_layers_are_linear_inside_and_conv1d_on_disk(env, tmp_path):
+    """GPT-2's Conv1D layers (weight stored (in, out)) are nn.Linear in the loaded model; a layer
+    left in float is written back as Conv1D stores it (transformers' GPT2 reads the file), the
+    quantized ones in the Linear (GPTQ) layout, and the checkpoint computes what the model did."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    tiny = build_tiny(tmp_path / "gpt2", "gpt2")
+    base = models.load(str(tiny))
+    assert isinstance(base.model.transformer.h[0].attn.c_attn, torch.nn.Linear)
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny)).eval()
+    torch.testing.assert_close(_logits(base.model), _logits(plain), rtol=1e-5, atol=1e-5)
+    out = tmp_path / "q"
+    res = run(["quantize", tiny, "--method", "gptq", "--bits", 4, "--group-size", 32, "--ignore", "re:.*c_proj",
+               *CAL, "--dtype", "float32", "-o", out])
+    assert res.exit_code == 0, res.output
+    state = load_file(str(out / "model.safetensors"))
+    assert tuple(state["transformer.h.0.mlp.c_proj.weight"].shape) == (192, 96)      # (in, out): Conv1D's
+    assert "transformer.h.0.mlp.c_fc.qweight" in state
+    q = models.load(str(out)).model
+    ref = models.load(str(tiny)).model
+    with torch.no_grad():
+        for name, m in q.named_modules():
+            if hasattr(m, "packed"):
+                ref.get_submodule(name).weight.copy_(m.packed().dequantize())
+    torch.testing.assert_close(_logits(q), _logits(ref), rtol=1e-4, atol=1e-4)
+    assert torch.equal(q.transformer.h[0].attn.c_proj.weight, ref.transformer.h[0].attn.c_proj.weight)

@@ -126,7 +126,10 @@ def save_sparse(loaded, out: Path, sparsity: dict[str, float], patterns: dict[st
     from ..checkpoint import model_tensors, write_folder
     if not sparsity:
         raise CompressError("nothing was pruned: the targets selected no module")
-    fmt, structure = choose_format({m: patterns.get(m, "unstructured") for m in sparsity})
+    from ..conv1d import conv1d_modules
+    conv = set(conv1d_modules(loaded.model))        # stored transposed: N:M runs along the other axis there
+    fmt, structure = choose_format({m: "unstructured" if m in conv else patterns.get(m, "unstructured")
+                                    for m in sparsity})
     tensors = model_tensors(loaded, dtype)
     resident = [p for p in loaded.model.parameters() if not p.is_meta]     # a streamed model's blocks: in shards
     counts = {"zeros": sum(int((p == 0).sum()) for p in resident), "params": sum(p.numel() for p in resident)}
