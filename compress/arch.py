@@ -208,6 +208,19 @@ GEMMA = ArchSpec(
     norm_offset=1.0,
 )
 
+# Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration): the same text blocks under
+# model.language_model; the vision tower and its projector stay in float, untouched
+GEMMA3_MM = dataclasses.replace(GEMMA, model_types=("gemma3",), blocks="model.language_model.layers",
+                                embeddings=("model.language_model.embed_tokens",),
+                                final_norm="model.language_model.norm")
+
+
+def text_config(config: dict) -> dict:
+    """The language model's part of ``config.json`` (a multimodal checkpoint nests it under
+    ``text_config``)."""
+    return config.get("text_config") or config
+
+
 def _moe(family: str, model_types: tuple[str, ...], moe: str, experts_key: str, gate: str, up: str, down: str,
          shared: str | None = None) -> ArchSpec:
     """A Llama-style block whose MLP is a mixture of experts under ``moe`` (plus a shared expert)."""
@@ -230,12 +243,13 @@ MIXTRAL = _moe("mixtral", ("mixtral",), "block_sparse_moe", "num_local_experts",
 QWEN_MOE = _moe("qwen3_moe", ("qwen3_moe",), "mlp", "num_experts", "gate_proj", "up_proj", "down_proj")
 QWEN2_MOE = _moe("qwen2_moe", ("qwen2_moe",), "mlp", "num_experts", "gate_proj", "up_proj", "down_proj",
                  shared="mlp.shared_expert")
-ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT, PHI3, NEOX, GPT2, GEMMA, MIXTRAL, QWEN_MOE, QWEN2_MOE)
+ARCHS: tuple[ArchSpec, ...] = (LLAMA, OPT, PHI3, NEOX, GPT2, GEMMA, GEMMA3_MM, MIXTRAL, QWEN_MOE, QWEN2_MOE)
 
 
 def check_calibration_length(config: dict, seqlen: int) -> None:
     """Calibration replays every block with the attention mask block 0 received: with both
     sliding-window and full layers, windows must fit the sliding window, where the two masks agree."""
+    config = text_config(config)
     types = set(config.get("layer_types") or [])
     window = config.get("sliding_window")
     if len(types) > 1 and window and seqlen > window:

@@ -122,6 +122,8 @@ def estimate(config: dict, numel: int, steps, calib, budget: int, procs: int = 1
     ``config.json`` is ``config``; ``calib``: the calibration spec (None without calibration).
     With ``procs`` processes each holds the model, its statistics and one window in a block, and
     the calibration activations are split between them."""
+    from .arch import text_config
+    config = text_config(config)
     hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)          # n_*: GPT-2's keys
     inter = int(config.get("intermediate_size") or config.get("ffn_dim") or config.get("n_inner") or 4 * hidden)
     heads = int(config.get("num_attention_heads") or config.get("n_head") or 1)

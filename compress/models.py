@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import ArchSpec, arch_for, describe
+from .arch import ArchSpec, arch_for, describe, text_config
 from .errors import CompressError
 from .formats.gguf_file import check_gguf
 
@@ -182,9 +182,11 @@ def check_config(config: dict, folder: Path, arch: ArchSpec | None = None) -> No
     """The keys the architecture's weights are shaped by (``ArchSpec.required_config``) are present
     and positive integers."""
     arch = arch or arch_for(config.get("model_type"), config.get("architectures"))
+    model_type = config.get("model_type")
+    config = text_config(config)
     for key in arch.required_config:
         if key not in config:
-            raise CompressError(f"config.json in {folder} lacks '{key}', which a {config['model_type']} model "
+            raise CompressError(f"config.json in {folder} lacks '{key}', which a {model_type} model "
                                 "needs to build its weights")
         v = config[key]
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

@@ -308,6 +308,9 @@ def load(spec: str):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, trust_remote_code=False)
     model.eval()
     models.exact_attention(model)
+    if getattr(model, "_checkpoint_conversion_mapping", None):
+        raise CompressError(f"--stream reads tensors under the model's own names; {config.get('model_type')} "
+                            "checkpoints store them under others: run it in memory")
     from .conv1d import linearize
     if linearize(model):
         raise CompressError(f"--stream does not read {config.get('model_type')}'s Conv1D layers; run it in memory")

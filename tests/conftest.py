@@ -66,10 +66,23 @@ def _tokenizer(vocab: int = 300):
 def build_tiny(folder: Path, family: str = "llama", seed: int = 0, hidden: int = 96, ffn: int = 192,
                layers: int = 2) -> Path:
     """Save a tiny random causal LM (with a byte-level BPE tokenizer) as a Hugging Face folder."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+    from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     tok = _tokenizer()
-    vocab = 320
+    cfg = tiny_config(family, 320, hidden, ffn, layers)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # larger-than-init weights so quantization error is visible in the logits
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_config(family: str, vocab: int, hidden: int, ffn: int, layers: int):
+    """The transformers config of a tiny model of ``family``."""
+    from transformers import LlamaConfig, OPTConfig
     if family == "llama":
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -96,6 +109,14 @@ def build_tiny(folder: Path, family: str = "llama", seed: int = 0, hidden: int =
                   layer_types=["sliding_attention" if i % every < every - 1 else "full_attention"
                                for i in range(layers)],
                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    elif family == "gemma3":             # the multimodal checkpoint: the text model of gemma3_text and a vision tower
+        from transformers import Gemma3Config, SiglipVisionConfig
+        text = tiny_config("gemma3_text", vocab, hidden, ffn, layers)
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=28, patch_size=14)
+        cfg = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                           boi_token_index=1, eoi_token_index=2, image_token_index=3, bos_token_id=0, eos_token_id=0,
+                           pad_token_id=0)
     elif family == "gpt2":
         from transformers import GPT2Config
         cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_inner=ffn, n_layer=layers, n_head=4, n_positions=1024,
@@ -129,14 +150,7 @@ def build_tiny(folder: Path, family: str = "llama", seed: int = 0, hidden: int =
                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
     else:
         raise ValueError(family)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # larger-than-init weights so quantization error is visible in the logits
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return folder
+    return cfg
 
 
 @pytest.fixture(scope="session")

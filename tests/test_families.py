@@ -15,8 +15,8 @@ from tests.conftest import build_tiny
 from tests.family_table import record
 from tests.test_cli import assert_clean_error, run
 
-FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gpt_neox", "gpt2", "gemma2", "gemma3_text", "mixtral", "qwen3_moe",
-            "qwen2_moe")
+FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gpt_neox", "gpt2", "gemma2", "gemma3_text", "gemma3", "mixtral",
+            "qwen3_moe", "qwen2_moe")
 LLAMA_LIKE = ("llama", "qwen2", "qwen3")         # structured pruning and GGUF inputs are described for these
 GGUF_FAMILIES = (*LLAMA_LIKE, "phi3", "gemma2", "gemma3_text")
 CAL = ["--nsamples", 8, "--seqlen", 64]
@@ -361,3 +361,22 @@ def test_gpt2_conv1d_layers_are_linear_inside_and_conv1d_on_disk(env, tmp_path):
                 ref.get_submodule(name).weight.copy_(m.packed().dequantize())
     torch.testing.assert_close(_logits(q), _logits(ref), rtol=1e-4, atol=1e-4)
     assert torch.equal(q.transformer.h[0].attn.c_proj.weight, ref.transformer.h[0].attn.c_proj.weight)
+
+
+def test_gemma3_multimodal_quantizes_the_text_blocks_and_keeps_the_vision_tower(env, tmp_path):
+    """A Gemma 3 multimodal checkpoint (Gemma3ForConditionalGeneration): the language model's
+    linears are quantized; the vision tower and its projector are written back as they were."""
+    import json
+
+    from safetensors.torch import load_file
+    tiny = build_tiny(tmp_path / "g3", "gemma3")
+    out = tmp_path / "q"
+    res = run(["quantize", tiny, "--method", "gptq", "--bits", 4, "--group-size", 32, *CAL, "--dtype", "float32",
+               "-o", out])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "config.json").read_text())["quantization_config"]["compress"]
+    assert meta["quantized_modules"] and all(m.startswith("model.language_model.layers.")
+                                             for m in meta["quantized_modules"])
+    src, got = load_file(str(tiny / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    vision = [k for k in src if k.startswith(("vision_tower.", "multi_modal_projector."))]    # the hub's names
+    assert vision and all(torch.equal(src[k], got["model." + k]) for k in vision)             # the model's own
