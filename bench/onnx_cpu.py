@@ -3,7 +3,8 @@
 Quantizes the model with round-to-nearest and, for a checkpoint that is 4-bit throughout, with
 GPTQ and ``--lm-head`` (through the API the CLI uses), exports ONNX variants (fp32, 4-bit g128 at
 accuracy levels 0 and 4, with and without a quantized lm_head, the qdq format, 8-bit g128) and
-measures them side by side with torch fp32 eager in one run, at batch 1 on ``--threads`` threads. Timings are interleaved (every variant once per round, ``--rounds`` rounds,
+measures them side by side with torch fp32 eager in one run, at batch 1 on ``--threads`` threads;
+``--genai`` variants are also timed through ONNX Runtime GenAI's own generator on the same folder. Timings are interleaved (every variant once per round, ``--rounds`` rounds,
 median reported) because the CPU is shared. Also measures perplexity on a few wt2-quick windows for
 each ONNX model next to the torch model of the same checkpoint, and the KL divergence between them.
 Every run quantizes and exports afresh (nothing is reused from an earlier run) and the results file
@@ -67,6 +68,7 @@ VARIANTS = [
     ("onnx int8 g128 acc4", "int8-g128", dict(fmt="matmulnbits", accuracy_level=4)),
 ]
 TORCH_LABEL = "torch fp32 eager"
+GENAI = "genai: "                       # rows timed through ONNX Runtime GenAI's generator
 
 
 class TorchRunner:
@@ -109,6 +111,31 @@ class OrtRunner:
         return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
 
 
+class GenaiRunner:
+    """ONNX Runtime GenAI's own generator on the same exported folder (its genai_config.json; the
+    session's intra-op threads set to ``threads``): prefill is ``append_tokens`` of the prompt,
+    each step ``generate_next_token`` (greedy)."""
+
+    def __init__(self, path, threads: int, room: int):
+        import onnxruntime_genai as og
+        self.og = og
+        config = og.Config(str(path))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
+        self.room = room
+
+    def prefill(self, ids):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=ids.shape[1] + self.room, do_sample=False)
+        gen = self.og.Generator(self.model, params)
+        gen.append_tokens(ids.numpy().astype(np.int32))
+        return None, gen
+
+    def step(self, tok, gen):
+        gen.generate_next_token()
+        return None, gen
+
+
 def time_prefill(runner, ids) -> float:
     t0 = time.perf_counter()
     runner.prefill(ids)
@@ -141,6 +168,9 @@ def main(argv=None):
                     help="write checkpoints and exports here and leave them for inspection (default: a temporary "
                          "folder); every run writes them afresh, nothing there is reused")
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only matching variants")
+    ap.add_argument("--genai", default="onnx fp32,onnx int4 g128 acc0,onnx int4 g128 acc4",
+                    help="comma-separated variants also timed through ONNX Runtime GenAI's generator "
+                         "(onnxruntime-genai; empty: none)")
     ap.add_argument("--kernels", action="store_true",
                     help="only time single MatMul / MatMulNBits nodes on SmolLM2's shapes (M=1) and exit")
     ap.add_argument("--out", type=Path, default=None)
@@ -195,18 +225,24 @@ def main(argv=None):
     rows = []
     for label, ck, kw in variants:
         out = work / label.replace(" ", "_").replace("+", "")
-        info = export_onnx(loaded[ck], out, kv_cache=True, **kw)
-        print(f"exported {label} in {info['seconds']:.1f} s", file=sys.stderr)
+        ex = export_onnx(loaded[ck], out, kv_cache=True, **kw)
+        print(f"exported {label} in {ex['seconds']:.1f} s", file=sys.stderr)
         rows.append({"label": label, "checkpoint": ck, "export": kw, "path": str(out),
                      "files": file_sizes(out), "size_bytes": file_sizes(out)["total"],
-                     "lm_head": info["model"].get("lm_head"), "embedding": info["model"].get("embedding"),
-                     "attention": info["model"].get("attention")})
+                     "lm_head": ex["model"].get("lm_head"), "embedding": ex["model"].get("embedding"),
+                     "attention": ex["model"].get("attention")})
 
     # ---- timing, interleaved
     runners = {r["label"]: OrtRunner(OnnxCausalLM(r["path"], threads=args.threads), args.decode + 1,
                                      args.kv == "in-place") for r in rows}
     for r in rows:
         r["kv_cache"] = "in place" if runners[r["label"]].in_place else "concatenated"
+    genai = [r for r in rows if r["label"] in (args.genai or "").split(",")]
+    if genai:
+        import onnxruntime_genai as og
+        for r in genai:
+            runners[GENAI + r["label"]] = GenaiRunner(r["path"], args.threads, args.decode + 1)
+        genai_version = og.__version__
     runners[TORCH_LABEL] = TorchRunner(base.model)
     gen = torch.Generator().manual_seed(0)
     long_ids = torch.randint(0, base.model.config.vocab_size, (1, args.prefill), generator=gen)
@@ -248,6 +284,11 @@ def main(argv=None):
         med = {k: statistics.median(v) for k, v in times[label].items()}
         med.update({f"best_{k}": (min(v) if k == "prefill_s" else max(v)) for k, v in times[label].items()})
         row = next((r for r in rows if r["label"] == label), None)
+        if row is None and label.startswith(GENAI):         # GenAI on an exported folder: its size and ppl
+            src = next(r for r in rows if r["label"] == label[len(GENAI):])
+            row = {"label": label, "checkpoint": src["checkpoint"], "size_bytes": src["size_bytes"],
+                   "runtime": f"onnxruntime-genai {genai_version}", "files": src["files"]}
+            rows.append(row)
         if row is None:
             row = {"label": label, "checkpoint": "fp32", "size_bytes": torch_sizes["fp32"],
                    "ppl": ppl_torch.get("fp32"), "files": {"model.safetensors": torch_sizes["fp32"]}}
@@ -285,7 +326,8 @@ def main(argv=None):
 
 
 def table(data: dict) -> str:
-    lines = [f"{data['model']} on {data['cpu']}, {data['threads']} threads, batch 1; prefill {data['prefill_tokens']} "
+    flags = ", ".join(data.get("cpu_flags") or []) or "no AVX2"
+    lines = [f"{data['model']} on {data['cpu']} ({flags}), {data['threads']} threads, batch 1; prefill {data['prefill_tokens']} "
              f"tokens; decode {data['decode_tokens']} tokens after a {data['short_prompt']}-token / "
              f"{data['prefill_tokens']}-token prompt; median (best) of {data['rounds']} interleaved rounds; "
              f"load average {data['load_average_start'][0]:.1f} -> {data['load_average_end'][0]:.1f}; ONNX KV cache "
