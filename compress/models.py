@@ -346,10 +346,10 @@ def hf_config(path: Path):
 
 
 def gguf_config(path: Path):
-    """The transformers config of a checked GGUF file, from its header (no tensor read). Gemma's
-    settings that transformers' GGUF reader leaves at their defaults are taken from the header as
-    llama.cpp reads them: the query scale (1/sqrt(key length), or 1/sqrt(hidden/heads) for the
-    27B models) and the soft-caps."""
+    """The transformers config of a checked GGUF file, from its header (no tensor read). Settings
+    that transformers' GGUF reader leaves at their defaults are taken from the header as llama.cpp
+    reads them: Gemma's query scale (1/sqrt(key length), or 1/sqrt(hidden/heads) for the 27B
+    models) and soft-caps, GPT-2's MLP width."""
     from transformers import AutoConfig
     lay = check_gguf(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -365,6 +365,8 @@ def gguf_config(path: Path):
                                         else int(lay.kv.get(f"{arch}.attention.key_length", config.head_dim)))
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             setattr(config, key, lay.kv.get(f"{arch}.{key}", getattr(config, key, None) if arch == "gemma2" else None))
+    if arch == "gpt2" and "gpt2.feed_forward_length" in lay.kv:       # transformers assumes 4 x hidden
+        config.n_inner = int(lay.kv["gpt2.feed_forward_length"])
     return config
 
 
@@ -386,6 +388,8 @@ def gguf_model(path: Path):
     except Exception as e:
         raise CompressError(f"cannot load GGUF file {path}: {_first_line(e)}") from None
     model.eval()
+    from .conv1d import linearize
+    linearize(model)
     return exact_attention(model)
 
 

@@ -18,7 +18,7 @@ from tests.test_cli import assert_clean_error, run
 FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gpt_neox", "gpt2", "gemma2", "gemma3_text", "gemma3", "mixtral",
             "qwen3_moe", "qwen2_moe")
 LLAMA_LIKE = ("llama", "qwen2", "qwen3")         # structured pruning and GGUF inputs are described for these
-GGUF_FAMILIES = (*LLAMA_LIKE, "phi3", "gemma2", "gemma3_text")
+GGUF_FAMILIES = (*LLAMA_LIKE, "phi3", "gemma2", "gemma3_text", "gpt2")
 CAL = ["--nsamples", 8, "--seqlen", 64]
 X = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -275,13 +275,15 @@ def test_kquant_mix_per_family(method, tiny, env, tmp_path):
     r = gguf.GGUFReader(str(out))
     types = {t.name: t.tensor_type.name for t in r.tensors}
     n = sum(1 for k in types if k.endswith("attn_norm.weight"))
-    wv = "attn_qkv" if tiny.name == "phi3" else "attn_v"
+    wv = "attn_qkv" if tiny.name in ("phi3", "gpt2") else "attn_v"
     ref = models.load(str(tiny)).model
     cols = ref.config.hidden_size          # 96: not a multiple of 256, so llama.cpp's fallback types
     assert [types[f"blk.{i}.{wv}.weight"] for i in range(n)] == [
         fallback_type("Q6_K" if use_more_bits(i, n) else "Q4_K", cols) for i in range(n)]
     if ref.config.tie_word_embeddings:
         assert types["token_embd.weight"] == fallback_type("Q6_K", cols)
+    if tiny.name == "gpt2":                 # learned positions stay float, as llama-quantize leaves them
+        assert types["position_embd.weight"] == "F32"
     g = models.gguf_model(out)
     state = g.state_dict()
     arch = r.fields["general.architecture"].contents()

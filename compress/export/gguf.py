@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 
 # Hugging Face model type -> llama.cpp architecture written
 GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-              "gemma2": "gemma2", "gemma3_text": "gemma3"}
+              "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2"}
 SUPPORTED_MODEL_TYPES = tuple(GGUF_ARCHS)
+# architectures with LayerNorm (weight and bias) rather than RMSNorm, and learned positions, no rotary
+LAYER_NORM_ARCHS = ("gpt2",)
 # architectures whose q/k rows llama.cpp's converter permutes (rotary halves interleaved)
 PERMUTED_QK = ("llama",)
 QUANTIZATION_VERSION = 2
@@ -69,7 +71,11 @@ _GLOBAL_INV = {v: k for k, v in GLOBAL_NAMES.items()}
 _GEMMA_NAMES = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                 "post_feedforward_layernorm": "post_ffw_norm"}
 FAMILY_BLOCK_NAMES = {"phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
-                      "gemma2": _GEMMA_NAMES, "gemma3": _GEMMA_NAMES}
+                      "gemma2": _GEMMA_NAMES, "gemma3": _GEMMA_NAMES,
+                      "gpt2": {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+                               "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}}
+FAMILY_GLOBAL_NAMES = {"gpt2": {"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
+                                "transformer.ln_f": "output_norm", "lm_head": "output"}}
 _ORDER = [*BLOCK_NAMES.values(), "attn_qkv", "post_attention_norm", "post_ffw_norm"]
 
 
@@ -80,6 +86,11 @@ def block_names(gguf_arch: str = "llama") -> dict[str, str]:
         names = {k: v for k, v in names.items() if v != g}      # the llama module that had this name
         names[hf] = g
     return names
+
+
+def global_names(gguf_arch: str = "llama") -> dict[str, str]:
+    """Hugging Face module outside the blocks -> llama.cpp tensor base name."""
+    return FAMILY_GLOBAL_NAMES.get(gguf_arch, GLOBAL_NAMES)
 
 
 def gguf_arch(config) -> str:
@@ -100,8 +111,9 @@ def gguf_name(hf_name: str, blocks_prefix: str = "model.layers", arch: str = "ll
     """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (llama.cpp's names for
     the llama.cpp architecture ``arch``)."""
     base, _, suffix = hf_name.rpartition(".")
-    if base in GLOBAL_NAMES:
-        return f"{GLOBAL_NAMES[base]}.{suffix}"
+    glob = global_names(arch)
+    if base in glob:
+        return f"{glob[base]}.{suffix}"
     names = block_names(arch)
     m = re.fullmatch(re.escape(blocks_prefix) + r"\.(\d+)\.(.+)", base)
     if m and m.group(2) in names:
@@ -112,8 +124,9 @@ def gguf_name(hf_name: str, blocks_prefix: str = "model.layers", arch: str = "ll
 def hf_name(name: str, blocks_prefix: str = "model.layers", arch: str = "llama") -> str:
     """Inverse of :func:`gguf_name`: ``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
     base, _, suffix = name.rpartition(".")
-    if base in _GLOBAL_INV:
-        return f"{_GLOBAL_INV[base]}.{suffix}"
+    glob = {v: k for k, v in global_names(arch).items()}
+    if base in glob:
+        return f"{glob[base]}.{suffix}"
     inv = {v: k for k, v in block_names(arch).items()}
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
     if m and m.group(2) in inv:
@@ -204,11 +217,13 @@ class HParams:
         head_dim = int(getattr(config, "head_dim", None) or n_embd // n_head)
         arch = GGUF_ARCHS[config.model_type]
         rot = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
-        return cls(n_layer=int(config.num_hidden_layers), n_embd=n_embd, n_ff=int(config.intermediate_size),
+        n_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * n_embd
+        return cls(n_layer=int(config.num_hidden_layers), n_embd=n_embd, n_ff=int(n_ff),
                    n_head=n_head, n_head_kv=int(getattr(config, "num_key_value_heads", None) or n_head),
                    head_dim=head_dim,
                    n_ctx=int(config.max_position_embeddings), rope_theta=float(getattr(config, "rope_theta", 10000.0)),
-                   rms_eps=float(config.rms_norm_eps), vocab=int(config.vocab_size),
+                   rms_eps=float(getattr(config, "rms_norm_eps", None) or config.layer_norm_epsilon),
+                   vocab=int(config.vocab_size),
                    tied=bool(getattr(config, "tie_word_embeddings", False)), arch=arch,
                    rope_dims=int(rot * n_embd) // n_head if rot != 1.0 else head_dim,
                    family=_family_kvs(config, arch, head_dim))
@@ -464,10 +479,12 @@ def model_metadata(hp: HParams, file_type: int, name: str, general: list[KV] | N
             KV(f"{a}.attention.head_count", hp.n_head, T.UINT32),
             KV(f"{a}.attention.head_count_kv", hp.n_head_kv, T.UINT32),
             KV(f"{a}.rope.freq_base", hp.rope_theta, T.FLOAT32),
-            KV(f"{a}.attention.layer_norm_rms_epsilon", hp.rms_eps, T.FLOAT32),
+            KV(f"{a}.attention.layer_norm{'' if a in LAYER_NORM_ARCHS else '_rms'}_epsilon", hp.rms_eps, T.FLOAT32),
             KV("general.file_type", int(file_type), T.UINT32),
             KV(f"{a}.vocab_size", hp.vocab, T.UINT32),
             KV(f"{a}.rope.dimension_count", hp.rope_dims or hp.head_dim, T.UINT32)]
+    if a in LAYER_NORM_ARCHS:          # learned positions: no rotary keys
+        kvs = [kv for kv in kvs if ".rope." not in kv.key]
     family = {f"{a}.{k}": (v, {"u32": T.UINT32, "f32": T.FLOAT32, "str": T.STRING}[kind]) for k, v, kind in hp.family}
     if hp.head_dim * hp.n_head != hp.n_embd:
         family.setdefault(f"{a}.attention.key_length", (hp.head_dim, T.UINT32))
@@ -624,7 +641,8 @@ def gguf_importance(importance, floats, arch: str = "llama") -> dict[str, torch.
     out = {}
     for k, v in (importance or {}).items():
         try:
-            name = k if (k.startswith("blk.") or k.split(".")[0] in _GLOBAL_INV) else gguf_name(k + ".weight", arch=arch)
+            name = k if (k.startswith("blk.") or k.split(".")[0] in _GLOBAL_INV or k.split(".")[0] == "position_embd") \
+                else gguf_name(k + ".weight", arch=arch)
         except CompressError:           # a tensor this model does not have: left out, as below
             continue
         if name in floats:

@@ -94,8 +94,10 @@ def tensor_category(name: str) -> str:
 
 
 def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
-    """llama.cpp's tensor_allows_quantization for the tensors of a llama model."""
-    return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
+    """llama.cpp's tensor_allows_quantization for the tensors we write: matrices, not norms, not
+    learned position embeddings (GPT-2)."""
+    return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name and \
+        not name.startswith("position_embd.")
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:

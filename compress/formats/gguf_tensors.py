@@ -19,6 +19,8 @@ from .gguf_file import check_gguf
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # llama.cpp stores Gemma's norms as (1 + weight), what its RMSNorm multiplies by
 NORM_OFFSET = {"gemma2": 1.0, "gemma3": 1.0}
+# where a llama.cpp architecture's blocks live in the transformers model, where not model.layers
+BLOCKS = {"gpt2": "transformer.h"}
 
 
 def unpermute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
@@ -32,11 +34,12 @@ def unpermute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> 
 class GGUFTensors:
     """``name in src``, ``iter(src)`` (Hugging Face names) and ``src.read(names)`` (float32)."""
 
-    def __init__(self, path: Path, blocks_prefix: str = "model.layers"):
+    def __init__(self, path: Path, blocks_prefix: str | None = None):
         from ..export.gguf import PERMUTED_QK, hf_name
         self.path = Path(path)
         lay = check_gguf(self.path)
         arch = lay.kv["general.architecture"]
+        blocks_prefix = blocks_prefix or BLOCKS.get(arch, "model.layers")
         self.n_head = int(lay.kv[f"{arch}.attention.head_count"])
         self.n_kv = int(lay.kv.get(f"{arch}.attention.head_count_kv", self.n_head))
         self.permuted = arch in PERMUTED_QK
@@ -80,7 +83,7 @@ class GGUFTensors:
         return out
 
 
-def read_gguf_weights(path: Path, blocks_prefix: str = "model.layers") -> dict[str, torch.Tensor]:
+def read_gguf_weights(path: Path, blocks_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a GGUF model file as float32 under its Hugging Face name (module doc)."""
     src = GGUFTensors(path, blocks_prefix)
     return src.read(list(src))
