@@ -43,10 +43,11 @@ log = logging.getLogger(__name__)
 
 # Hugging Face model type -> llama.cpp architecture written
 GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-              "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2"}
+              "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2", "gpt_neox": "gptneox"}
 SUPPORTED_MODEL_TYPES = tuple(GGUF_ARCHS)
-# architectures with LayerNorm (weight and bias) rather than RMSNorm, and learned positions, no rotary
-LAYER_NORM_ARCHS = ("gpt2",)
+# architectures with LayerNorm (weight and bias) rather than RMSNorm; those with learned positions (no rotary)
+LAYER_NORM_ARCHS = ("gpt2", "gptneox")
+LEARNED_POSITION_ARCHS = ("gpt2",)
 # architectures whose q/k rows llama.cpp's converter permutes (rotary halves interleaved)
 PERMUTED_QK = ("llama",)
 QUANTIZATION_VERSION = 2
@@ -74,8 +75,13 @@ FAMILY_BLOCK_NAMES = {"phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_pr
                       "gemma2": _GEMMA_NAMES, "gemma3": _GEMMA_NAMES,
                       "gpt2": {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
                                "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}}
+FAMILY_BLOCK_NAMES["gptneox"] = {"input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv",
+                                 "attention.dense": "attn_output", "post_attention_layernorm": "ffn_norm",
+                                 "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
 FAMILY_GLOBAL_NAMES = {"gpt2": {"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
-                                "transformer.ln_f": "output_norm", "lm_head": "output"}}
+                                "transformer.ln_f": "output_norm", "lm_head": "output"},
+                       "gptneox": {"gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm",
+                                   "embed_out": "output"}}
 _ORDER = [*BLOCK_NAMES.values(), "attn_qkv", "post_attention_norm", "post_ffw_norm"]
 
 
@@ -142,7 +148,7 @@ def check_exportable(config) -> None:
     rope = getattr(config, "rope_scaling", None)
     if rope and not (mt == "gemma3_text" and (rope.get("rope_type") or rope.get("type")) == "linear"):
         raise CompressError(f"GGUF export does not handle rope scaling ({rope})")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+    if mt != "gpt_neox" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
         raise CompressError("GGUF export does not handle linear biases (attention_bias / mlp_bias)")
     if mt in ("gemma2", "gemma3_text"):
         _check_gemma(config, GGUF_ARCHS[mt])
@@ -176,6 +182,8 @@ def _family_kvs(config, arch: str, head_dim: int) -> tuple:
         orig = getattr(c, "original_max_position_embeddings", None) or c.max_position_embeddings
         return (("rope.scaling.original_context_length", int(orig), "u32"),
                 ("attention.sliding_window", int(getattr(c, "sliding_window", None) or 0), "u32"))
+    if arch == "gptneox":
+        return (("use_parallel_residual", bool(getattr(c, "use_parallel_residual", True)), "bool"),)
     if arch not in ("gemma2", "gemma3"):
         return ()
     kv = [("attention.key_length", head_dim, "u32"), ("attention.value_length", head_dim, "u32"),
@@ -216,13 +224,14 @@ class HParams:
         n_embd = int(config.hidden_size)
         head_dim = int(getattr(config, "head_dim", None) or n_embd // n_head)
         arch = GGUF_ARCHS[config.model_type]
-        rot = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
+        rot = float(getattr(config, "partial_rotary_factor", None) or getattr(config, "rotary_pct", None) or 1.0)
         n_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * n_embd
         return cls(n_layer=int(config.num_hidden_layers), n_embd=n_embd, n_ff=int(n_ff),
                    n_head=n_head, n_head_kv=int(getattr(config, "num_key_value_heads", None) or n_head),
                    head_dim=head_dim,
                    n_ctx=int(config.max_position_embeddings), rope_theta=float(getattr(config, "rope_theta", 10000.0)),
-                   rms_eps=float(getattr(config, "rms_norm_eps", None) or config.layer_norm_epsilon),
+                   rms_eps=float(getattr(config, "rms_norm_eps", None) or getattr(config, "layer_norm_epsilon", None)
+                                 or config.layer_norm_eps),
                    vocab=int(config.vocab_size),
                    tied=bool(getattr(config, "tie_word_embeddings", False)), arch=arch,
                    rope_dims=int(rot * n_embd) // n_head if rot != 1.0 else head_dim,
@@ -239,6 +248,17 @@ def permute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> to
     if rows % (2 * n_head):
         raise CompressError(f"cannot permute {rows} rows into {n_head} heads of two rotary halves")
     return t.reshape(n_head, 2, rows // n_head // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def neox_qkv(t: torch.Tensor, n_head: int, inverse: bool = False) -> torch.Tensor:
+    """GPT-NeoX's fused query_key_value rows, (q, k, v) per head, into llama.cpp's order: every
+    head's q rows, then every k, then every v (its converter's reordering); ``inverse`` undoes it.
+    Rows only: it applies to quantized rows as well."""
+    rows = t.shape[0]
+    hd = rows // (3 * n_head)
+    if inverse:
+        return t.reshape(3, n_head, hd, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    return t.reshape(n_head, 3, hd, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
 def model_tensors(model, arch) -> dict[str, torch.Tensor]:
@@ -483,9 +503,10 @@ def model_metadata(hp: HParams, file_type: int, name: str, general: list[KV] | N
             KV("general.file_type", int(file_type), T.UINT32),
             KV(f"{a}.vocab_size", hp.vocab, T.UINT32),
             KV(f"{a}.rope.dimension_count", hp.rope_dims or hp.head_dim, T.UINT32)]
-    if a in LAYER_NORM_ARCHS:          # learned positions: no rotary keys
+    if a in LEARNED_POSITION_ARCHS:    # no rotary keys
         kvs = [kv for kv in kvs if ".rope." not in kv.key]
-    family = {f"{a}.{k}": (v, {"u32": T.UINT32, "f32": T.FLOAT32, "str": T.STRING}[kind]) for k, v, kind in hp.family}
+    family = {f"{a}.{k}": (v, {"u32": T.UINT32, "f32": T.FLOAT32, "str": T.STRING, "bool": T.BOOL}[kind])
+              for k, v, kind in hp.family}
     if hp.head_dim * hp.n_head != hp.n_embd:
         family.setdefault(f"{a}.attention.key_length", (hp.head_dim, T.UINT32))
         family.setdefault(f"{a}.attention.value_length", (hp.head_dim, T.UINT32))
@@ -548,6 +569,8 @@ def write_gguf(path: Path, kvs: list[KV], tensors: list[GGMLTensor], hp: HParams
                 data = permute_qk(data, hp.n_head, hp.n_head)
             elif hp.permuted and re.search(r"\.attn_k\.(weight|bias)$", t.name):
                 data = permute_qk(data, hp.n_head, hp.n_head_kv)
+            elif hp.arch == "gptneox" and re.search(r"\.attn_qkv\.(weight|bias)$", t.name):
+                data = neox_qkv(data, hp.n_head)
             arr = _np(GGMLTensor(t.name, t.type, t.shape, data))
             if t.type in FLOAT_TYPES:
                 w.add_tensor(t.name, arr)

@@ -26,13 +26,13 @@ _GGUF_SCALAR = {0: ("uint8", "<B"), 1: ("int8", "<b"), 2: ("uint16", "<H"), 3: (
 _GGUF_BOOL, _GGUF_STRING, _GGUF_ARRAY = 7, 8, 9
 _GGUF_INTS = (0, 1, 2, 3, 4, 5, 10, 11)
 _GGUF_MAX_DIMS = 4
-GGUF_MODEL_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2")
+GGUF_MODEL_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2", "gptneox")
 # block tensors only some architectures have (and then must have): name -> those architectures
 _GEMMA = ("gemma2", "gemma3")
 _ARCH_ONLY = {"attn_q_norm.weight": ("qwen3", "gemma3"), "attn_k_norm.weight": ("qwen3", "gemma3"),
-              "attn_qkv.weight": ("phi3", "gpt2"), "post_attention_norm.weight": _GEMMA, "post_ffw_norm.weight": _GEMMA}
+              "attn_qkv.weight": ("phi3", "gpt2", "gptneox"), "post_attention_norm.weight": _GEMMA, "post_ffw_norm.weight": _GEMMA}
 # block tensors some architectures do not have (phi3 and gpt2 fuse q/k/v; phi3 fuses gate/up, gpt2 has no gate)
-_FUSED = ("phi3", "gpt2")
+_FUSED = ("phi3", "gpt2", "gptneox")
 _ARCH_NOT = {"attn_q.weight": _FUSED, "attn_k.weight": _FUSED, "attn_v.weight": _FUSED, "ffn_gate.weight": _FUSED}
 
 

@@ -20,7 +20,7 @@ _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # llama.cpp stores Gemma's norms as (1 + weight), what its RMSNorm multiplies by
 NORM_OFFSET = {"gemma2": 1.0, "gemma3": 1.0}
 # where a llama.cpp architecture's blocks live in the transformers model, where not model.layers
-BLOCKS = {"gpt2": "transformer.h"}
+BLOCKS = {"gpt2": "transformer.h", "gptneox": "gpt_neox.layers"}
 
 
 def unpermute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
@@ -43,6 +43,7 @@ class GGUFTensors:
         self.n_head = int(lay.kv[f"{arch}.attention.head_count"])
         self.n_kv = int(lay.kv.get(f"{arch}.attention.head_count_kv", self.n_head))
         self.permuted = arch in PERMUTED_QK
+        self.arch = arch
         self.norm_offset = NORM_OFFSET.get(arch, 0.0)
         self.data_offset = lay.data_offset
         self.infos = {hf_name(t.name, blocks_prefix, arch): t for t in lay.tensors}
@@ -54,6 +55,7 @@ class GGUFTensors:
         return iter(self.infos)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from ..export.gguf import neox_qkv
         from . import kquants
         out = {}
         with open(self.path, "rb") as fh:
@@ -77,6 +79,8 @@ class GGUFTensors:
                     w = unpermute_qk(w, self.n_head, self.n_head)
                 elif self.permuted and re.search(r"\.attn_k\.(weight|bias)$", info.name):
                     w = unpermute_qk(w, self.n_head, self.n_kv)
+                elif self.arch == "gptneox" and re.search(r"\.attn_qkv\.(weight|bias)$", info.name):
+                    w = neox_qkv(w, self.n_head, inverse=True)
                 if self.norm_offset and n.endswith("norm.weight"):
                     w = w - self.norm_offset
                 out[n] = w
