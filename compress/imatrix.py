@@ -64,7 +64,7 @@ class IMatrix:
     def by_module(self, blocks_prefix: str = "model.layers") -> dict[str, torch.Tensor]:
         """``{our module name: importance (K,)}``, e.g. ``model.layers.0.self_attn.q_proj``.
         Entries with names this suite does not know are left out (logged)."""
-        from .export.gguf import hf_name
+        from .export.gguf_arch import hf_name
         out = {}
         for name, imp in self.importance().items():
             try:
@@ -90,7 +90,7 @@ def collect(loaded, windows: torch.Tensor, process_output: bool = False, device:
     from calib.runner import run_sequential
     from calib.stats import ImportanceAccumulator
 
-    from .export.gguf import check_exportable, gguf_arch, gguf_name
+    from .export.gguf_arch import check_exportable, gguf_arch, gguf_name
 
     model, arch = loaded.model, loaded.arch
     check_exportable(model.config)

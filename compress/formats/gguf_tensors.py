@@ -24,7 +24,7 @@ BLOCKS = {"gpt2": "transformer.h", "gptneox": "gpt_neox.layers"}
 
 
 def unpermute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`compress.export.gguf.permute_qk` (what transformers' GGUF loader applies)."""
+    """Inverse of :func:`compress.export.gguf_arch.permute_qk` (what transformers' GGUF loader applies)."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
     rows = t.shape[0]
@@ -35,7 +35,7 @@ class GGUFTensors:
     """``name in src``, ``iter(src)`` (Hugging Face names) and ``src.read(names)`` (float32)."""
 
     def __init__(self, path: Path, blocks_prefix: str | None = None):
-        from ..export.gguf import PERMUTED_QK, hf_name
+        from ..export.gguf_arch import PERMUTED_QK, hf_name
         self.path = Path(path)
         lay = check_gguf(self.path)
         arch = lay.kv["general.architecture"]
@@ -55,7 +55,7 @@ class GGUFTensors:
         return iter(self.infos)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from ..export.gguf import neox_qkv
+        from ..export.gguf_arch import neox_qkv
         from . import kquants
         out = {}
         with open(self.path, "rb") as fh:
