@@ -349,7 +349,7 @@ def gguf_config(path: Path):
     """The transformers config of a checked GGUF file, from its header (no tensor read). Settings
     that transformers' GGUF reader leaves at their defaults are taken from the header as llama.cpp
     reads them: Gemma's query scale (1/sqrt(key length), or 1/sqrt(hidden/heads) for the 27B
-    models) and soft-caps, GPT-2's MLP width."""
+    models) and soft-caps, GPT-2's MLP width, the experts' widths."""
     from transformers import AutoConfig
     lay = check_gguf(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -367,6 +367,10 @@ def gguf_config(path: Path):
             setattr(config, key, lay.kv.get(f"{arch}.{key}", getattr(config, key, None) if arch == "gemma2" else None))
     if arch == "gpt2" and "gpt2.feed_forward_length" in lay.kv:       # transformers assumes 4 x hidden
         config.n_inner = int(lay.kv["gpt2.feed_forward_length"])
+    for key, attr in (("expert_feed_forward_length", "moe_intermediate_size"),     # left at their defaults
+                      ("expert_shared_feed_forward_length", "shared_expert_intermediate_size")):
+        if f"{arch}.{key}" in lay.kv:
+            setattr(config, attr, int(lay.kv[f"{arch}.{key}"]))
     return config
 
 

@@ -36,8 +36,8 @@ from ..formats.ggml_mix import FLOAT_TYPES, MIXES, TensorChoice, get_mix, select
 from ..formats.ggml_model import GGMLModel, GGMLTensor, bits_per_weight, quantize_model_rtn
 from ..formats.gguf_file import read_gguf_layout
 from ..solvers.ggml_grid import CODECS, pack_codes
-from .gguf_arch import (HParams, as_stored, file_order, gguf_arch, gguf_name, hf_name, is_gguf_name, neox_qkv,
-                        permute_qk)
+from .gguf_arch import (HParams, as_stored, expert_index, file_order, gguf_arch, gguf_name, hf_name, is_gguf_name,
+                        neox_qkv, permute_qk)
 from .gguf_meta import KV, model_metadata, tokenizer_metadata
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,20 @@ def model_tensors(model, arch) -> dict[str, torch.Tensor]:
                 state.pop(k)
         state[name + ".weight"] = m.dequantize(torch.float32)
     a = gguf_arch(model.config)
+    experts: dict[str, list] = {}
     for k, v in state.items():
         if hp_tied and k == arch.lm_head + ".weight":
             continue
         if not v.is_floating_point():
             raise CompressError(f"tensor {k} is not a float tensor; cannot export it to GGUF")
-        out[gguf_name(k, arch.blocks, a)] = as_stored(k, v.detach().to(torch.float32).cpu(), a)
+        g, t = gguf_name(k, arch.blocks, a), as_stored(k, v.detach().to(torch.float32).cpu(), a)
+        e = expert_index(k)
+        if e is None:
+            out[g] = t
+        else:
+            experts.setdefault(g, []).append((e, t))
+    for g, parts in experts.items():             # llama.cpp's (experts, rows, cols), in expert order
+        out[g] = torch.stack([t for _, t in sorted(parts, key=lambda p: p[0])])
     return dict(sorted(out.items(), key=lambda kv: file_order(kv[0])))
 
 
@@ -81,6 +89,8 @@ class StreamedTensors(Mapping):
         names = [k for k in model.state_dict(keep_vars=True) if not (tied and k == arch.lm_head + ".weight")]
         self.model, self.stream = model, stream
         a = self.arch = gguf_arch(model.config)
+        if any(expert_index(k) is not None for k in names):
+            raise CompressError("--stream does not write a mixture of experts' stacked GGUF tensors; run it in memory")
         self.names = dict(sorted(((gguf_name(k, arch.blocks, a), k) for k in names), key=lambda kv: file_order(kv[0])))
 
     def _tensor(self, hf: str) -> torch.Tensor:
@@ -207,8 +217,8 @@ def inspect_gguf(path: Path) -> dict:
 def plan_types(tensors: Mapping[str, torch.Tensor], mix: str, hp: HParams, pure: bool, has_imatrix: bool):
     shapes = (tensors.shapes() if isinstance(tensors, StreamedTensors)       # no tensor read to plan
               else {n: tuple(t.shape) for n, t in tensors.items()})
-    return select_types(shapes.items(), mix, n_layer=hp.n_layer,
-                        n_head=hp.n_head, n_head_kv=hp.n_head_kv, pure=pure, has_imatrix=has_imatrix)
+    return select_types(shapes.items(), mix, n_layer=hp.n_layer, n_head=hp.n_head, n_head_kv=hp.n_head_kv,
+                        pure=pure, has_imatrix=has_imatrix, n_expert=hp.n_expert)
 
 
 def _notes(tensors: list[GGMLTensor]) -> list[str]:
@@ -235,6 +245,8 @@ def gguf_importance(importance, floats, arch: str = "llama") -> dict[str, torch.
         try:
             name = k if is_gguf_name(k) else gguf_name(k + ".weight", arch=arch)
         except CompressError:           # a tensor this model does not have: left out, as below
+            continue
+        if name in floats and floats[name].dim() > 2:      # stacked experts: one importance per expert
             continue
         if name in floats:
             out[name] = v

@@ -14,7 +14,8 @@ from ..errors import CompressError
 
 # Hugging Face model type -> llama.cpp architecture written
 GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-              "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2", "gpt_neox": "gptneox"}
+              "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2", "gpt_neox": "gptneox",
+              "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 SUPPORTED_MODEL_TYPES = tuple(GGUF_ARCHS)
 # architectures with LayerNorm (weight and bias) rather than RMSNorm; those with learned positions (no rotary)
 LAYER_NORM_ARCHS = ("gpt2", "gptneox")
@@ -36,7 +37,24 @@ BLOCK_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    # mixtures of experts: the router, a shared expert (qwen2moe); the experts are stacked (EXPERTS)
+    "mlp.gate": "ffn_gate_inp",
+    "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
+# each expert's linear -> the 3-D tensor (experts, rows, cols) llama.cpp stacks them into
+EXPERTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
+           "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+_EXPERT = re.compile(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)")
+
+
+def expert_index(hf_name: str) -> int | None:
+    """The expert a tensor of a mixture of experts belongs to (None outside the experts)."""
+    m = _EXPERT.search(hf_name)
+    return int(m.group(1)) if m else None
 GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _GLOBAL_INV = {v: k for k, v in GLOBAL_NAMES.items()}
 # where a family's block names differ from llama's (as gguf-py's tensor name map has them)
@@ -53,7 +71,8 @@ FAMILY_GLOBAL_NAMES = {"gpt2": {"transformer.wte": "token_embd", "transformer.wp
                                 "transformer.ln_f": "output_norm", "lm_head": "output"},
                        "gptneox": {"gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm",
                                    "embed_out": "output"}}
-_ORDER = [*BLOCK_NAMES.values(), "attn_qkv", "post_attention_norm", "post_ffw_norm"]
+_ORDER = [*BLOCK_NAMES.values(), "attn_qkv", "post_attention_norm", "post_ffw_norm", "ffn_gate_exps", "ffn_up_exps",
+          "ffn_down_exps"]
 
 
 def block_names(gguf_arch: str = "llama") -> dict[str, str]:
@@ -96,6 +115,9 @@ def gguf_name(hf_name: str, blocks_prefix: str = "model.layers", arch: str = "ll
     m = re.fullmatch(re.escape(blocks_prefix) + r"\.(\d+)\.(.+)", base)
     if m and m.group(2) in names:
         return f"blk.{m.group(1)}.{names[m.group(2)]}.{suffix}"
+    e = _EXPERT.fullmatch(m.group(2)) if m else None
+    if e and e.group(2) in EXPERTS:
+        return f"blk.{m.group(1)}.{EXPERTS[e.group(2)]}.{suffix}"
     raise CompressError(f"tensor {hf_name} has no llama.cpp name (unsupported module for GGUF export)")
 
 
@@ -154,6 +176,14 @@ def _family_kvs(config, arch: str, head_dim: int) -> tuple:
         orig = getattr(c, "original_max_position_embeddings", None) or c.max_position_embeddings
         return (("rope.scaling.original_context_length", int(orig), "u32"),
                 ("attention.sliding_window", int(getattr(c, "sliding_window", None) or 0), "u32"))
+    n_expert = getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None)
+    if n_expert:
+        kv = [("expert_count", int(n_expert), "u32"), ("expert_used_count", int(c.num_experts_per_tok), "u32")]
+        if getattr(c, "moe_intermediate_size", None):
+            kv.append(("expert_feed_forward_length", int(c.moe_intermediate_size), "u32"))
+        if getattr(c, "shared_expert_intermediate_size", None):
+            kv.append(("expert_shared_feed_forward_length", int(c.shared_expert_intermediate_size), "u32"))
+        return tuple(kv)
     if arch == "gptneox":
         return (("use_parallel_residual", bool(getattr(c, "use_parallel_residual", True)), "bool"),)
     if arch not in ("gemma2", "gemma3"):
@@ -183,6 +213,7 @@ class HParams:
     tied: bool
     arch: str = "llama"              # llama.cpp architecture
     rope_dims: int = 0               # rotated dimensions of a head (0: all of them)
+    n_expert: int = 0                # experts per block (a mixture of experts)
     family: tuple = ()               # the family's own metadata (:func:`_family_kvs`)
 
     @property
@@ -207,7 +238,8 @@ class HParams:
                    vocab=int(config.vocab_size),
                    tied=bool(getattr(config, "tie_word_embeddings", False)), arch=arch,
                    rope_dims=int(rot * n_embd) // n_head if rot != 1.0 else head_dim,
-                   family=_family_kvs(config, arch, head_dim))
+                   family=_family_kvs(config, arch, head_dim),
+                   n_expert=int(getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0))
 
 
 def permute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:

@@ -97,7 +97,7 @@ def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
     """llama.cpp's tensor_allows_quantization for the tensors we write: matrices, not norms, not
     learned position embeddings (GPT-2)."""
     return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name and \
-        not name.startswith("position_embd.")
+        not name.startswith("position_embd.") and "ffn_gate_inp" not in name
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -142,7 +142,7 @@ class TensorChoice:
 
 
 def select_types(tensors, mix: str, *, n_layer: int, n_head: int, n_head_kv: int, pure: bool = False,
-                 has_imatrix: bool = False) -> dict[str, TensorChoice]:
+                 has_imatrix: bool = False, n_expert: int = 0) -> dict[str, TensorChoice]:
     """Per-tensor GGML types for a llama-architecture model, as ``llama-quantize`` picks them.
 
     ``tensors``: iterable of ``(gguf_name, shape)``, shape ``(rows, cols)`` for matrices (cols is
@@ -158,7 +158,8 @@ def select_types(tensors, mix: str, *, n_layer: int, n_head: int, n_head_kv: int
     tied = not any(tensor_category(n) == OUTPUT for n in names)
     n_gqa = n_head // max(1, n_head_kv)
     is_70b = n_layer == 80 and n_head != n_head_kv
-    state = {"i_attention_wv": 0, "i_ffn_down": 0}
+    n_ffn_down = sum(tensor_category(n) == FFN_DOWN for n in names)
+    state = {"i_attention_wv": 0, "i_ffn_down": 0, "n_expert": n_expert, "n_ffn_down": n_ffn_down}
     out: dict[str, TensorChoice] = {}
     for name, shape in items:
         cat = tensor_category(name)
@@ -170,6 +171,7 @@ def select_types(tensors, mix: str, *, n_layer: int, n_head: int, n_head_kv: int
             continue
         new = m.default
         if not pure:
+            state["name"] = name
             new = _mix_rule(m, new, cat, shape[-1], state, n_attention_wv, n_layer, n_gqa, tied,
                             has_imatrix, is_70b)
         out[name] = TensorChoice(name, shape, cat, fallback_type(new, shape[-1]), new, True)
@@ -200,10 +202,16 @@ def _mix_rule(m: Mix, new: str, cat: str, ncols: int, st: dict, n_attention_wv: 
             new = "Q5_K"
         if is_70b and new in ("Q3_K", "Q4_K"):
             new = "Q5_K"
+        if st["n_expert"] == 8:          # llama.cpp: "for the 8-expert model, bumping this to Q8_0"
+            new = "Q8_0"
         st["i_attention_wv"] = i + 1
         return new
+    if cat == ATTN_K and st["n_expert"] == 8:
+        return "Q8_0"
     if cat == FFN_DOWN:
         i, n = st["i_ffn_down"], n_layer
+        if st["n_expert"] > 1:           # llama.cpp's layer_info: the layer from the name, n = ffn_down tensors
+            i, n = int(re.match(r"blk\.(\d+)\.", st["name"]).group(1)), st["n_ffn_down"]
         if f == "Q2_K":
             new = "Q3_K"
         elif f == "Q3_K_M":

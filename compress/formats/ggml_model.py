@@ -52,6 +52,8 @@ def quantize_tensor(w: torch.Tensor, type_name: str, importance: torch.Tensor | 
         return w
     if type_name == "F16":
         return w.to(torch.float16)
+    if w.dim() > 2:                   # stacked experts: row by row, as llama.cpp quantizes them
+        return quantize_tensor(w.reshape(-1, w.shape[-1]), type_name, importance).reshape(*w.shape[:-1], -1)
     try:
         return kquants.quantize(w, type_name, importance)
     except ValueError as e:

@@ -26,14 +26,19 @@ _GGUF_SCALAR = {0: ("uint8", "<B"), 1: ("int8", "<b"), 2: ("uint16", "<H"), 3: (
 _GGUF_BOOL, _GGUF_STRING, _GGUF_ARRAY = 7, 8, 9
 _GGUF_INTS = (0, 1, 2, 3, 4, 5, 10, 11)
 _GGUF_MAX_DIMS = 4
-GGUF_MODEL_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2", "gptneox")
+GGUF_MODEL_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2", "gptneox", "qwen2moe",
+                    "qwen3moe")
 # block tensors only some architectures have (and then must have): name -> those architectures
 _GEMMA = ("gemma2", "gemma3")
-_ARCH_ONLY = {"attn_q_norm.weight": ("qwen3", "gemma3"), "attn_k_norm.weight": ("qwen3", "gemma3"),
+_MOE = ("qwen2moe", "qwen3moe")
+_ARCH_ONLY = {"attn_q_norm.weight": ("qwen3", "gemma3", "qwen3moe"), "attn_k_norm.weight": ("qwen3", "gemma3", "qwen3moe"),
+              "ffn_gate_exps.weight": _MOE, "ffn_up_exps.weight": _MOE, "ffn_down_exps.weight": _MOE,
+              "ffn_gate_inp.weight": _MOE,
               "attn_qkv.weight": ("phi3", "gpt2", "gptneox"), "post_attention_norm.weight": _GEMMA, "post_ffw_norm.weight": _GEMMA}
 # block tensors some architectures do not have (phi3 and gpt2 fuse q/k/v; phi3 fuses gate/up, gpt2 has no gate)
 _FUSED = ("phi3", "gpt2", "gptneox")
-_ARCH_NOT = {"attn_q.weight": _FUSED, "attn_k.weight": _FUSED, "attn_v.weight": _FUSED, "ffn_gate.weight": _FUSED}
+_ARCH_NOT = {"attn_q.weight": _FUSED, "attn_k.weight": _FUSED, "attn_v.weight": _FUSED,
+             "ffn_gate.weight": _FUSED + _MOE, "ffn_up.weight": _MOE, "ffn_down.weight": _MOE}
 
 
 class _BadGGUF(Exception):
@@ -351,7 +356,9 @@ def check_gguf(path: Path) -> GGUFLayout:
              "ffn_gate.weight": (ffn, emb), "ffn_up.weight": (ffn, emb), "ffn_down.weight": (emb, ffn),
              "attn_q.bias": (qd,), "attn_k.bias": (kd,), "attn_v.bias": (vd,), "attn_output.bias": (emb,),
              "attn_q_norm.weight": ((hk, "key length"),), "attn_k_norm.weight": ((hk, "key length"),),
-             "post_attention_norm.weight": (emb,), "post_ffw_norm.weight": (emb,)}
+             "post_attention_norm.weight": (emb,), "post_ffw_norm.weight": (emb,),
+             "ffn_gate_exps.weight": None, "ffn_up_exps.weight": None, "ffn_down_exps.weight": None,
+             "ffn_gate_inp.weight": None}                       # experts: present, shapes not checked here
     if arch in _FUSED:          # fused: q, k, v rows in one tensor (phi3: gate and up rows in one too)
         block["attn_qkv.weight"] = ((qd[0] + kd[0] + vd[0], "heads x key length + 2 kv heads x key length"), emb)
     if arch == "phi3":

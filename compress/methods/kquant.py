@@ -113,9 +113,12 @@ class KQuant(_GGMLMethod):
         return imp
 
     def apply(self, blk, group, stats) -> None:
+        from ..export.gguf_arch import expert_index
         st = blk.run_state
         for name in blk.targeted(group):
             full = blk.full(name)
+            if expert_index(full) is not None:
+                continue                # stacked with the other experts: quantized whole at the end
             out = quantize_model_rtn(st["floats"], {st["name"](full): st["plan"][st["name"](full)]},
                                      st["importance"], progress=False)
             blk.record.add(full, out[0])
@@ -132,6 +135,13 @@ class KQuantGPTQ(_GGMLMethod):
     config = KQuantGPTQOptions
     calibrated = True
     label = "gptq"
+
+    def check_module(self, full_name, linear, override) -> None:
+        from ..export.gguf_arch import expert_index
+        super().check_module(full_name, linear, override)
+        if expert_index(full_name) is not None:
+            raise CompressError(f"{self.name} does not assemble solved experts into llama.cpp's stacked expert "
+                                f"tensors ({full_name}); use kquant for a mixture of experts")
 
     def observe(self, blk, group):
         return blk.hessian(group).hessian()
