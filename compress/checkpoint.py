@@ -341,17 +341,16 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
 
 def empty_model(path: Path):
     """The float32 model ``config.json`` describes, without its quantization config or weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+
+    from .models import hf_config, prepare
+    config = hf_config(path)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
-    from .conv1d import linearize
-    from .models import exact_attention
-    linearize(model)
-    return exact_attention(model), config
+    return prepare(model), config
 
 
 def fill_model(model, config, state: dict, arch, replaced: set, path: Path) -> None:

@@ -81,7 +81,7 @@ def gguf_numel(layout, stream: bool) -> int:
     return _resident({t.name: t.dims for t in layout.tensors}, r"blk\.(\d+)\." if stream else None)
 
 
-def gguf_config(layout) -> dict:
+def gguf_sizes(layout) -> dict:
     """The ``config.json`` sizes :func:`estimate` reads, from a GGUF header."""
     kv = layout.kv
     arch = kv["general.architecture"]

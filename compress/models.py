@@ -313,9 +313,13 @@ def load_tokenizer(path: Path):
         raise CompressError(f"cannot load the tokenizer in {path}: {str(e).splitlines()[0]}") from None
 
 
-def exact_attention(model):
-    """Gemma 2 soft-caps its attention scores, which only transformers' eager attention applies
-    (the SDPA path leaves the cap out and computes another function): such a model runs eager."""
+def prepare(model):
+    """What every model the suite builds or loads goes through (in place; returns it): GPT-2's
+    Conv1D layers become nn.Linear (:mod:`compress.conv1d`), and a model that soft-caps its
+    attention scores (Gemma 2) runs transformers' eager attention, the only one that applies the
+    cap (the SDPA path leaves it out and computes another function)."""
+    from .conv1d import linearize
+    linearize(model)
     if getattr(model.config, "attn_logit_softcapping", None) and model.config._attn_implementation != "eager":
         model.set_attn_implementation("eager")
     return model
@@ -331,9 +335,7 @@ def _from_pretrained(path: Path):
     except Exception as e:
         raise CompressError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
     model.eval()
-    from .conv1d import linearize
-    linearize(model)                        # GPT-2's Conv1D layers as nn.Linear
-    return exact_attention(model)
+    return prepare(model)
 
 
 def hf_config(path: Path):
@@ -345,13 +347,15 @@ def hf_config(path: Path):
         raise CompressError(f"cannot read the config in {path}: {str(e).splitlines()[0]}") from None
 
 
-def gguf_config(path: Path):
+def gguf_config(path: Path, layout=None):
     """The transformers config of a checked GGUF file, from its header (no tensor read). Settings
     that transformers' GGUF reader leaves at their defaults are taken from the header as llama.cpp
     reads them: Gemma's query scale (1/sqrt(key length), or 1/sqrt(hidden/heads) for the 27B
     models) and soft-caps, GPT-2's MLP width, the experts' widths."""
     from transformers import AutoConfig
-    lay = check_gguf(path)
+
+    from .export.gguf_arch import GEMMA_27B_LAYERS
+    lay = layout or check_gguf(path)                 # ``layout``: the file's, checked already
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
@@ -360,7 +364,7 @@ def gguf_config(path: Path):
     arch = lay.kv["general.architecture"]
     if arch in ("gemma2", "gemma3"):
         n_layer = int(lay.kv[f"{arch}.block_count"])
-        big = n_layer == {"gemma2": 46, "gemma3": 62}[arch]
+        big = n_layer == GEMMA_27B_LAYERS[arch]
         config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads if big
                                         else int(lay.kv.get(f"{arch}.attention.key_length", config.head_dim)))
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -392,9 +396,7 @@ def gguf_model(path: Path):
     except Exception as e:
         raise CompressError(f"cannot load GGUF file {path}: {_first_line(e)}") from None
     model.eval()
-    from .conv1d import linearize
-    linearize(model)
-    return exact_attention(model)
+    return prepare(model)
 
 
 def _first_line(e: Exception) -> str:

@@ -77,9 +77,9 @@ def preflight(recipe: Recipe, spec: str, out: Path, data_dir=None, procs: int = 
             check_calibration_length(config, recipe.calib_spec().seqlen)
     elif kind == "gguf":
         from .formats.gguf_file import check_gguf
-        from .memory import gguf_config, gguf_numel
+        from .memory import gguf_numel, gguf_sizes
         lay = check_gguf(path)
-        _check_memory(recipe, gguf_config(lay), gguf_numel(lay, recipe.stream), procs)
+        _check_memory(recipe, gguf_sizes(lay), gguf_numel(lay, recipe.stream), procs)
     if needs_windows(recipe):
         from calib.data import resolve_text
         resolve_text(recipe.calib_spec().source, data_dir or recipe.calibration.get("data_dir"))

@@ -290,33 +290,34 @@ def load(spec: str):
         path = models.fetch(spec)
         kind = "folder"
     if kind == "gguf":
+        from .formats.gguf_file import check_gguf
         from .formats.gguf_tensors import GGUFTensors
-        hf_config, tokenizer = models.gguf_config(path), models.gguf_tokenizer(path)
+        layout = check_gguf(path)
+        hf_config, tokenizer = models.gguf_config(path, layout), models.gguf_tokenizer(path)
         config = hf_config.to_dict()
-        arch = models.arch_for(config.get("model_type"), config.get("architectures"))
     else:
         config = models.read_config(path)
-        arch = models.arch_for(config.get("model_type"), config.get("architectures"))
-        if arch.family != GENERIC:
-            models.check_config(config, path, arch)
         if config.get("quantization_config"):
             raise CompressError(f"{spec} is already a quantized checkpoint")
         hf_config, tokenizer = models.hf_config(path), None
+    arch = models.arch_for(config.get("model_type"), config.get("architectures"))
+    if kind != "gguf" and arch.family != GENERIC:
+        models.check_config(config, path, arch)
     if arch.family == GENERIC:
         raise CompressError(f"--stream needs an architecture description and '{config.get('model_type')}' has none")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, trust_remote_code=False)
     model.eval()
-    models.exact_attention(model)
+    models.prepare(model)
     if getattr(model, "_checkpoint_conversion_mapping", None):
         raise CompressError(f"--stream reads tensors under the model's own names; {config.get('model_type')} "
                             "checkpoints store them under others: run it in memory")
-    from .conv1d import linearize
-    if linearize(model):
+    from .conv1d import conv1d_modules
+    if conv1d_modules(model):
         raise CompressError(f"--stream does not read {config.get('model_type')}'s Conv1D layers; run it in memory")
     arch = describe(arch, model, config)
     blocks = arch.get_blocks(model)
-    source = GGUFTensors(path, arch.blocks) if kind == "gguf" else SafetensorsFiles(path)
+    source = GGUFTensors(path, arch.blocks, layout) if kind == "gguf" else SafetensorsFiles(path)
     st = Streamer(source, arch, len(blocks))
     block_prefix = f"{arch.blocks}."
     rest = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())

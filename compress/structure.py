@@ -178,8 +178,8 @@ def apply_plan(model, arch, plan: Plan):
     param = next(model.parameters())
     with no_init_weights():
         new = AutoModelForCausalLM.from_config(cfg, dtype=param.dtype, trust_remote_code=False)
-    from .models import exact_attention
-    exact_attention(new)
+    from .models import prepare
+    prepare(new)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     missing, unexpected = new.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (tied and m == arch.lm_head + ".weight")]

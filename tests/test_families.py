@@ -39,6 +39,20 @@ def env(tiny_data, monkeypatch):
     monkeypatch.setenv("COMPRESS_DATA_DIR", str(tiny_data))
 
 
+def _refused(res, needle, out, family, capability) -> None:
+    """The command was refused in one line naming ``needle``, wrote nothing at ``out``; recorded."""
+    assert_clean_error(res, needle)
+    assert not out.exists()
+    record(family, capability, False)
+
+
+def _name_map(reader, n_layers):
+    """gguf-py's own tensor-name map for the architecture of the file ``reader`` reads."""
+    import gguf
+    arch = reader.fields["general.architecture"].contents()
+    return gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_layers)
+
+
 def _logits(model):
     with torch.no_grad():
         return model(X, use_cache=False).logits
@@ -193,10 +207,7 @@ def test_pruned_and_structured_models_load(tiny, env, tmp_path):
     record(tiny.name, "2:4 pruning", True)
     if tiny.name not in LLAMA_LIKE:
         res = run(["prune", tiny, "--method", "structured", "--heads", 0.5, *CAL, "-o", tmp_path / "s"])
-        assert_clean_error(res, "structured pruning is not described")
-        assert not (tmp_path / "s").exists()
-        record(tiny.name, "structured pruning", False)
-        return
+        return _refused(res, "structured pruning is not described", tmp_path / "s", tiny.name, "structured pruning")
     res = run(["prune", tiny, "--method", "structured", "--heads", 0.5, "--mlp", 0.25, "--layers", 1,
                "--hidden", 0.25, "--multiple-of", 8, *CAL, "--dtype", "float32", "-o", tmp_path / "s"])
     assert res.exit_code == 0, res.output
@@ -219,10 +230,7 @@ def test_gguf_export_reads_back_as_the_same_model(tiny, env, tmp_path):
     out = tmp_path / "m.gguf"
     res = run(["export", "gguf", tiny, "--type", "f32", "-o", out])
     if tiny.name not in GGUF_FAMILIES:
-        assert_clean_error(res, tiny.name)
-        assert not out.exists()
-        record(tiny.name, "GGUF", False)
-        return
+        return _refused(res, tiny.name, out, tiny.name, "GGUF")
     assert res.exit_code == 0, res.output
     ref = models.load(str(tiny))
     fam = ref.model.config.model_type
@@ -233,8 +241,7 @@ def test_gguf_export_reads_back_as_the_same_model(tiny, env, tmp_path):
     names = {t.name: t for t in r.tensors}
     assert ("blk.0.attn_q.bias" in names) == (fam in ("qwen2", "qwen2_moe"))
     assert ("blk.0.attn_q_norm.weight" in names) == (fam in ("qwen3", "gemma3_text", "qwen3_moe"))
-    ggml_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    name_map = gguf.get_tensor_name_map(ggml_arch, ref.model.config.num_hidden_layers)
+    name_map = _name_map(r, ref.model.config.num_hidden_layers)
     state = {k: v for k, v in ref.model.state_dict().items() if not (ref.model.config.tie_word_embeddings
                                                                       and k == "lm_head.weight")}
     offset = 1.0 if fam.startswith("gemma") else 0.0
@@ -295,10 +302,7 @@ def test_kquant_mix_per_family(method, tiny, env, tmp_path):
     res = run(["quantize", tiny, "--method", method, "--type", "Q4_K_M", *(CAL if method == "kquant-gptq" else []),
                "-o", out])
     if tiny.name not in GGUF_FAMILIES or (tiny.name in MOE and method == "kquant-gptq"):
-        assert_clean_error(res, tiny.name if tiny.name not in MOE else "mixture of experts")
-        assert not out.exists()
-        record(tiny.name, column, False)
-        return
+        return _refused(res, tiny.name if tiny.name not in MOE else "mixture of experts", out, tiny.name, column)
     assert res.exit_code == 0, res.output
     r = gguf.GGUFReader(str(out))
     types = {t.name: t.tensor_type.name for t in r.tensors}
@@ -320,8 +324,7 @@ def test_kquant_mix_per_family(method, tiny, env, tmp_path):
     g = _gguf_model(out, tiny)
     state = g.state_dict()
     arch = r.fields["general.architecture"].contents()
-    ggml_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    name_map = gguf.get_tensor_name_map(ggml_arch, n)
+    name_map = _name_map(r, n)
     for k, v in state.items():
         if ".experts." in k:
             continue                        # stacked: compared through the logits below
@@ -353,10 +356,7 @@ def test_onnx_runtime_reproduces_the_packed_model(fmt, tiny, env, tmp_path):
                 "-o", out]).exit_code == 0
     res = run(["export", "onnx", out, "--format", fmt, "-o", onnx_dir])
     if tiny.name not in ONNX_FAMILIES:
-        assert_clean_error(res, tiny.name)
-        assert not onnx_dir.exists()
-        record(tiny.name, "ONNX", False)
-        return
+        return _refused(res, tiny.name, onnx_dir, tiny.name, "ONNX")
     assert res.exit_code == 0, res.output
     ids = torch.randint(0, 300, (1, 96), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

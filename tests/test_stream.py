@@ -159,29 +159,6 @@ def test_killed_streamed_run_resumes_to_the_same_tensors(case, sharded_llama, ti
     assert (ref / "config.json").read_text() == (out / "config.json").read_text()
 
 
-def test_truncated_shard_met_half_way_is_one_line_and_nothing_is_written(sharded_llama, tiny_data, tmp_path,
-                                                                          monkeypatch):
-    import shutil
-
-    from compress.stream import Streamer
-    model = tmp_path / "model"
-    shutil.copytree(sharded_llama, model)
-    second = model / "model-00002-of-00002.safetensors"
-    original = Streamer.load_block
-
-    def load_block(self, i, block):
-        if i == 3:          # the second file is cut short after the run has started
-            data = second.read_bytes()
-            second.write_bytes(data[: len(data) // 2])
-        return original(self, i, block)
-
-    monkeypatch.setattr(Streamer, "load_block", load_block)
-    out = tmp_path / "out"
-    res = run(["quantize", model, "--method", "rtn", "--stream", "-o", out, "--group-size", 32])
-    assert_clean_error(res, "truncated safetensors file", second.name)
-    assert not out.exists() and not list(tmp_path.glob(".out*"))
-
-
 def test_what_stream_does_not_cover_is_refused(sharded_llama, tiny_data, tmp_path):
     env = {"COMPRESS_DATA_DIR": str(tiny_data)}
     cases = [
@@ -216,22 +193,32 @@ def test_preflight_reads_a_gguf_header_and_counts_one_streamed_block(k_gguf, tmp
     assert res.exit_code == 0, res.output
 
 
-def test_gguf_cut_short_half_way_is_one_line_and_nothing_is_written(k_gguf, tmp_path, monkeypatch):
+@pytest.mark.parametrize("source", ["safetensors", "gguf"])
+def test_file_cut_short_half_way_is_one_line_and_nothing_is_written(source, sharded_llama, k_gguf, tmp_path,
+                                                                     monkeypatch):
+    """A file the run reads from (the second safetensors shard, or the GGUF) is cut short after
+    the run has started: a one-line error naming it, nothing at the output path."""
     import shutil
 
     from compress.stream import Streamer
-    model = tmp_path / "m.gguf"
-    shutil.copyfile(k_gguf, model)
+    if source == "safetensors":
+        model = tmp_path / "model"
+        shutil.copytree(sharded_llama, model)
+        cut, needle = model / "model-00002-of-00002.safetensors", "truncated safetensors file"
+    else:
+        model = cut = tmp_path / "m.gguf"
+        shutil.copyfile(k_gguf, model)
+        needle = "truncated GGUF file"
     original = Streamer.load_block
 
     def load_block(self, i, block):
-        if i == 3:          # the file is cut short after the run has started
-            data = model.read_bytes()
-            model.write_bytes(data[: len(data) // 2])
+        if i == 3:
+            data = cut.read_bytes()
+            cut.write_bytes(data[: len(data) // 2])
         return original(self, i, block)
 
     monkeypatch.setattr(Streamer, "load_block", load_block)
     out = tmp_path / "out"
     res = run(["quantize", model, "--method", "rtn", "--stream", "-o", out, "--group-size", 32])
-    assert_clean_error(res, "truncated GGUF file", model.name)
+    assert_clean_error(res, needle, cut.name)
     assert not out.exists() and not list(tmp_path.glob(".out*"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -23,6 +24,8 @@ LEARNED_POSITION_ARCHS = ("gpt2",)
 # architectures whose q/k rows llama.cpp's converter permutes (rotary halves interleaved)
 PERMUTED_QK = ("llama",)
 QUANTIZATION_VERSION = 2
+# Gemma's 27B sizes, whose query scale llama.cpp takes as 1/sqrt(hidden/heads) (else 1/sqrt(head_dim))
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 # block-relative Hugging Face module -> llama.cpp tensor base name
 BLOCK_NAMES = {
@@ -45,6 +48,21 @@ BLOCK_NAMES = {
     "mlp.shared_expert.down_proj": "ffn_down_shexp",
     "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
+GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+# where a family's block names differ from llama's (as gguf-py's tensor name map has them)
+_GEMMA_NAMES = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}
+FAMILY_BLOCK_NAMES = {"phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
+                      "gemma2": _GEMMA_NAMES, "gemma3": _GEMMA_NAMES,
+                      "gpt2": {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+                               "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"},
+                      "gptneox": {"input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv",
+                                  "attention.dense": "attn_output", "post_attention_layernorm": "ffn_norm",
+                                  "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}}
+FAMILY_GLOBAL_NAMES = {"gpt2": {"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
+                                "transformer.ln_f": "output_norm", "lm_head": "output"},
+                       "gptneox": {"gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm",
+                                   "embed_out": "output"}}
 # each expert's linear -> the 3-D tensor (experts, rows, cols) llama.cpp stacks them into
 EXPERTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
            "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
@@ -55,22 +73,8 @@ def expert_index(hf_name: str) -> int | None:
     """The expert a tensor of a mixture of experts belongs to (None outside the experts)."""
     m = _EXPERT.search(hf_name)
     return int(m.group(1)) if m else None
-GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-_GLOBAL_INV = {v: k for k, v in GLOBAL_NAMES.items()}
-# where a family's block names differ from llama's (as gguf-py's tensor name map has them)
-_GEMMA_NAMES = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
-                "post_feedforward_layernorm": "post_ffw_norm"}
-FAMILY_BLOCK_NAMES = {"phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
-                      "gemma2": _GEMMA_NAMES, "gemma3": _GEMMA_NAMES,
-                      "gpt2": {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-                               "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}}
-FAMILY_BLOCK_NAMES["gptneox"] = {"input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv",
-                                 "attention.dense": "attn_output", "post_attention_layernorm": "ffn_norm",
-                                 "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
-FAMILY_GLOBAL_NAMES = {"gpt2": {"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
-                                "transformer.ln_f": "output_norm", "lm_head": "output"},
-                       "gptneox": {"gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm",
-                                   "embed_out": "output"}}
+
+
 _ORDER = [*BLOCK_NAMES.values(), "attn_qkv", "post_attention_norm", "post_ffw_norm", "ffn_gate_exps", "ffn_up_exps",
           "ffn_down_exps"]
 
@@ -93,6 +97,14 @@ def is_gguf_name(name: str) -> bool:
     """``name`` is already a llama.cpp tensor name (``blk.N...`` or one outside the blocks)."""
     base = name.split(".")[0]
     return name.startswith("blk.") or any(base in names.values() for names in (GLOBAL_NAMES, *FAMILY_GLOBAL_NAMES.values()))
+
+
+@lru_cache(maxsize=None)
+def spec_of(gguf_arch: str):
+    """The suite's description (:class:`compress.arch.ArchSpec`) of a llama.cpp architecture: where
+    its blocks live, the offset its norms multiply by."""
+    from ..arch import arch_for
+    return arch_for(next(t for t, a in GGUF_ARCHS.items() if a == gguf_arch), generic=False)
 
 
 def gguf_arch(config) -> str:
@@ -159,7 +171,7 @@ def _check_gemma(config, arch: str) -> None:
                             f"a full-attention layer; this model's layer_types are {config.layer_types}")
     head_dim = int(config.head_dim)
     qpas = getattr(config, "query_pre_attn_scalar", head_dim)
-    big = n in {"gemma2": (46,), "gemma3": (62,)}[arch] and qpas == config.hidden_size // config.num_attention_heads
+    big = n == GEMMA_27B_LAYERS[arch] and qpas == config.hidden_size // config.num_attention_heads
     if qpas != head_dim and not big:
         raise CompressError(f"GGUF export: llama.cpp's {arch} scales queries by 1/sqrt(head_dim={head_dim}); "
                             f"this model's query_pre_attn_scalar is {qpas}")
@@ -268,9 +280,9 @@ def neox_qkv(t: torch.Tensor, n_head: int, inverse: bool = False) -> torch.Tenso
 def as_stored(hf: str, t: torch.Tensor, arch: str) -> torch.Tensor:
     """A tensor as llama.cpp (architecture ``arch``) stores it: a Gemma norm's weight with the 1 of
     its (1 + weight) added, as llama.cpp's converter does (its RMSNorm multiplies by the weight)."""
-    from ..formats.gguf_tensors import NORM_OFFSET
-    if NORM_OFFSET.get(arch) and hf.endswith("norm.weight"):
-        return t + NORM_OFFSET[arch]
+    offset = spec_of(arch).norm_offset
+    if offset and hf.endswith("norm.weight"):
+        return t + offset
     return t
 
 

@@ -20,14 +20,9 @@ from .onnx_weights import (MATMULNBITS_BITS, MATMULNBITS_BLOCKS, IntWeight, pack
 
 @dataclass(frozen=True)
 class Layout:
-    """The block-relative modules of one family's decoder block."""
+    """What one family's decoder block adds to the shape its architecture description gives (the
+    norm and the linears of attention and of the MLP: :func:`_block_modules`)."""
 
-    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")   # or one fused
-    o: str = "self_attn.o_proj"
-    gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")                             # or one fused
-    down: str = "mlp.down_proj"
-    attn_norm: str = "input_layernorm"
-    mlp_norm: str = "post_attention_layernorm"          # the norm before the MLP
     post_attn_norm: str | None = None                   # on the attention's output, before the residual add
     post_mlp_norm: str | None = None
     qk_norms: tuple[str, str] | None = None             # per-head norms of q and k, before the rotation
@@ -36,15 +31,25 @@ class Layout:
 
 
 _LLAMA = Layout()
-_GEMMA = Layout(mlp_norm="pre_feedforward_layernorm", post_attn_norm="post_attention_layernorm",
-                post_mlp_norm="post_feedforward_layernorm", act="gelu_tanh", embed_scale=True)
+_QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+_GEMMA = dict(post_attn_norm="post_attention_layernorm", post_mlp_norm="post_feedforward_layernorm", act="gelu_tanh",
+              embed_scale=True)
 LAYOUTS = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
-    "qwen3": Layout(qk_norms=("self_attn.q_norm", "self_attn.k_norm")),
-    "phi3": Layout(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",)),
-    "gemma2": _GEMMA,
-    "gemma3_text": Layout(**{**_GEMMA.__dict__, "qk_norms": ("self_attn.q_norm", "self_attn.k_norm")}),
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "phi3": _LLAMA,
+    "qwen3": Layout(qk_norms=_QK_NORMS),
+    "gemma2": Layout(**_GEMMA),
+    "gemma3_text": Layout(**_GEMMA, qk_norms=_QK_NORMS),
 }
+
+
+def _block_modules(arch) -> tuple[str, tuple, str, str, tuple, str]:
+    """(attention norm, q/k/v linears (one if fused), output linear, MLP norm, gate/up linears (one if
+    fused), down linear), read off the architecture's linear groups: norm -> q/k/v, -> o, norm ->
+    gate/up, -> down."""
+    attn, out, mlp, down = arch.groups
+    return attn.prev, attn.linears, out.linears[0], mlp.prev, mlp.linears, down.linears[0]
+
+
 SUPPORTED_MODEL_TYPES = tuple(LAYOUTS)
 
 
@@ -142,6 +147,7 @@ def build_decoder(g: Graph, loaded, opt: Options, kv_cache: bool, lm_head_bits: 
     arch = loaded.arch
     model_type = model.config.model_type
     lay = LAYOUTS[model_type]
+    attn_norm, qkv_names, o_name, mlp_norm, gate_up_names, down_name = _block_modules(arch)
     d = dims_of(model, arch, lay)
     blocks = arch.get_blocks(model)
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
@@ -252,19 +258,19 @@ def build_decoder(g: Graph, loaded, opt: Options, kv_cache: bool, lm_head_bits: 
         window = d.windows[i]
         cos_t, sin_t = tables["local" if window and "local" in tables else "global"]
         # ---- attention norm (+ residual add of the previous MLP)
-        in_w = _norm_weight(blk.get_submodule(lay.attn_norm), d)
+        in_w = _norm_weight(blk.get_submodule(attn_norm), d)
         if residual is None:
-            h = rms_norm(g, x, in_w, d.eps, f"{pre}.{lay.attn_norm}")
+            h = rms_norm(g, x, in_w, d.eps, f"{pre}.{attn_norm}")
             residual = x
         else:
-            h, residual = add_rms_norm(g, pending, residual, in_w, d.eps, f"{pre}.{lay.attn_norm}", opt.contrib)
+            h, residual = add_rms_norm(g, pending, residual, in_w, d.eps, f"{pre}.{attn_norm}", opt.contrib)
         # ---- attention
         sizes = [d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim]
-        if len(lay.qkv) == 1:
-            qkv = linear(blk, pre, lay.qkv[0])
+        if len(qkv_names) == 1:
+            qkv = linear(blk, pre, qkv_names[0])
             parts = None
         else:
-            parts = [linear(blk, pre, n) for n in lay.qkv]
+            parts = [linear(blk, pre, n) for n in qkv_names]
             qkv = fuse(parts, f"{pre}.self_attn.qkv_proj")
         past_k = f"past_key_values.{i}.key" if kv_cache else ""
         past_v = f"past_key_values.{i}.value" if kv_cache else ""
@@ -313,20 +319,20 @@ def build_decoder(g: Graph, loaded, opt: Options, kv_cache: bool, lm_head_bits: 
             p = g.op("Softmax", [g.op("Add", [s, biases[window]])], axis=-1)
             o = g.op("Reshape", [g.op("MatMul", [p, v5]), g.const_i64([0, d.heads, -1, d.head_dim])])
             a = g.op("Reshape", [g.op("Transpose", [o], perm=[0, 2, 1, 3]), g.const_i64([0, 0, d.heads * d.head_dim])])
-        attn_out = emit_linear(g, a, linear(blk, pre, lay.o), opt)
+        attn_out = emit_linear(g, a, linear(blk, pre, o_name), opt)
         if lay.post_attn_norm:
             attn_out = rms_norm(g, attn_out, _norm_weight(blk.get_submodule(lay.post_attn_norm), d), d.eps,
                                 f"{pre}.{lay.post_attn_norm}")
         # ---- MLP norm (+ residual add)
-        h, residual = add_rms_norm(g, attn_out, residual, _norm_weight(blk.get_submodule(lay.mlp_norm), d), d.eps,
-                                   f"{pre}.{lay.mlp_norm}", opt.contrib)
+        h, residual = add_rms_norm(g, attn_out, residual, _norm_weight(blk.get_submodule(mlp_norm), d), d.eps,
+                                   f"{pre}.{mlp_norm}", opt.contrib)
         # ---- MLP
-        if len(lay.gate_up) == 1:
-            gu = linear(blk, pre, lay.gate_up[0])
+        if len(gate_up_names) == 1:
+            gu = linear(blk, pre, gate_up_names[0])
             n_half = gu.n // 2
             gate_n, up_n = n_half, n_half
         else:
-            gate_l, up_l = (linear(blk, pre, n) for n in lay.gate_up)
+            gate_l, up_l = (linear(blk, pre, n) for n in gate_up_names)
             gate_n, up_n = gate_l.n, up_l.n
             gu = fuse([gate_l, up_l], f"{pre}.mlp.gate_up_proj")
         if gu is not None:
@@ -337,7 +343,7 @@ def build_decoder(g: Graph, loaded, opt: Options, kv_cache: bool, lm_head_bits: 
             act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
         else:
             act = g.op("Mul", [g.op("Gelu", [gate], approximate="tanh"), up])
-        pending = emit_linear(g, act, linear(blk, pre, lay.down), opt)
+        pending = emit_linear(g, act, linear(blk, pre, down_name), opt)
         if lay.post_mlp_norm:
             pending = rms_norm(g, pending, _norm_weight(blk.get_submodule(lay.post_mlp_norm), d), d.eps,
                                f"{pre}.{lay.post_mlp_norm}")

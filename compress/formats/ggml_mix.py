@@ -148,7 +148,8 @@ def select_types(tensors, mix: str, *, n_layer: int, n_head: int, n_head_kv: int
     ``tensors``: iterable of ``(gguf_name, shape)``, shape ``(rows, cols)`` for matrices (cols is
     the row length, ggml's ne[0]) or ``(n,)`` for vectors. ``pure`` is ``llama-quantize --pure``
     (one type for all, still with the row-length fallbacks); ``has_imatrix`` changes the Q4_0/Q5_0
-    mixes' first ffn_down layers, as in llama.cpp. Dense models only (no experts).
+    mixes' first ffn_down layers, as in llama.cpp; ``n_expert`` (a mixture of experts, whose
+    stacked tensors are ``(experts, rows, cols)``) the rules for experts.
     Returns ``{name: TensorChoice}`` in llama.cpp's processing order.
     """
     m = get_mix(mix)
@@ -171,16 +172,15 @@ def select_types(tensors, mix: str, *, n_layer: int, n_head: int, n_head_kv: int
             continue
         new = m.default
         if not pure:
-            state["name"] = name
-            new = _mix_rule(m, new, cat, shape[-1], state, n_attention_wv, n_layer, n_gqa, tied,
+            new = _mix_rule(m, name, new, cat, shape[-1], state, n_attention_wv, n_layer, n_gqa, tied,
                             has_imatrix, is_70b)
         out[name] = TensorChoice(name, shape, cat, fallback_type(new, shape[-1]), new, True)
     return out
 
 
-def _mix_rule(m: Mix, new: str, cat: str, ncols: int, st: dict, n_attention_wv: int, n_layer: int,
+def _mix_rule(m: Mix, name: str, new: str, cat: str, ncols: int, st: dict, n_attention_wv: int, n_layer: int,
               n_gqa: int, tied: bool, has_imatrix: bool, is_70b: bool) -> str:
-    """llama_tensor_get_type_impl for the file types of :data:`MIXES` (llama arch, no experts)."""
+    """llama_tensor_get_type_impl for the file types of :data:`MIXES` (with the rules for experts)."""
     f = m.name
     if cat == OUTPUT or (tied and cat == TOKEN_EMBD):
         if ncols % type_block_size(new) != 0:
@@ -211,7 +211,7 @@ def _mix_rule(m: Mix, new: str, cat: str, ncols: int, st: dict, n_attention_wv: 
     if cat == FFN_DOWN:
         i, n = st["i_ffn_down"], n_layer
         if st["n_expert"] > 1:           # llama.cpp's layer_info: the layer from the name, n = ffn_down tensors
-            i, n = int(re.match(r"blk\.(\d+)\.", st["name"]).group(1)), st["n_ffn_down"]
+            i, n = int(re.match(r"blk\.(\d+)\.", name).group(1)), st["n_ffn_down"]
         if f == "Q2_K":
             new = "Q3_K"
         elif f == "Q3_K_M":

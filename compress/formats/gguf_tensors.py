@@ -17,10 +17,6 @@ from ..errors import CompressError
 from .gguf_file import check_gguf
 
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-# llama.cpp stores Gemma's norms as (1 + weight), what its RMSNorm multiplies by
-NORM_OFFSET = {"gemma2": 1.0, "gemma3": 1.0}
-# where a llama.cpp architecture's blocks live in the transformers model, where not model.layers
-BLOCKS = {"gpt2": "transformer.h", "gptneox": "gpt_neox.layers"}
 
 
 def unpermute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
@@ -34,17 +30,18 @@ def unpermute_qk(t: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> 
 class GGUFTensors:
     """``name in src``, ``iter(src)`` (Hugging Face names) and ``src.read(names)`` (float32)."""
 
-    def __init__(self, path: Path, blocks_prefix: str | None = None):
-        from ..export.gguf_arch import PERMUTED_QK, hf_name
+    def __init__(self, path: Path, blocks_prefix: str | None = None, layout=None):
+        from ..export.gguf_arch import PERMUTED_QK, hf_name, spec_of
         self.path = Path(path)
-        lay = check_gguf(self.path)
+        lay = layout or check_gguf(self.path)          # ``layout``: the file's, checked already
         arch = lay.kv["general.architecture"]
-        blocks_prefix = blocks_prefix or BLOCKS.get(arch, "model.layers")
+        spec = spec_of(arch)
+        blocks_prefix = blocks_prefix or spec.blocks
         self.n_head = int(lay.kv[f"{arch}.attention.head_count"])
         self.n_kv = int(lay.kv.get(f"{arch}.attention.head_count_kv", self.n_head))
         self.permuted = arch in PERMUTED_QK
         self.arch = arch
-        self.norm_offset = NORM_OFFSET.get(arch, 0.0)
+        self.norm_offset = spec.norm_offset           # llama.cpp stores Gemma's norms as (1 + weight)
         self.data_offset = lay.data_offset
         self.infos = {hf_name(t.name, blocks_prefix, arch): t for t in lay.tensors}
 
