@@ -26,6 +26,7 @@ import torch
 from .arch import ArchSpec, arch_for, describe, text_config
 from .errors import CompressError
 from .formats.gguf_file import check_gguf
+from .formats.gguf_load import gguf_model, gguf_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def load(spec: str, fetch_missing: bool = True) -> Loaded:
         kind = "folder"
     if kind == "gguf":
         model, tok = _load_gguf_transformers(path)
-        arch = arch_for(model.config.model_type)
+        arch = describe(arch_for(model.config.model_type), model, model.config.to_dict())
         return Loaded(model, tok, arch, spec, path, "gguf")
     config = read_config(path)
     arch = arch_for(config.get("model_type"), config.get("architectures"))
@@ -327,13 +328,19 @@ def prepare(model):
 
 def _from_pretrained(path: Path):
     from transformers import AutoModelForCausalLM
+    return built(f"cannot load the model in {path}", lambda: AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True))
+
+
+def built(failure: str, make):
+    """``make()``'s model in eval mode through :func:`prepare`; a reader's exception becomes one
+    line, ``failure: <its first line>``."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch.float32, trust_remote_code=False, use_safetensors=True)
+        model = make()
     except CompressError:
         raise
     except Exception as e:
-        raise CompressError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+        raise CompressError(f"{failure}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     model.eval()
     return prepare(model)
 
@@ -347,61 +354,6 @@ def hf_config(path: Path):
         raise CompressError(f"cannot read the config in {path}: {str(e).splitlines()[0]}") from None
 
 
-def gguf_config(path: Path, layout=None):
-    """The transformers config of a checked GGUF file, from its header (no tensor read). Settings
-    that transformers' GGUF reader leaves at their defaults are taken from the header as llama.cpp
-    reads them: Gemma's query scale (1/sqrt(key length), or 1/sqrt(hidden/heads) for the 27B
-    models) and soft-caps, GPT-2's MLP width, the experts' widths."""
-    from transformers import AutoConfig
-
-    from .export.gguf_arch import GEMMA_27B_LAYERS
-    lay = layout or check_gguf(path)                 # ``layout``: the file's, checked already
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    except Exception as e:
-        raise CompressError(f"cannot load GGUF file {path}: {_first_line(e)}") from None
-    arch = lay.kv["general.architecture"]
-    if arch in ("gemma2", "gemma3"):
-        n_layer = int(lay.kv[f"{arch}.block_count"])
-        big = n_layer == GEMMA_27B_LAYERS[arch]
-        config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads if big
-                                        else int(lay.kv.get(f"{arch}.attention.key_length", config.head_dim)))
-        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-            setattr(config, key, lay.kv.get(f"{arch}.{key}", getattr(config, key, None) if arch == "gemma2" else None))
-    if arch == "gpt2" and "gpt2.feed_forward_length" in lay.kv:       # transformers assumes 4 x hidden
-        config.n_inner = int(lay.kv["gpt2.feed_forward_length"])
-    for key, attr in (("expert_feed_forward_length", "moe_intermediate_size"),     # left at their defaults
-                      ("expert_shared_feed_forward_length", "shared_expert_intermediate_size")):
-        if f"{arch}.{key}" in lay.kv:
-            setattr(config, attr, int(lay.kv[f"{arch}.{key}"]))
-    return config
-
-
-def gguf_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:
-        raise CompressError(f"cannot load the tokenizer of GGUF file {path}: {_first_line(e)}") from None
-
-
-def gguf_model(path: Path):
-    """The float32 transformers model of a GGUF file (:func:`gguf_config`)."""
-    from transformers import AutoModelForCausalLM
-    config = gguf_config(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, config=config, dtype=torch.float32, trust_remote_code=False)
-    except Exception as e:
-        raise CompressError(f"cannot load GGUF file {path}: {_first_line(e)}") from None
-    model.eval()
-    return prepare(model)
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def _load_gguf_transformers(path: Path):
-    return gguf_model(path), gguf_tokenizer(path)
+    layout = check_gguf(path)
+    return gguf_model(path, layout), gguf_tokenizer(path, layout)

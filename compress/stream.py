@@ -291,9 +291,10 @@ def load(spec: str):
         kind = "folder"
     if kind == "gguf":
         from .formats.gguf_file import check_gguf
+        from .formats.gguf_load import gguf_config, gguf_tokenizer
         from .formats.gguf_tensors import GGUFTensors
         layout = check_gguf(path)
-        hf_config, tokenizer = models.gguf_config(path, layout), models.gguf_tokenizer(path)
+        hf_config, tokenizer = gguf_config(path, layout), gguf_tokenizer(path, layout)
         config = hf_config.to_dict()
     else:
         config = models.read_config(path)

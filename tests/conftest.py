@@ -64,12 +64,12 @@ def _tokenizer(vocab: int = 300):
 
 
 def build_tiny(folder: Path, family: str = "llama", seed: int = 0, hidden: int = 96, ffn: int = 192,
-               layers: int = 2) -> Path:
+               layers: int = 2, experts: int = 4) -> Path:
     """Save a tiny random causal LM (with a byte-level BPE tokenizer) as a Hugging Face folder."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     tok = _tokenizer()
-    cfg = tiny_config(family, 320, hidden, ffn, layers)
+    cfg = tiny_config(family, 320, hidden, ffn, layers, experts)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # larger-than-init weights so quantization error is visible in the logits
         for name, p in model.named_parameters():
@@ -80,7 +80,7 @@ def build_tiny(folder: Path, family: str = "llama", seed: int = 0, hidden: int =
     return folder
 
 
-def tiny_config(family: str, vocab: int, hidden: int, ffn: int, layers: int):
+def tiny_config(family: str, vocab: int, hidden: int, ffn: int, layers: int, experts: int = 4):
     """The transformers config of a tiny model of ``family``."""
     from transformers import LlamaConfig, OPTConfig
     if family == "llama":
@@ -132,13 +132,13 @@ def tiny_config(family: str, vocab: int, hidden: int, ffn: int, layers: int):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
         if family == "mixtral":
-            cfg = MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common)
+            cfg = MixtralConfig(num_local_experts=experts, num_experts_per_tok=2, **common)
         elif family == "qwen3_moe":
-            cfg = Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, head_dim=32,
+            cfg = Qwen3MoeConfig(num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=ffn // 3, head_dim=32,
                                  **common)
         else:
-            cfg = Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                                 shared_expert_intermediate_size=96, **common)
+            cfg = Qwen2MoeConfig(num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=ffn // 3,
+                                 shared_expert_intermediate_size=ffn // 2, **common)
     elif family == "starcoder2":          # no description: the generic path
         from transformers import Starcoder2Config
         cfg = Starcoder2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,

@@ -58,7 +58,8 @@ FAMILY_BLOCK_NAMES = {"phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_pr
                                "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"},
                       "gptneox": {"input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv",
                                   "attention.dense": "attn_output", "post_attention_layernorm": "ffn_norm",
-                                  "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}}
+                                  "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"},
+                      "qwen2moe": {"mlp.gate": "ffn_gate_inp"}, "qwen3moe": {"mlp.gate": "ffn_gate_inp"}}
 FAMILY_GLOBAL_NAMES = {"gpt2": {"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
                                 "transformer.ln_f": "output_norm", "lm_head": "output"},
                        "gptneox": {"gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm",
@@ -67,6 +68,10 @@ FAMILY_GLOBAL_NAMES = {"gpt2": {"transformer.wte": "token_embd", "transformer.wp
 EXPERTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
            "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
 _EXPERT = re.compile(r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)")
+# where each expert lives in the Hugging Face model, per llama.cpp architecture (llama: Mixtral)
+EXPERT_MODULES = {"llama": ("block_sparse_moe", ("w1", "w3", "w2")),
+                  "qwen2moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+                  "qwen3moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
 
 
 def expert_index(hf_name: str) -> int | None:
@@ -144,6 +149,19 @@ def hf_name(name: str, blocks_prefix: str = "model.layers", arch: str = "llama")
     if m and m.group(2) in inv:
         return f"{blocks_prefix}.{m.group(1)}.{inv[m.group(2)]}.{suffix}"
     raise CompressError(f"unknown llama.cpp tensor name {name}")
+
+
+def expert_hf_names(name: str, blocks_prefix: str, arch: str, n_expert: int) -> list[str] | None:
+    """The Hugging Face names of the experts stacked in llama.cpp's tensor ``name``, in expert
+    order (None when ``name`` is not a stacked expert tensor)."""
+    m = re.fullmatch(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.(\w+)", name)
+    if m is None:
+        return None
+    if arch not in EXPERT_MODULES:
+        raise CompressError(f"llama.cpp architecture {arch} has no mixture of experts here ({name})")
+    moe, (gate, up, down) = EXPERT_MODULES[arch]
+    lin = {"gate": gate, "up": up, "down": down}[m.group(2)]
+    return [f"{blocks_prefix}.{m.group(1)}.{moe}.experts.{e}.{lin}.{m.group(3)}" for e in range(n_expert)]
 
 
 def check_exportable(config) -> None:

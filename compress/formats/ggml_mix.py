@@ -159,8 +159,7 @@ def select_types(tensors, mix: str, *, n_layer: int, n_head: int, n_head_kv: int
     tied = not any(tensor_category(n) == OUTPUT for n in names)
     n_gqa = n_head // max(1, n_head_kv)
     is_70b = n_layer == 80 and n_head != n_head_kv
-    n_ffn_down = sum(tensor_category(n) == FFN_DOWN for n in names)
-    state = {"i_attention_wv": 0, "i_ffn_down": 0, "n_expert": n_expert, "n_ffn_down": n_ffn_down}
+    state = {"i_attention_wv": 0, "i_ffn_down": 0, "n_expert": n_expert}
     out: dict[str, TensorChoice] = {}
     for name, shape in items:
         cat = tensor_category(name)
@@ -210,8 +209,8 @@ def _mix_rule(m: Mix, name: str, new: str, cat: str, ncols: int, st: dict, n_att
         return "Q8_0"
     if cat == FFN_DOWN:
         i, n = st["i_ffn_down"], n_layer
-        if st["n_expert"] > 1:           # llama.cpp's layer_info: the layer from the name, n = ffn_down tensors
-            i, n = int(re.match(r"blk\.(\d+)\.", name).group(1)), st["n_ffn_down"]
+        if st["n_expert"] > 1:           # llama.cpp's layer_info: the layer from the name (shared experts too)
+            i = int(re.match(r"blk\.(\d+)\.", name).group(1))
         if f == "Q2_K":
             new = "Q3_K"
         elif f == "Q3_K_M":
@@ -230,6 +229,8 @@ def _mix_rule(m: Mix, name: str, new: str, cat: str, ncols: int, st: dict, n_att
         st["i_ffn_down"] = i + 1
         return new
     if cat == ATTN_OUTPUT:
+        if st["n_expert"] == 8:          # llama.cpp: the 8-expert model's attn_output a step up for the low mixes
+            return "Q5_K" if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M") else new
         return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(f, new)
     if cat == ATTN_QKV:      # (unreachable for llama: fused qkv is handled with attn_v above)
         return new

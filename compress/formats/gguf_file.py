@@ -30,15 +30,15 @@ GGUF_MODEL_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gem
                     "qwen3moe")
 # block tensors only some architectures have (and then must have): name -> those architectures
 _GEMMA = ("gemma2", "gemma3")
-_MOE = ("qwen2moe", "qwen3moe")
 _ARCH_ONLY = {"attn_q_norm.weight": ("qwen3", "gemma3", "qwen3moe"), "attn_k_norm.weight": ("qwen3", "gemma3", "qwen3moe"),
-              "ffn_gate_exps.weight": _MOE, "ffn_up_exps.weight": _MOE, "ffn_down_exps.weight": _MOE,
-              "ffn_gate_inp.weight": _MOE,
               "attn_qkv.weight": ("phi3", "gpt2", "gptneox"), "post_attention_norm.weight": _GEMMA, "post_ffw_norm.weight": _GEMMA}
 # block tensors some architectures do not have (phi3 and gpt2 fuse q/k/v; phi3 fuses gate/up, gpt2 has no gate)
 _FUSED = ("phi3", "gpt2", "gptneox")
-_ARCH_NOT = {"attn_q.weight": _FUSED, "attn_k.weight": _FUSED, "attn_v.weight": _FUSED,
-             "ffn_gate.weight": _FUSED + _MOE, "ffn_up.weight": _MOE, "ffn_down.weight": _MOE}
+_ARCH_NOT = {"attn_q.weight": _FUSED, "attn_k.weight": _FUSED, "attn_v.weight": _FUSED, "ffn_gate.weight": _FUSED}
+# a mixture of experts ({arch}.expert_count, llama's too: Mixtral) has the stacked experts and a router
+# instead of the dense MLP
+_EXPERTS_ONLY = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_inp.weight")
+_DENSE_ONLY = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 
 
 class _BadGGUF(Exception):
@@ -367,9 +367,12 @@ def check_gguf(path: Path) -> GGUFLayout:
     for name in ("token_embd.weight", "output_norm.weight"):
         if name not in have:
             raise CompressError(f"GGUF file {p} lacks the tensor {name}")
+    moe = hparam("expert_count", 0) if f"{arch}.expert_count" in kv else 0
     for i in range(n_layer):            # stops at the first gap, so a corrupt block_count costs nothing
         for name in block:
             if (name in _ARCH_ONLY and arch not in _ARCH_ONLY[name]) or arch in _ARCH_NOT.get(name, ()):
+                continue
+            if name in (_DENSE_ONLY if moe else _EXPERTS_ONLY):
                 continue
             if name.endswith(".weight") and f"blk.{i}.{name}" not in have:
                 raise CompressError(f"GGUF file {p} lacks the tensor blk.{i}.{name} ({arch}.block_count is {n_layer})")

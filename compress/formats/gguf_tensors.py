@@ -31,7 +31,7 @@ class GGUFTensors:
     """``name in src``, ``iter(src)`` (Hugging Face names) and ``src.read(names)`` (float32)."""
 
     def __init__(self, path: Path, blocks_prefix: str | None = None, layout=None):
-        from ..export.gguf_arch import PERMUTED_QK, hf_name, spec_of
+        from ..export.gguf_arch import PERMUTED_QK, expert_hf_names, hf_name, spec_of
         self.path = Path(path)
         lay = layout or check_gguf(self.path)          # ``layout``: the file's, checked already
         arch = lay.kv["general.architecture"]
@@ -43,7 +43,17 @@ class GGUFTensors:
         self.arch = arch
         self.norm_offset = spec.norm_offset           # llama.cpp stores Gemma's norms as (1 + weight)
         self.data_offset = lay.data_offset
-        self.infos = {hf_name(t.name, blocks_prefix, arch): t for t in lay.tensors}
+        n_expert = int(lay.kv.get(f"{arch}.expert_count") or 0)
+        self.infos = {}                                 # name -> (tensor, expert or None)
+        for t in lay.tensors:
+            experts = expert_hf_names(t.name, blocks_prefix, arch, n_expert) if n_expert else None
+            if experts is None:
+                self.infos[hf_name(t.name, blocks_prefix, arch)] = (t, None)
+            elif len(t.shape) != 3 or t.shape[0] != n_expert:
+                raise CompressError(f"corrupt GGUF file {self.path}: {t.name} is {' x '.join(map(str, t.shape))}, "
+                                    f"not {n_expert} ({arch}.expert_count) stacked matrices")
+            else:
+                self.infos.update((n, (t, e)) for e, n in enumerate(experts))
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos
@@ -57,21 +67,25 @@ class GGUFTensors:
         out = {}
         with open(self.path, "rb") as fh:
             for n in names:
-                info = self.infos.get(n)
+                info, e = self.infos.get(n, (None, None))
                 if info is None:
                     raise CompressError(f"{self.path}: tensor {n} is missing from the GGUF file")
-                raw = torch.empty(info.nbytes, dtype=torch.uint8)
+                nbytes, offset, shape = info.nbytes, info.offset, info.shape
+                if e is not None:                       # one expert's rows of the stacked tensor
+                    nbytes //= shape[0]
+                    offset, shape = offset + e * nbytes, shape[1:]
+                raw = torch.empty(nbytes, dtype=torch.uint8)
                 try:
-                    fh.seek(self.data_offset + info.offset)
+                    fh.seek(self.data_offset + offset)
                     got = fh.readinto(memoryview(raw.numpy()))
                 except OSError as err:
                     raise CompressError(f"cannot read {self.path}: {err.strerror or err}") from None
-                if got != info.nbytes:
+                if got != nbytes:
                     raise CompressError(f"truncated GGUF file {self.path}: tensor {info.name} ends past the end of the file")
                 if info.type in _FLOATS:
-                    w = raw.view(_FLOATS[info.type]).reshape(info.shape).to(torch.float32)
+                    w = raw.view(_FLOATS[info.type]).reshape(shape).to(torch.float32)
                 else:
-                    w = kquants.dequantize(raw, info.type, info.shape)
+                    w = kquants.dequantize(raw, info.type, shape)
                 if self.permuted and re.search(r"\.attn_q\.(weight|bias)$", info.name):
                     w = unpermute_qk(w, self.n_head, self.n_head)
                 elif self.permuted and re.search(r"\.attn_k\.(weight|bias)$", info.name):

@@ -78,9 +78,15 @@ class _GGMLMethod(Method):
         floats = model_tensors(run.model, run.arch) if stream is None else StreamedTensors(run.model, run.arch, stream)
         imp = self.importance(floats, hp.arch)
         plan = plan_types(floats, self.cfg.mix, hp, self.cfg.pure, bool(imp))
-        for full in run.arch.linear_names(run.model):      # linears the targets leave out stay F16
+        chosen: dict[str, set] = {}
+        for full in run.arch.linear_names(run.model):
             g = gguf_name(full + ".weight", run.arch.blocks, hp.arch)
-            if not run.targets.selects(full) and g in plan:
+            chosen.setdefault(g, set()).add(run.targets.selects(full))
+        for g, sel in chosen.items():               # linears the targets leave out stay F16
+            if len(sel) > 1:
+                raise CompressError(f"the targets take some experts of {g} and leave others: llama.cpp stores "
+                                    "them as one tensor of one type; target all of them or none")
+            if sel == {False} and g in plan:
                 c = plan[g]
                 plan[g] = TensorChoice(c.name, c.shape, c.category, "F16", "F16", True)
         run.state.update(floats=floats, plan=plan, importance=imp,
@@ -88,7 +94,7 @@ class _GGMLMethod(Method):
 
     def finish(self, run) -> None:
         plan, floats = run.state["plan"], run.state["floats"]
-        done = {t.name: t for t in run.record.packed.values()}
+        done = _assembled(run.record.packed, plan)
         rest = {n: c for n, c in plan.items() if n not in done}
         others = {t.name: t for t in quantize_model_rtn(floats, rest, run.state["importance"], progress=False)}
         tensors = [done[n] if n in done else others[n] for n in plan]
@@ -136,13 +142,6 @@ class KQuantGPTQ(_GGMLMethod):
     calibrated = True
     label = "gptq"
 
-    def check_module(self, full_name, linear, override) -> None:
-        from ..export.gguf_arch import expert_index
-        super().check_module(full_name, linear, override)
-        if expert_index(full_name) is not None:
-            raise CompressError(f"{self.name} does not assemble solved experts into llama.cpp's stacked expert "
-                                f"tensors ({full_name}); use kquant for a mixture of experts")
-
     def observe(self, blk, group):
         return blk.hessian(group).hessian()
 
@@ -154,6 +153,8 @@ class KQuantGPTQ(_GGMLMethod):
         lin, full = blk.linear(name), blk.full(name)
         ch = st["plan"][st["name"](full)]
         w = lin.weight.data
+        if len(ch.shape) > 2:           # one expert of a stacked tensor: its own rows, assembled at the end
+            ch = TensorChoice(ch.name, tuple(w.shape), ch.category, ch.type, ch.wanted, ch.fallback)
         if ch.type in FLOAT_TYPES:
             data = quantize_tensor(w, ch.type)
             blk.record.add(full, GGMLTensor(ch.name, ch.type, ch.shape, data, note(ch)))
@@ -169,3 +170,25 @@ class KQuantGPTQ(_GGMLMethod):
     def metadata(self, record=None) -> dict:
         errs = (record.extra if record else {}).get("output_errors", {})
         return {"damp": float(self.cfg.damp), "total_output_error": float(sum(errs.values()))}
+
+
+def _assembled(packed: dict, plan: dict) -> dict[str, GGMLTensor]:
+    """The recorded GGUF tensors by GGUF name, each expert's rows (recorded under its own module)
+    stacked in expert order into llama.cpp's ``(experts, rows, cols)`` tensor."""
+    from ..export.gguf_arch import expert_index
+    done: dict[str, GGMLTensor] = {}
+    parts: dict[str, dict[int, GGMLTensor]] = {}
+    for full, t in packed.items():
+        e = expert_index(full)
+        if e is None:
+            done[t.name] = t
+        else:
+            parts.setdefault(t.name, {})[e] = t
+    for name, ts in parts.items():
+        c = plan[name]
+        if sorted(ts) != list(range(c.shape[0])):
+            raise CompressError(f"{name}: solved experts {sorted(ts)} of {c.shape[0]}; a stacked tensor needs them all")
+        common = max({ts[e].note for e in ts}, key=lambda n: sum(ts[e].note == n for e in ts))
+        note_ = "; ".join([common, *(f"expert {e}: {ts[e].note}" for e in sorted(ts) if ts[e].note != common)])
+        done[name] = GGMLTensor(name, c.type, c.shape, torch.stack([ts[e].data for e in sorted(ts)]), note_)
+    return done

@@ -309,4 +309,5 @@ def _gptq_ggml_solve(W, H, type_name, damp, block_size, max_damp_tries, importan
     grid = GGMLGrid(n, k, type_name, imp)
     q, loss = sweep(w, u, grid, L)
     info["output_error"] = output_error(w0, q, h_given)
-    return KQuantGPTQResult(grid.data(), q, loss, cur, f"damp-increased:{cur:g}" if tries > 1 else None, info)
+    fallback = "rtn:no-calibration-input" if n_dead == k else f"damp-increased:{cur:g}" if tries > 1 else None
+    return KQuantGPTQResult(grid.data(), q, loss, cur, fallback, info)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import re
 import struct
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import build_tiny
+from tests.llamacpp import dry_run_types, llama_bin
 from tests.test_cli import assert_clean_error, run
 
 
@@ -677,15 +677,9 @@ def test_unsupported_architecture_for_gguf(tiny_opt, tmp_path):
 # llama.cpp itself, when its tools are built (~/.cache/compress/llamacpp/build/bin)
 # --------------------------------------------------------------------------------------------
 
-def _llama_bin(name: str) -> Path | None:
-    root = Path(os.environ.get("COMPRESS_CACHE_DIR", Path.home() / ".cache" / "compress"))
-    p = root / "llamacpp" / "build" / "bin" / name
-    return p if p.is_file() and os.access(p, os.X_OK) else None
-
-
 @pytest.fixture(scope="module")
 def llama_quantize():
-    p = _llama_bin("llama-quantize")
+    p = llama_bin("llama-quantize")
     if p is None:
         pytest.skip("llama.cpp's llama-quantize is not built (docs/GGUF.md says how)")
     return p
@@ -697,7 +691,7 @@ def test_llama_imatrix_file_reads_and_matches_ours(f32_gguf, tiny_llama, tmp_pat
     from compress import imatrix as imx
     from compress import models
     from tests.conftest import synthetic_text
-    li = _llama_bin("llama-imatrix")
+    li = llama_bin("llama-imatrix")
     if li is None:
         pytest.skip("llama.cpp's llama-imatrix is not built")
     text = synthetic_text(3000, seed=5)
@@ -779,7 +773,7 @@ def test_smollm2_q4_k_m(smollm2, real_data, tmp_path):
 @pytest.mark.slow
 def test_smollm2_llama_cpp_runs_our_gguf(smollm2, real_data, tmp_path):
     """llama.cpp's own evaluator loads and runs a GGUF we wrote (when its tools are built)."""
-    lp = _llama_bin("llama-perplexity")
+    lp = llama_bin("llama-perplexity")
     if lp is None:
         pytest.skip("llama.cpp's llama-perplexity is not built")
     out = tmp_path / "q8.gguf"
@@ -796,12 +790,10 @@ def test_smollm2_llama_cpp_runs_our_gguf(smollm2, real_data, tmp_path):
 def test_smollm2_types_equal_llama_quantize_dry_run(tmp_path):
     """On SmolLM2's 272 tensors, every mix (plain, --pure, with an imatrix) picks exactly the
     types `llama-quantize --dry-run` picks (when llama.cpp's tools are built)."""
-    import re
-
     from compress import imatrix as imx
     from compress import models
     from compress.formats.ggml_mix import select_types
-    lq = _llama_bin("llama-quantize")
+    lq = llama_bin("llama-quantize")
     src = models.source_gguf("smollm2-135m")
     if lq is None or src is None:
         pytest.skip("needs llama.cpp's llama-quantize and the cached SmolLM2 source GGUF")
@@ -815,14 +807,6 @@ def test_smollm2_types_equal_llama_quantize_dry_run(tmp_path):
     for mix in ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0",
                 "Q4_0", "Q4_1", "Q5_0", "Q5_1"]:
         for pure, use_im in ((False, False), (True, False), (False, True)):
-            cmd = [str(lq), "--allow-requantize", "--dry-run"] + (["--pure"] if pure else []) \
-                + (["--imatrix", str(im)] if use_im else []) + [str(src), str(tmp_path / "x.gguf"), mix]
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            assert p.returncode == 0, (p.stdout + p.stderr)[-1000:]
-            got = {}
-            for line in (p.stdout + p.stderr).splitlines():
-                m = re.match(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- .*type =\s*(\w+),.*?(?:\((\w+)\))?\s*$", line)
-                if m:
-                    got[m.group(1)] = (m.group(3) or m.group(2)).upper()
+            got = dry_run_types(lq, src, mix, tmp_path, pure, im if use_im else None)
             plan = select_types(tensors, mix, n_layer=30, n_head=9, n_head_kv=3, pure=pure, has_imatrix=use_im)
             assert got == {n: c.type for n, c in plan.items()}, (mix, pure, use_im)

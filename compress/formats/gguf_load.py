@@ -1,0 +1,158 @@
+"""A GGUF model file as a float32 transformers model and its tokenizer.
+
+transformers' GGUF reader builds the model for the architectures it reads correctly. For those it
+does not (GPT-NeoX, which it has no reader for; llama files holding experts, which are Mixtral;
+Qwen2-MoE, whose experts it splits as if there were 60), the config is built from the file's header
+and the weights come from this suite's reader (:mod:`compress.formats.gguf_tensors`), which
+unstacks the experts; a GPT-2-style tokenizer is built from the file's vocabulary and merges.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import CompressError
+from .gguf_file import check_gguf
+
+# transformers' GGUF reader sets the expert widths to its defaults: the header has them
+_EXPERT_WIDTHS = (("expert_feed_forward_length", "moe_intermediate_size"),
+                  ("expert_shared_feed_forward_length", "shared_expert_intermediate_size"))
+
+
+def own_reader(layout) -> bool:
+    """The file is read with this suite's reader rather than transformers' (module doc)."""
+    arch = layout.kv["general.architecture"]
+    return arch in ("gptneox", "qwen2moe") or (arch == "llama" and int(layout.kv.get("llama.expert_count") or 0) > 0)
+
+
+def gguf_config(path: Path, layout=None):
+    """The transformers config of a checked GGUF file, from its header (no tensor read). Settings
+    that transformers' GGUF reader leaves at their defaults are taken from the header as llama.cpp
+    reads them: Gemma's query scale (1/sqrt(key length), or 1/sqrt(hidden/heads) for the 27B
+    models) and soft-caps, GPT-2's MLP width, the experts' count and widths."""
+    from transformers import AutoConfig
+
+    from ..export.gguf_arch import GEMMA_27B_LAYERS
+    lay = layout or check_gguf(path)                 # ``layout``: the file's, checked already
+    kv, arch = lay.kv, lay.kv["general.architecture"]
+    if own_reader(lay):
+        return _header_config(lay)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    except Exception as e:
+        raise CompressError(f"cannot load GGUF file {path}: {first_line(e)}") from None
+    if arch in ("gemma2", "gemma3"):
+        n_layer = int(kv[f"{arch}.block_count"])
+        big = n_layer == GEMMA_27B_LAYERS[arch]
+        config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads if big
+                                        else int(kv.get(f"{arch}.attention.key_length", config.head_dim)))
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            setattr(config, key, kv.get(f"{arch}.{key}", getattr(config, key, None) if arch == "gemma2" else None))
+    if arch == "gpt2" and "gpt2.feed_forward_length" in kv:       # transformers assumes 4 x hidden
+        config.n_inner = int(kv["gpt2.feed_forward_length"])
+    for key, attr in _EXPERT_WIDTHS:
+        if f"{arch}.{key}" in kv:
+            setattr(config, attr, int(kv[f"{arch}.{key}"]))
+    return config
+
+
+def _header_config(lay):
+    """The config of a file transformers does not read, from its header as llama.cpp reads it."""
+    from transformers import GPTNeoXConfig, MixtralConfig, Qwen2MoeConfig
+    kv, arch = lay.kv, lay.kv["general.architecture"]
+
+    def g(key, default=None):
+        return kv.get(f"{arch}.{key}", default)
+    n_embd, n_head = int(g("embedding_length")), int(g("attention.head_count"))
+    head_dim = int(g("attention.key_length", n_embd // n_head))
+    common = dict(vocab_size=kv["tokenizer.ggml.tokens"].count, hidden_size=n_embd, num_attention_heads=n_head,
+                  num_hidden_layers=int(g("block_count")), intermediate_size=int(g("feed_forward_length")),
+                  max_position_embeddings=int(g("context_length", 2048)),
+                  tie_word_embeddings=not any(t.name == "output.weight" for t in lay.tensors),
+                  bos_token_id=kv.get("tokenizer.ggml.bos_token_id"), eos_token_id=kv.get("tokenizer.ggml.eos_token_id"))
+    if arch == "gptneox":
+        return GPTNeoXConfig(**common, rotary_pct=int(g("rope.dimension_count", head_dim)) / head_dim,
+                             rotary_emb_base=float(g("rope.freq_base", 10000.0)),
+                             layer_norm_eps=float(g("attention.layer_norm_epsilon", 1e-5)),
+                             use_parallel_residual=bool(g("use_parallel_residual", True)))
+    common.update(num_key_value_heads=int(g("attention.head_count_kv", n_head)), rope_theta=float(g("rope.freq_base", 10000.0)),
+                  rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+                  num_experts_per_tok=int(g("expert_used_count")))
+    if arch == "qwen2moe":
+        return Qwen2MoeConfig(**common, num_experts=int(g("expert_count")),
+                              moe_intermediate_size=int(g("expert_feed_forward_length")),
+                              shared_expert_intermediate_size=int(g("expert_shared_feed_forward_length")))
+    return MixtralConfig(**common, num_local_experts=int(g("expert_count")), head_dim=head_dim)   # llama + experts
+
+
+def gguf_tokenizer(path: Path, layout=None):
+    from transformers import AutoTokenizer
+    lay = layout or check_gguf(path)
+    if lay.kv["general.architecture"] == "gptneox":
+        return _gpt2_tokenizer(lay)
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise CompressError(f"cannot load the tokenizer of GGUF file {path}: {first_line(e)}") from None
+
+
+def _gpt2_tokenizer(lay):
+    """A byte-level BPE tokenizer from a GGUF's ``gpt2`` vocabulary, merges and special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    kv = lay.kv
+    if kv.get("tokenizer.ggml.model") != "gpt2":
+        raise CompressError(f"{lay.path}: a {kv.get('tokenizer.ggml.model')!r} tokenizer in a "
+                            f"{kv['general.architecture']} file is not read here (only gpt2-style BPE)")
+    tokens = list(kv["tokenizer.ggml.tokens"].values)
+    merges = [tuple(m.split(" ", 1)) for m in kv["tokenizer.ggml.merges"].values] \
+        if "tokenizer.ggml.merges" in kv else []
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    types = kv.get("tokenizer.ggml.token_type")
+    if types is not None:
+        tok.add_special_tokens([tokens[i] for i, t in enumerate(types.values) if int(t) == 3])     # CONTROL
+
+    def special(key):
+        i = kv.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special("bos"), eos_token=special("eos"),
+                                   unk_token=special("unknown"), pad_token=special("padding"))
+
+
+def gguf_model(path: Path, layout=None):
+    """The float32 transformers model of a GGUF file (:func:`gguf_config`)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..models import built
+    lay = layout or check_gguf(path)
+    config = gguf_config(path, lay)
+    return built(f"cannot load GGUF file {path}", lambda: _own_model(path, lay, config) if own_reader(lay) else
+                 AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config,
+                                                      dtype=torch.float32, trust_remote_code=False))
+
+
+def _own_model(path: Path, lay, config):
+    from transformers import AutoModelForCausalLM
+
+    from ..arch import arch_for
+    from .gguf_tensors import GGUFTensors
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    src = GGUFTensors(path, arch_for(config.model_type, generic=False).blocks, lay)
+    missing, unexpected = model.load_state_dict(src.read(list(src)), strict=False)
+    head = model.get_output_embeddings().weight
+    tied = {k for k, v in model.state_dict(keep_vars=True).items() if v is head} if config.tie_word_embeddings else set()
+    missing = [k for k in missing if k not in tied]         # the output matrix is the token embedding
+    if missing or unexpected:
+        raise CompressError(f"GGUF file {path} does not hold the model its header describes: "
+                            f"{'missing ' + ', '.join(missing[:3]) if missing else ''}"
+                            f"{' unexpected ' + ', '.join(unexpected[:3]) if unexpected else ''}")
+    return model
+
+
+def first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
