@@ -63,13 +63,38 @@ def _tokenizer(vocab: int = 300):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
+def spm_tokenizer(prefix: bool = True, pieces: int = 300):
+    """A SentencePiece-style BPE tokenizer as transformers converts Llama 2's or Gemma's
+    ``tokenizer.model``: <unk>, <s>, </s>, the 256 byte pieces, then pieces learned on synthetic text,
+    with every split of a piece into two pieces as a merge, ranked by the piece's id; byte fallback;
+    a "▁" before the text with ``prefix`` (Llama 2), none without (Gemma)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    learn = Tokenizer(models.BPE(unk_token="<unk>"))
+    learn.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    learn.train_from_iterator([synthetic_text(3000, seed=1)], trainers.BpeTrainer(vocab_size=pieces, show_progress=False))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for p, _ in sorted(learn.get_vocab().items(), key=lambda kv: kv[1]):
+        vocab.setdefault(p, len(vocab))
+    splits = sorted((i, vocab[p[:k]], vocab[p[k:]], p[:k], p[k:]) for p, i in vocab.items() if i >= 259
+                    for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab)
+    tok = Tokenizer(models.BPE(vocab, [(a, b) for *_, a, b in splits], unk_token="<unk>", byte_fallback=True,
+                               fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581")] * prefix + [normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + [decoders.Strip(" ", 1, 0)] * prefix)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def build_tiny(folder: Path, family: str = "llama", seed: int = 0, hidden: int = 96, ffn: int = 192,
-               layers: int = 2, experts: int = 4) -> Path:
-    """Save a tiny random causal LM (with a byte-level BPE tokenizer) as a Hugging Face folder."""
+               layers: int = 2, experts: int = 4, tokenizer=None) -> Path:
+    """Save a tiny random causal LM (with a byte-level BPE tokenizer, or ``tokenizer``) as a
+    Hugging Face folder."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    tok = _tokenizer()
-    cfg = tiny_config(family, 320, hidden, ffn, layers, experts)
+    tok = tokenizer or _tokenizer()
+    cfg = tiny_config(family, max(320, len(tok)), hidden, ffn, layers, experts)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # larger-than-init weights so quantization error is visible in the logits
         for name, p in model.named_parameters():

@@ -458,3 +458,31 @@ def test_a_mixture_of_experts_gguf_is_an_input_in_memory_and_streamed(family, en
     q, ref = models.load(str(tmp_path / "mem")).model, models.gguf_model(src)
     a, b = _logits(q), _logits(ref)        # (w4 GPTQ of the folder itself: 0.35 for the tiny Mixtral)
     assert float((a - b).norm() / b.norm()) < 0.45
+
+
+@pytest.mark.parametrize("family,prefix", [("gemma3_text", False), ("gemma2", False), ("phi3", True), ("mixtral", True)])
+def test_a_sentencepiece_family_gguf_tokenizes_in_llama_cpp_as_the_original(family, prefix, tmp_path):
+    """Gemma, Phi-3 and Mixtral ship SentencePiece tokenizers: exported without an original GGUF,
+    the file's ``llama`` tokenizer keys make llama.cpp's ``llama-tokenize`` split text (byte
+    fallback included) exactly as the original tokenizer does. (transformers' GGUF readers are no
+    oracle here: its Gemma reader treats the scores as a unigram model's, its Phi-3 reader needs
+    merges, which llama.cpp's SentencePiece files do not have.) Runs when llama.cpp is built."""
+    import subprocess
+    from ast import literal_eval
+
+    from tests.conftest import spm_tokenizer, synthetic_text
+    from tests.llamacpp import llama_bin
+    lt = llama_bin("llama-tokenize")
+    if lt is None:
+        pytest.skip("llama.cpp's llama-tokenize is not built (docs/GGUF.md says how)")
+    tok = spm_tokenizer(prefix)
+    if family == "phi3":                   # llama.cpp looks this Phi-3 token up in a model named phi3
+        tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    out = tmp_path / "m.gguf"
+    res = run(["export", "gguf", build_tiny(tmp_path / family, family, tokenizer=tok), "--type", "F32", "-o", out])
+    assert res.exit_code == 0, res.output
+    for text in (synthetic_text(60, seed=7), "naïve café, 42 €  and a tab\there", " leading", "x<|endoftext|>y"):
+        p = subprocess.run([str(lt), "-m", str(out), "-p", text, "--ids", "--no-bos"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, (p.returncode, p.stdout[-500:], p.stderr[-1000:])
+        assert literal_eval(p.stdout.strip().splitlines()[-1]) == tok(text, add_special_tokens=False)["input_ids"], text

@@ -810,3 +810,41 @@ def test_smollm2_types_equal_llama_quantize_dry_run(tmp_path):
             got = dry_run_types(lq, src, mix, tmp_path, pure, im if use_im else None)
             plan = select_types(tensors, mix, n_layer=30, n_head=9, n_head_kv=3, pure=pure, has_imatrix=use_im)
             assert got == {n: c.type for n, c in plan.items()}, (mix, pure, use_im)
+
+
+@pytest.mark.parametrize("prefix", [True, False], ids=["llama2-style", "gemma-style"])
+def test_sentencepiece_tokenizer_derived_from_tokenizer_json(prefix, tmp_path):
+    """A SentencePiece BPE tokenizer.json (Llama 2 with its "▁" prefix, Gemma without, as
+    transformers converts their tokenizer.model) becomes llama.cpp's ``llama`` tokenizer: scores
+    from the merges' ranks, byte pieces BYTE, <unk> UNKNOWN, <s> and </s> CONTROL. transformers'
+    GGUF tokenizer (which rebuilds the merges from the scores) and llama.cpp's own ``llama-tokenize``
+    (when built) split text, byte fallback included, exactly as the original tokenizer does."""
+    import ast
+
+    from compress import models
+    from tests.conftest import spm_tokenizer, synthetic_text
+    tok = spm_tokenizer(prefix)
+    out = tmp_path / "m.gguf"
+    res = run(["export", "gguf", build_tiny(tmp_path / "m", "llama", tokenizer=tok), "--type", "F32", "-o", out])
+    assert res.exit_code == 0, res.output
+    r = _reader(out)
+    field = {k: f.contents() for k, f in r.fields.items() if k.startswith("tokenizer.")}
+    assert field["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in field
+    assert field["tokenizer.ggml.add_space_prefix"] is prefix and field["tokenizer.ggml.add_bos_token"] is False
+    types, scores = field["tokenizer.ggml.token_type"], field["tokenizer.ggml.scores"]
+    assert types[:3] == [2, 3, 3] and set(types[3:259]) == {6} and set(types[259:]) == {1}
+    made = [s for s in scores[259:] if s != 0]
+    assert len(made) > 100 and made == sorted(made, reverse=True)       # pieces by id: merge order
+    texts = [synthetic_text(80, seed=5), "naïve café, 123 € and  two  spaces", " a leading space", "x"]
+    back = models.gguf_tokenizer(out)
+    for t in texts:
+        want = tok(t, add_special_tokens=False)["input_ids"]
+        assert back(t, add_special_tokens=False)["input_ids"] == want, t
+    lt = llama_bin("llama-tokenize")
+    if lt is None:
+        return
+    for t in texts:
+        p = subprocess.run([str(lt), "-m", str(out), "-p", t, "--ids", "--no-bos", "--log-disable"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-1000:]
+        assert ast.literal_eval(p.stdout.strip().splitlines()[-1]) == tok(t, add_special_tokens=False)["input_ids"], t
