@@ -160,7 +160,7 @@ def tiny_config(family: str, vocab: int, hidden: int, ffn: int, layers: int, exp
             cfg = MixtralConfig(num_local_experts=experts, num_experts_per_tok=2, **common)
         elif family == "qwen3_moe":
             cfg = Qwen3MoeConfig(num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=ffn // 3, head_dim=32,
-                                 **common)
+                                 norm_topk_prob=True, **common)        # as the released Qwen3-MoE models
         else:
             cfg = Qwen2MoeConfig(num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=ffn // 3,
                                  shared_expert_intermediate_size=ffn // 2, **common)

@@ -486,3 +486,52 @@ def test_a_sentencepiece_family_gguf_tokenizes_in_llama_cpp_as_the_original(fami
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, (p.returncode, p.stdout[-500:], p.stderr[-1000:])
         assert literal_eval(p.stdout.strip().splitlines()[-1]) == tok(text, add_special_tokens=False)["input_ids"], text
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_llama_cpp_computes_the_models_perplexity(family, tmp_path):
+    """llama.cpp runs this suite's F32 GGUF of each family as the model transformers runs:
+    ``llama-perplexity`` (4 chunks of 64 tokens, the second half of each scored) gives the perplexity
+    computed here with transformers on the same tokens, to 1e-3 (measured: 1e-5 to 9e-5). Runs
+    when llama.cpp's tools are built."""
+    import math
+    import subprocess
+
+    from tests.conftest import spm_tokenizer, synthetic_text
+    from tests.llamacpp import llama_bin
+    lp = llama_bin("llama-perplexity")
+    if lp is None:
+        pytest.skip("llama.cpp's llama-perplexity is not built (docs/GGUF.md says how)")
+    tok = None
+    if family == "phi3":                   # a Phi-3 vocabulary: llama.cpp looks its special tokens up
+        tok = spm_tokenizer(True)
+        tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    folder = build_tiny(tmp_path / family, family, tokenizer=tok)
+    out, text = tmp_path / "m.gguf", tmp_path / "t.txt"
+    text.write_text(synthetic_text(400, seed=11))
+    assert run(["export", "gguf", folder, "--type", "F32", "-o", out]).exit_code == 0
+    p = subprocess.run([str(lp), "-m", str(out), "-f", str(text), "-c", "64", "-b", "64", "--chunks", "4", "-t", "2"],
+                       capture_output=True, text=True, timeout=300)
+    found = re.search(r"Final estimate: PPL = ([\d.]+)", p.stdout + p.stderr)
+    assert found, (p.stdout + p.stderr)[-1500:]
+    ref = models.load(str(folder))
+    ids = ref.tokenizer(text.read_text(), add_special_tokens=False)["input_ids"]
+    nll = []
+    with torch.no_grad():
+        for c in range(4):
+            chunk = torch.tensor([ids[c * 64:(c + 1) * 64]])
+            logp = ref.model(chunk, use_cache=False).logits[0].double().log_softmax(-1)
+            nll += [-float(logp[j, chunk[0, j + 1]]) for j in range(32, 63)]
+    ours = math.exp(sum(nll) / len(nll))
+    assert abs(float(found.group(1)) - ours) / ours < 1e-3, (float(found.group(1)), ours)
+
+
+@pytest.mark.parametrize("family,norm", [("qwen3_moe", False), ("qwen2_moe", True)])
+def test_gguf_export_refuses_a_routing_llama_cpp_does_not_compute(family, norm, tmp_path):
+    import json
+    folder = build_tiny(tmp_path / family, family)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "norm_topk_prob": norm}))
+    out = tmp_path / "m.gguf"
+    assert_clean_error(run(["export", "gguf", folder, "-o", out]), "norm_topk_prob", "another function")
+    assert not out.exists()

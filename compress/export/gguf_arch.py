@@ -24,6 +24,9 @@ LEARNED_POSITION_ARCHS = ("gpt2",)
 # architectures whose q/k rows llama.cpp's converter permutes (rotary halves interleaved)
 PERMUTED_QK = ("llama",)
 QUANTIZATION_VERSION = 2
+# whether llama.cpp renormalizes the chosen experts' routing weights (a fixed choice per architecture;
+# transformers' Qwen-MoE models follow norm_topk_prob, Mixtral always does)
+NORMALIZED_TOP_K = {"qwen2_moe": False, "qwen3_moe": True}
 # Gemma's 27B sizes, whose query scale llama.cpp takes as 1/sqrt(hidden/heads) (else 1/sqrt(head_dim))
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
@@ -176,6 +179,10 @@ def check_exportable(config) -> None:
         raise CompressError("GGUF export does not handle linear biases (attention_bias / mlp_bias)")
     if mt in ("gemma2", "gemma3_text"):
         _check_gemma(config, GGUF_ARCHS[mt])
+    if mt in NORMALIZED_TOP_K and bool(getattr(config, "norm_topk_prob", False)) != NORMALIZED_TOP_K[mt]:
+        does = "renormalizes" if NORMALIZED_TOP_K[mt] else "does not renormalize"
+        raise CompressError(f"llama.cpp's {GGUF_ARCHS[mt]} {does} the chosen experts' weights; this {mt} has "
+                            f"norm_topk_prob={config.norm_topk_prob}, so llama.cpp would compute another function")
 
 
 def _check_gemma(config, arch: str) -> None:

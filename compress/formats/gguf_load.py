@@ -56,6 +56,8 @@ def gguf_config(path: Path, layout=None):
     for key, attr in _EXPERT_WIDTHS:
         if f"{arch}.{key}" in kv:
             setattr(config, attr, int(kv[f"{arch}.{key}"]))
+    if arch == "qwen3moe":                  # llama.cpp renormalizes the chosen experts' weights
+        config.norm_topk_prob = True
     return config
 
 
