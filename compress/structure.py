@@ -171,7 +171,8 @@ def pruned_config(config, arch, plan: Plan, d: Dims):
 def apply_plan(model, arch, plan: Plan):
     """A new model of ``model``'s class cut to ``plan`` (``model`` itself is left as it is)."""
     from transformers import AutoModelForCausalLM
-    from transformers.modeling_utils import no_init_weights
+
+    from .compat import no_init_weights
     d = widths_of(model, arch)
     state = sliced_state(model, arch, plan, d)
     cfg = pruned_config(model.config, arch, plan, d)

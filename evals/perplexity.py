@@ -45,11 +45,13 @@ def strided_windows(tokens: torch.Tensor, seqlen: int, stride: int, max_windows:
 
 
 def predicted_bytes(tokenizer, wins: torch.Tensor, skip: list[int] | None = None) -> int:
-    """UTF-8 bytes of the text the scored targets spell (for bits per byte)."""
+    """UTF-8 bytes of the text the scored targets spell (for bits per byte): decoded as they are,
+    without the clean-up of spaces before punctuation that some tokenizer configs ask for (and
+    that transformers 4.57 applies and 5.x does not)."""
     total = 0
     for i, ids in enumerate(wins):
         s = skip[i] if skip else 0
-        total += len(tokenizer.decode(ids[1 + s:].tolist()).encode("utf-8"))
+        total += len(tokenizer.decode(ids[1 + s:].tolist(), clean_up_tokenization_spaces=False).encode("utf-8"))
     return total
 
 

@@ -18,6 +18,17 @@ def test_models_fetch_is_cached(smollm2):
     assert cfg["hidden_size"] == 576 and cfg["num_hidden_layers"] == 30
 
 
+def test_the_cached_tokenizer_gives_fixed_ids(smollm2):
+    """The cached folder's tokenizer splits a fixed sentence into SmolLM2's ids (with the BOS the
+    folder's tokenizer adds): the same under transformers 4.57 and 5.x, which reads
+    tokenizer.json as written because the folder records PreTrainedTokenizerFast."""
+    from compress import models
+    tok = models.load("smollm2-135m").tokenizer
+    assert tok("The history of the city")["input_ids"] == [1, 504, 1463, 282, 260, 2240]
+    cfg = json.loads((smollm2 / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
 def test_rtn_g128_on_smollm2(smollm2, real_data, tmp_path):
     """4-bit group 128 (576 = 4 x 128 + 64): quantize, inspect, evaluate 2 windows against fp32."""
     out = tmp_path / "q4"

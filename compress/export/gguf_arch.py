@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import torch
 
+from ..compat import rope_parameters, rope_scaling
 from ..errors import CompressError
 
 # Hugging Face model type -> llama.cpp architecture written
@@ -172,7 +173,7 @@ def check_exportable(config) -> None:
     mt = getattr(config, "model_type", None)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise CompressError(f"GGUF export supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}, not '{mt}'")
-    rope = getattr(config, "rope_scaling", None)
+    rope = rope_scaling(config)
     if rope and not (mt == "gemma3_text" and (rope.get("rope_type") or rope.get("type")) == "linear"):
         raise CompressError(f"GGUF export does not handle rope scaling ({rope})")
     if mt != "gpt_neox" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
@@ -200,9 +201,10 @@ def _check_gemma(config, arch: str) -> None:
     if qpas != head_dim and not big:
         raise CompressError(f"GGUF export: llama.cpp's {arch} scales queries by 1/sqrt(head_dim={head_dim}); "
                             f"this model's query_pre_attn_scalar is {qpas}")
-    if arch == "gemma3" and float(getattr(config, "rope_local_base_freq", 10000.0)) != 10000.0:
+    local = float(rope_parameters(config, "sliding_attention")["rope_theta"]) if arch == "gemma3" else 10000.0
+    if local != 10000.0:
         raise CompressError(f"GGUF export: llama.cpp's gemma3 uses a local rotary base of 10000; this model's "
-                            f"rope_local_base_freq is {config.rope_local_base_freq}")
+                            f"rope_local_base_freq is {local:g}")
 
 
 def _family_kvs(config, arch: str, head_dim: int) -> tuple:
@@ -230,8 +232,8 @@ def _family_kvs(config, arch: str, head_dim: int) -> tuple:
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(c, key, None) is not None:
             kv.append((key, float(getattr(c, key)), "f32"))
-    if getattr(c, "rope_scaling", None):
-        kv += [("rope.scaling.type", "linear", "str"), ("rope.scaling.factor", float(c.rope_scaling["factor"]), "f32")]
+    if rope_scaling(c):
+        kv += [("rope.scaling.type", "linear", "str"), ("rope.scaling.factor", float(rope_scaling(c)["factor"]), "f32")]
     return tuple(kv)
 
 
@@ -269,7 +271,7 @@ class HParams:
         return cls(n_layer=int(config.num_hidden_layers), n_embd=n_embd, n_ff=int(n_ff),
                    n_head=n_head, n_head_kv=int(getattr(config, "num_key_value_heads", None) or n_head),
                    head_dim=head_dim,
-                   n_ctx=int(config.max_position_embeddings), rope_theta=float(getattr(config, "rope_theta", 10000.0)),
+                   n_ctx=int(config.max_position_embeddings), rope_theta=float(rope_parameters(config)["rope_theta"]),
                    rms_eps=float(getattr(config, "rms_norm_eps", None) or getattr(config, "layer_norm_epsilon", None)
                                  or config.layer_norm_eps),
                    vocab=int(config.vocab_size),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..compat import rope_scaling
 from ..errors import CompressError
 from ..qlinear import QuantLinear
 from .onnx_graph import Graph, Options, add_rms_norm, emit_linear, fuse, linear_of, rms_norm, rotate_half
@@ -89,7 +90,7 @@ def dims_of(model, arch, lay: Layout) -> Dims:
     want = {"silu": ("silu",), "gelu_tanh": ("gelu_pytorch_tanh",)}[lay.act]
     if act not in want:
         raise CompressError(f"ONNX export of {cfg.model_type} supports the {want[0]} MLP; got {act}")
-    rope = getattr(cfg, "rope_scaling", None) or {}
+    rope = rope_scaling(cfg) or {}
     if (rope.get("rope_type") or rope.get("type")) in ("dynamic", "longrope"):
         raise CompressError(f"ONNX export does not implement the position-dependent rope type {rope}")
     if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:

@@ -52,10 +52,14 @@ def test_sliding_windows_score_every_token_once_with_more_context(model_and_toke
         strided_windows(tokens, 48, 49, None)
 
 
-def test_predicted_bytes_are_the_bytes_of_the_scored_text(model_and_tokens):
+def test_predicted_bytes_are_the_bytes_of_the_scored_text(model_and_tokens, tiny_data):
+    """The scored targets spell a piece of the text exactly, spaces before punctuation included
+    (a tokenizer config asking for clean-up does not shrink the count)."""
     m, tokens = model_and_tokens
-    wins, skip = strided_windows(tokens, 40, 40, 1)
-    text = m.tokenizer.decode(tokens[1:40].tolist())
+    wins, skip = strided_windows(tokens, 160, 160, 1)
+    text = m.tokenizer.decode(tokens[1:160].tolist(), clean_up_tokenization_spaces=False)
+    assert " ." in text and text in (tiny_data / "wikitext-2" / "valid.txt").read_text()
+    m.tokenizer.clean_up_tokenization_spaces = True
     assert predicted_bytes(m.tokenizer, wins, skip) == len(text.encode("utf-8")) > 0
 
 
