@@ -27,6 +27,9 @@ def _train_options(lr: float):
         click.option("--warmup", type=float, default=0.05, show_default=True, help="Share of the steps warming up."),
         click.option("--weight-decay", type=float, default=0.0, show_default=True),
         click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clip (0: none)."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+                     help="Forward/backward in float32 or under bfloat16 autocast (weights, gradients and "
+                          "optimizer stay float32); auto: bf16 on CUDA, fp32 on CPU."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the window draw and data order."),
         click.option("--checkpoint-every", type=int, default=0, show_default=True,
                      help="Save a resumable checkpoint every N steps (0: only at the end)."),
@@ -55,7 +58,7 @@ def _spec(o: dict):
         raise CompressError(f"--eval-windows must be >= 0, got {o['eval_windows']}")
     return TrainSpec(steps=o["steps"], lr=o["lr"], batch=o["batch"], accum=o["grad_accum"], warmup=o["warmup"],
                      weight_decay=o["weight_decay"], clip=o["clip"], seed=o["seed"],
-                     checkpoint_every=o["checkpoint_every"], eval_every=o["eval_every"])
+                     checkpoint_every=o["checkpoint_every"], eval_every=o["eval_every"], precision=o["precision"])
 
 
 def _finish(rep: dict, report_out, what: str) -> None:

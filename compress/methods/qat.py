@@ -55,6 +55,9 @@ class QATConfig(IntOptions):
     batch: int = opt(4, "Windows per training step (both phases).", min=1)
     teacher: str = opt(None, "End-to-end target: this model's next-token distribution (default: the text).")
     checkpoint_every: int = opt(0, "Checkpoint the end-to-end phase every N steps (0: only at the end).", min=0)
+    precision: str = opt("auto", "Training passes in float32 or under bfloat16 autocast (weights, scales and "
+                                 "optimizer stay float32); auto: bf16 on CUDA, fp32 on CPU.",
+                         choices=("auto", "fp32", "bf16"))
     from_checkpoint: str = opt(None, "Start from this packed gptq-int checkpoint of the same model on the same "
                                      "grid (a GPTQ or AWQ result; its norms too) instead of --init.")
 
@@ -168,7 +171,7 @@ class QAT(Method):
         before = loss_over_all()
         start = {k: p.detach().clone() for k, p in params.items()}
         spec = TrainSpec(steps=cfg.block_epochs * math.ceil(n / batch), lr=cfg.block_lr, batch=batch, warmup=0.0,
-                         clip=0.0, seed=blk.i)
+                         clip=0.0, seed=blk.i, precision=cfg.precision)
         index = torch.arange(n)[:, None]
         with torch.enable_grad():
             Trainer(params, spec, index, lambda idx: _mse(block, inputs, targets, idx[:, 0].tolist(), kw),
@@ -205,7 +208,7 @@ class QAT(Method):
             from ..models import load
             teacher = load(cfg.teacher).model.eval()
         spec = TrainSpec(steps=cfg.e2e_steps, lr=cfg.e2e_lr, batch=cfg.batch, seed=0,
-                         checkpoint_every=cfg.checkpoint_every)
+                         checkpoint_every=cfg.checkpoint_every, precision=cfg.precision)
         ckpt = run.work.path / f"e2e-{run.step_index}" if run.work is not None else None
         with torch.enable_grad():
             hist = Trainer(params, spec, run.windows, lm_loss(model, teacher), ckpt, {"phase": "qat-e2e"},

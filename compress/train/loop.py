@@ -2,7 +2,9 @@
 
 AdamW, linear warm-up then cosine decay, gradient accumulation and clipping, a fixed seed, a
 progress bar with loss, tokens/s and time left, evaluation every N steps and at the end, and
-checkpoints every N steps that a re-run of the same command resumes from.
+checkpoints every N steps that a re-run of the same command resumes from. The forward and
+backward passes run in float32, or under bfloat16 autocast (``precision``: by default on CUDA
+devices), with the trained tensors, their gradients and the optimizer state in float32.
 
 What makes a resumed run end with the same weights as an uninterrupted one:
 
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 STATE = "train-state.safetensors"
 META = "train-state.json"
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class TrainSpec:
     seed: int = 0
     checkpoint_every: int = 0     # 0: only when the run ends
     eval_every: int = 0           # 0: only at the end
+    precision: str = "auto"       # fp32, bf16 (autocast; float32 weights, gradients and optimizer), auto:
+                                  # bf16 when the trained tensors are on a CUDA device, else fp32
 
     def __post_init__(self):
         if self.steps < 1:
@@ -71,6 +76,8 @@ class TrainSpec:
             raise CompressError(f"--warmup must be in [0, 1), got {self.warmup}")
         if self.clip < 0 or self.checkpoint_every < 0 or self.eval_every < 0:
             raise CompressError("--clip, --checkpoint-every and --eval-every must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise CompressError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def lr_factor(self, step: int) -> float:
         """Warm-up then cosine decay to zero, as a factor of ``lr`` (``step`` counts from 0)."""
@@ -114,6 +121,8 @@ class Trainer:
                                       for names, f in groups], lr=spec.lr, weight_decay=spec.weight_decay)
         self.step = 0
         self.history: list[dict] = []
+        self.device = next(iter(params.values())).device.type if params else "cpu"
+        self.bf16 = spec.precision == "bf16" or (spec.precision == "auto" and self.device == "cuda")
         self.rank, self.world = dist.world()
         if spec.batch % (spec.accum * self.world):
             raise CompressError(f"--batch ({spec.batch}) must be a multiple of --grad-accum x processes "
@@ -185,7 +194,8 @@ class Trainer:
         total = 0.0
         for a in range(spec.accum):
             part = idx[a * micro:(a + 1) * micro][self.rank * per_rank:(self.rank + 1) * per_rank]
-            loss = self.loss_fn(self.data[part])
+            with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.loss_fn(self.data[part]).float()
             if not torch.isfinite(loss):
                 raise CompressError(f"{self.desc}: the loss became {float(loss)} at step {self.step}; lower --lr")
             (loss / spec.accum).backward()

@@ -69,8 +69,32 @@ def test_batches_cover_every_window_once_per_epoch():
     assert seen[:10] != seen[10:20]                 # a new order each epoch
 
 
+def test_bf16_autocast_trains_float32_tensors_and_resumes_exactly(tmp_path):
+    """Under bfloat16 autocast (as on CUDA by default; here forced on the CPU) the products run in
+    bfloat16, so the losses differ from float32's a little, while the weights and the optimizer
+    state stay float32, and a killed run still resumes to the uninterrupted run's weights."""
+    spec = TrainSpec(steps=5, lr=1e-2, batch=4, checkpoint_every=2, seed=2, precision="bf16")
+    ref32 = _model()
+    h32 = _trainer(ref32, TrainSpec(steps=5, lr=1e-2, batch=4, checkpoint_every=2, seed=2, precision="fp32")).run()
+    ref = _model()
+    t = _trainer(ref, spec)
+    h = t.run()
+    assert t.bf16 and all(p.dtype == torch.float32 for p in ref.parameters())
+    assert all(v.dtype == torch.float32 for st in t.opt.state.values() for v in st.values() if torch.is_tensor(v)
+               and v.dim())
+    a, b = [x["loss"] for x in h], [x["loss"] for x in h32]
+    assert a != b and max(abs(x - y) / y for x, y in zip(a, b)) < 0.05
+    assert not _trainer(_model(), TrainSpec(steps=1, batch=4)).bf16          # auto on the CPU: float32
+    killed = _model()
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(killed, spec, tmp_path / "ck", kill_at=4).run()
+    resumed = _model(seed=99)
+    _trainer(resumed, spec, tmp_path / "ck").run()
+    assert all(torch.equal(x, y) for x, y in zip(ref.parameters(), resumed.parameters()))
+
+
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(steps=2, batch=3, accum=2), dict(steps=2, lr=0.0),
-                                 dict(steps=2, warmup=1.0)])
+                                 dict(steps=2, warmup=1.0), dict(steps=2, precision="fp16")])
 def test_bad_options_are_refused(bad):
     with pytest.raises(CompressError):
         TrainSpec(**bad)
