@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compat import NEOX_HEAD
 from .errors import CompressError
 
 
@@ -164,7 +165,7 @@ NEOX = ArchSpec(
     blocks="gpt_neox.layers",
     embeddings=("gpt_neox.embed_in",),
     final_norm="gpt_neox.final_layer_norm",
-    lm_head="embed_out",
+    lm_head=NEOX_HEAD,
     groups=(            # attention and MLP in parallel, each behind its own norm; GELU between the MLP linears
         LinearGroup("input_layernorm", ("attention.query_key_value",)),
         LinearGroup("attention.query_key_value", ("attention.dense",), scalable=False),

@@ -1,8 +1,14 @@
 """What differs between the transformers majors the suite reads models with (4.57 and 5.x): where
-``no_init_weights`` lives, and the rotary settings (4.57: ``rope_theta`` and ``rope_scaling``
-attributes, Gemma 3's local base as ``rope_local_base_freq``; 5.x: one ``rope_parameters`` dict,
-per layer type for models that mix sliding and full attention)."""
+``no_init_weights`` lives, GPT-NeoX's head (``embed_out`` in 4.57, ``lm_head`` in 5.x), and the
+rotary settings (4.57: ``rope_theta`` and ``rope_scaling`` attributes, Gemma 3's local base as
+``rope_local_base_freq``; 5.x: one ``rope_parameters`` dict, per layer type for models that mix
+sliding and full attention)."""
 from __future__ import annotations
+
+from importlib.metadata import version
+
+TRANSFORMERS_MAJOR = int(version("transformers").split(".")[0])
+NEOX_HEAD = "lm_head" if TRANSFORMERS_MAJOR >= 5 else "embed_out"
 
 
 def no_init_weights():

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import torch
 
-from ..compat import rope_parameters, rope_scaling
+from ..compat import NEOX_HEAD, rope_parameters, rope_scaling
 from ..errors import CompressError
 
 # Hugging Face model type -> llama.cpp architecture written
@@ -67,7 +67,7 @@ FAMILY_BLOCK_NAMES = {"phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_pr
 FAMILY_GLOBAL_NAMES = {"gpt2": {"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
                                 "transformer.ln_f": "output_norm", "lm_head": "output"},
                        "gptneox": {"gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm",
-                                   "embed_out": "output"}}
+                                   NEOX_HEAD: "output"}}
 # each expert's linear -> the 3-D tensor (experts, rows, cols) llama.cpp stacks them into
 EXPERTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
            "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
@@ -266,7 +266,8 @@ class HParams:
         n_embd = int(config.hidden_size)
         head_dim = int(getattr(config, "head_dim", None) or n_embd // n_head)
         arch = GGUF_ARCHS[config.model_type]
-        rot = float(getattr(config, "partial_rotary_factor", None) or getattr(config, "rotary_pct", None) or 1.0)
+        rot = float(getattr(config, "partial_rotary_factor", None) or getattr(config, "rotary_pct", None)
+                    or rope_parameters(config).get("partial_rotary_factor") or 1.0)
         n_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * n_embd
         return cls(n_layer=int(config.num_hidden_layers), n_embd=n_embd, n_ff=int(n_ff),
                    n_head=n_head, n_head_kv=int(getattr(config, "num_key_value_heads", None) or n_head),

@@ -6,6 +6,7 @@ soft-capped attention scores and logits, sliding-window layers with their own ro
 A family is a :class:`Layout` (which modules a block holds) plus what ``config.json`` says."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +107,17 @@ def dims_of(model, arch, lay: Layout) -> Dims:
                 scaling=float((qscale if qscale else head_dim) ** -0.5), windows=_windows(cfg, n),
                 attn_softcap=getattr(cfg, "attn_logit_softcapping", None) or None,
                 final_softcap=getattr(cfg, "final_logit_softcapping", None) or None)
+
+
+def _rotaries(model) -> dict:
+    """The rotary modules of the full-attention ("global") and sliding-window ("local") layers:
+    transformers 4.57 gives Gemma 3's local layers their own module, 5.x one module that takes the
+    layer type."""
+    rot = model.model.rotary_emb
+    if "layer_type" not in inspect.signature(rot.forward).parameters:
+        return {"global": rot, "local": getattr(model.model, "rotary_emb_local", None)}
+    return {"global": lambda x, p: rot(x, p, layer_type="full_attention"),
+            "local": lambda x, p: rot(x, p, layer_type="sliding_attention")}
 
 
 def _rope_tables(rot, d: Dims) -> tuple[np.ndarray, np.ndarray]:
@@ -215,9 +227,8 @@ def build_decoder(g: Graph, loaded, opt: Options, kv_cache: bool, lm_head_bits: 
     ids_shape = g.op("Shape", ["input_ids"])
     mask_shape = g.op("Shape", ["attention_mask"])
     total = g.op("Gather", [mask_shape, g.const_i64(1, scalar=True)], axis=0)
-    rot_local = getattr(model.model, "rotary_emb_local", None)
     tables = {}
-    for kind, rot in (("global", model.model.rotary_emb), ("local", rot_local)):
+    for kind, rot in _rotaries(model).items():
         if rot is not None and (kind == "global" or any(d.windows)):
             c, s_ = _rope_tables(rot, d)
             tables[kind] = (g.array(f"rope.{kind}.cos", c), g.array(f"rope.{kind}.sin", s_))

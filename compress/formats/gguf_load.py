@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..compat import TRANSFORMERS_MAJOR
 from ..errors import CompressError
 from .gguf_file import check_gguf
 
@@ -76,9 +77,10 @@ def _header_config(lay):
                   tie_word_embeddings=not any(t.name == "output.weight" for t in lay.tensors),
                   bos_token_id=kv.get("tokenizer.ggml.bos_token_id"), eos_token_id=kv.get("tokenizer.ggml.eos_token_id"))
     if arch == "gptneox":
-        return GPTNeoXConfig(**common, rotary_pct=int(g("rope.dimension_count", head_dim)) / head_dim,
-                             rotary_emb_base=float(g("rope.freq_base", 10000.0)),
-                             layer_norm_eps=float(g("attention.layer_norm_epsilon", 1e-5)),
+        pct, base = int(g("rope.dimension_count", head_dim)) / head_dim, float(g("rope.freq_base", 10000.0))
+        rope = (dict(rope_parameters={"rope_type": "default", "rope_theta": base, "partial_rotary_factor": pct})
+                if TRANSFORMERS_MAJOR >= 5 else dict(rotary_pct=pct, rotary_emb_base=base))
+        return GPTNeoXConfig(**common, **rope, layer_norm_eps=float(g("attention.layer_norm_epsilon", 1e-5)),
                              use_parallel_residual=bool(g("use_parallel_residual", True)))
     common.update(num_key_value_heads=int(g("attention.head_count_kv", n_head)), rope_theta=float(g("rope.freq_base", 10000.0)),
                   rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
