@@ -326,8 +326,11 @@ def settle_tokenizer_class(folder: Path) -> None:
     if cfg.get("tokenizer_class") not in (None, "PreTrainedTokenizerFast"):
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         tmp = cfg_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
-        os.replace(tmp, cfg_path)
+        try:
+            tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+            os.replace(tmp, cfg_path)
+        except OSError as e:              # a read-only cache: transformers 4.x reads it as it is
+            log.warning("could not record the tokenizer class in %s: %s", cfg_path, e)
 
 
 def load_tokenizer(path: Path):
