@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import CompressError
+from .errors import CompressError, first_line
 from .fileio import atomic_file
 from .formats.gguf_file import read_gguf_layout
 
@@ -233,8 +233,7 @@ def _read_gguf(path: Path) -> IMatrix:
     try:
         r = GGUFReader(str(path))
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CompressError(f"corrupt imatrix file {path}: {msg}") from None
+        raise CompressError(f"corrupt imatrix file {path}: {first_line(e)}") from None
     sums, counts = {}, {}
     for t in r.tensors:
         for suffix, store in ((".in_sum2", sums), (".counts", counts)):

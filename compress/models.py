@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .arch import ArchSpec, arch_for, describe, text_config
-from .errors import CompressError
+from .errors import CompressError, first_line
 from .formats.gguf_file import check_gguf
 from .formats.gguf_load import gguf_model, gguf_tokenizer
 
@@ -367,7 +367,7 @@ def built(failure: str, make):
     except CompressError:
         raise
     except Exception as e:
-        raise CompressError(f"{failure}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise CompressError(f"{failure}: {first_line(e)}") from None
     model.eval()
     return prepare(model)
 

@@ -232,8 +232,9 @@ def _family_kvs(config, arch: str, head_dim: int) -> tuple:
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(c, key, None) is not None:
             kv.append((key, float(getattr(c, key)), "f32"))
-    if rope_scaling(c):
-        kv += [("rope.scaling.type", "linear", "str"), ("rope.scaling.factor", float(rope_scaling(c)["factor"]), "f32")]
+    scaling = rope_scaling(c)
+    if scaling:
+        kv += [("rope.scaling.type", "linear", "str"), ("rope.scaling.factor", float(scaling["factor"]), "f32")]
     return tuple(kv)
 
 

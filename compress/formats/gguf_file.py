@@ -367,7 +367,7 @@ def check_gguf(path: Path) -> GGUFLayout:
     for name in ("token_embd.weight", "output_norm.weight"):
         if name not in have:
             raise CompressError(f"GGUF file {p} lacks the tensor {name}")
-    moe = hparam("expert_count", 0) if f"{arch}.expert_count" in kv else 0
+    moe = hparam("expert_count", 0)
     for i in range(n_layer):            # stops at the first gap, so a corrupt block_count costs nothing
         for name in block:
             if (name in _ARCH_ONLY and arch not in _ARCH_ONLY[name]) or arch in _ARCH_NOT.get(name, ()):

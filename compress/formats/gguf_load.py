@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..compat import TRANSFORMERS_MAJOR
-from ..errors import CompressError
+from ..errors import CompressError, first_line
 from .gguf_file import check_gguf
 
 # transformers' GGUF reader sets the expert widths to its defaults: the header has them
@@ -144,10 +144,10 @@ def _own_model(path: Path, lay, config):
     from transformers import AutoModelForCausalLM
 
     from ..arch import arch_for
-    from .gguf_tensors import GGUFTensors
+    from .gguf_tensors import read_gguf_weights
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    src = GGUFTensors(path, arch_for(config.model_type, generic=False).blocks, lay)
-    missing, unexpected = model.load_state_dict(src.read(list(src)), strict=False)
+    weights = read_gguf_weights(path, arch_for(config.model_type, generic=False).blocks, lay)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     head = model.get_output_embeddings().weight
     tied = {k for k, v in model.state_dict(keep_vars=True).items() if v is head} if config.tie_word_embeddings else set()
     missing = [k for k in missing if k not in tied]         # the output matrix is the token embedding
@@ -156,7 +156,3 @@ def _own_model(path: Path, lay, config):
                             f"{'missing ' + ', '.join(missing[:3]) if missing else ''}"
                             f"{' unexpected ' + ', '.join(unexpected[:3]) if unexpected else ''}")
     return model
-
-
-def first_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -98,7 +98,8 @@ class GGUFTensors:
         return out
 
 
-def read_gguf_weights(path: Path, blocks_prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a GGUF model file as float32 under its Hugging Face name (module doc)."""
-    src = GGUFTensors(path, blocks_prefix)
+def read_gguf_weights(path: Path, blocks_prefix: str | None = None, layout=None) -> dict[str, torch.Tensor]:
+    """Every tensor of a GGUF model file as float32 under its Hugging Face name (module doc);
+    ``layout``: the file's, checked already."""
+    src = GGUFTensors(path, blocks_prefix, layout)
     return src.read(list(src))
