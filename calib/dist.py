@@ -60,9 +60,9 @@ def launch(nproc: int, cmd: list[str]) -> int:
     """Run ``cmd`` in ``nproc`` processes on this machine as torchrun would (rank, world size and a
     free rendezvous port in the environment, one thread each share of the cores) and wait for them.
 
-    When one fails the others are stopped (they would wait for it forever in a collective); its exit
-    code is returned. Rank 0 writes to this terminal; the others' output is shown only if one of
-    them fails while rank 0 did not (it then holds the first error)."""
+    When one fails the others get a moment to end, then are stopped (they would wait for it forever
+    in a collective). Rank 0 writes to this terminal; when it failed by itself its exit code is
+    returned, otherwise the first failed rank's output is shown and its exit code returned."""
     import socket
     import subprocess
     import sys
@@ -88,12 +88,19 @@ def launch(nproc: int, cmd: list[str]) -> int:
                 break
             time.sleep(0.2)
         if failed:
+            # The others often fail on the same error a moment later: let them end on their own for a
+            # short while (one that waits in a collective never will), so that rank 0's own error,
+            # already on this terminal, is not shown a second time from another rank's log.
+            deadline = time.monotonic() + 3.0
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                time.sleep(0.1)
             for p in procs:
                 if p.poll() is None:
                     p.terminate()
             for p in procs:
                 p.wait()
-            r = failed[0]
+            codes = [p.returncode for p in procs]
+            r = 0 if codes[0] and codes[0] > 0 else failed[0]
             if r != 0:
                 logs[r].seek(0)
                 sys.stderr.write(logs[r].read().decode(errors="replace"))
