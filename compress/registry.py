@@ -41,7 +41,7 @@ def register(cls: type["Method"]) -> type["Method"]:
 
 
 _BUILT_IN = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "kquant", "kquant-gptq",
-             "magnitude", "wanda", "sparsegpt", "structured", "qat")   # the order shown
+             "magnitude", "wanda", "sparsegpt", "structured", "qat", "qat-kquant")   # the order shown
 
 
 def _load_all() -> None:

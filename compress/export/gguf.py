@@ -35,7 +35,7 @@ from ..fileio import atomic_file
 from ..formats.ggml_mix import FLOAT_TYPES, MIXES, TensorChoice, get_mix, select_types
 from ..formats.ggml_model import GGMLModel, GGMLTensor, bits_per_weight, quantize_model_rtn
 from ..formats.gguf_file import read_gguf_layout
-from ..solvers.ggml_grid import CODECS, pack_codes
+from ..formats.ggml_codec import CODECS, pack_codes
 from .gguf_arch import (HParams, as_stored, expert_index, file_order, gguf_arch, gguf_name, hf_name, is_gguf_name,
                         neox_qkv, permute_qk)
 from .gguf_meta import KV, model_metadata, tokenizer_metadata

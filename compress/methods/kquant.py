@@ -92,11 +92,21 @@ class _GGMLMethod(Method):
         run.state.update(floats=floats, plan=plan, importance=imp,
                          name=lambda full: gguf_name(full + ".weight", run.arch.blocks, hp.arch))
 
+    def rest_tensors(self, run) -> dict[str, GGMLTensor]:
+        """The planned tensors no block step recorded (the token embedding, an untied output),
+        quantized by llama.cpp's quantizers: ``{gguf name: GGMLTensor}`` (computed once)."""
+        if "rest" not in run.state:
+            plan = run.state["plan"]
+            done = {t.name for t in run.record.packed.values()}
+            rest = {n: c for n, c in plan.items() if n not in done}
+            run.state["rest"] = {t.name: t for t in quantize_model_rtn(run.state["floats"], rest,
+                                                                        run.state["importance"], progress=False)}
+        return run.state["rest"]
+
     def finish(self, run) -> None:
-        plan, floats = run.state["plan"], run.state["floats"]
+        plan = run.state["plan"]
         done = _assembled(run.record.packed, plan)
-        rest = {n: c for n, c in plan.items() if n not in done}
-        others = {t.name: t for t in quantize_model_rtn(floats, rest, run.state["importance"], progress=False)}
+        others = self.rest_tensors(run)
         tensors = [done[n] if n in done else others[n] for n in plan]
         run.state["ggml"] = GGMLModel(tensors, self.cfg.mix, self.cfg.pure, self.label, plan)
         run.state.pop("floats")
@@ -149,16 +159,11 @@ class KQuantGPTQ(_GGMLMethod):
         blk.solve_each(blk.targeted(group), lambda name: self._solve(blk, name, H))
 
     def _solve(self, blk, name: str, H) -> None:
-        st = blk.run_state
         lin, full = blk.linear(name), blk.full(name)
-        ch = st["plan"][st["name"](full)]
+        ch = layer_choice(blk, name)
         w = lin.weight.data
-        if len(ch.shape) > 2:           # one expert of a stacked tensor: its own rows, assembled at the end
-            ch = TensorChoice(ch.name, tuple(w.shape), ch.category, ch.type, ch.wanted, ch.fallback)
         if ch.type in FLOAT_TYPES:
-            data = quantize_tensor(w, ch.type)
-            blk.record.add(full, GGMLTensor(ch.name, ch.type, ch.shape, data, note(ch)))
-            lin.weight.data = data.to(torch.float32).to(w.device, w.dtype)
+            record_float(blk, name, ch)
             return
         res = gptq_ggml_solve(w.to(torch.float32), H, ch.type, damp=self.cfg.damp)
         blk.record.add(full, GGMLTensor(ch.name, ch.type, ch.shape, res.data,
@@ -170,6 +175,25 @@ class KQuantGPTQ(_GGMLMethod):
     def metadata(self, record=None) -> dict:
         errs = (record.extra if record else {}).get("output_errors", {})
         return {"damp": float(self.cfg.damp), "total_output_error": float(sum(errs.values()))}
+
+
+def layer_choice(blk, name: str) -> TensorChoice:
+    """The planned GGML type of block linear ``name``; for one expert of a stacked tensor, a choice
+    shaped as its own rows (the experts are assembled at the end)."""
+    st = blk.run_state
+    ch = st["plan"][st["name"](blk.full(name))]
+    if len(ch.shape) > 2:
+        ch = TensorChoice(ch.name, tuple(blk.linear(name).weight.shape), ch.category, ch.type, ch.wanted, ch.fallback)
+    return ch
+
+
+def record_float(blk, name: str, ch: TensorChoice) -> None:
+    """Record linear ``name`` stored as a float type (F16, BF16, F32), its weight rounded alike."""
+    lin = blk.linear(name)
+    w = lin.weight.data
+    data = quantize_tensor(w, ch.type)
+    blk.record.add(blk.full(name), GGMLTensor(ch.name, ch.type, ch.shape, data, note(ch)))
+    lin.weight.data = data.to(torch.float32).to(w.device, w.dtype)
 
 
 def _assembled(packed: dict, plan: dict) -> dict[str, GGMLTensor]:

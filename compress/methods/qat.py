@@ -21,57 +21,29 @@ float16 scales and integer zero-points, same float32 arithmetic).
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..config import IntOptions, opt
-from ..errors import CompressError
 from ..formats import gptq_int
 from ..qlinear import QuantLinear, set_submodule
 from ..registry import Method, register
 from ..train.fakequant import FakeQuantLinear, ScaleTunedLinear
-from ..train.loop import Trainer, TrainSpec
-from ..train.losses import lm_loss
-
-log = logging.getLogger(__name__)
+from ..train.phases import QATPhaseOptions, check_teacher, end_to_end, reconstruct
 
 
 @dataclass(frozen=True)
-class QATConfig(IntOptions):
+class QATConfig(QATPhaseOptions, IntOptions):
     init: str = opt("gptq", "Where training starts: GPTQ's solution (MSE grid, act-order, static groups), or "
                             "round-to-nearest on the min-max or the MSE-searched grid.",
                     choices=("gptq", "mse", "minmax"))
-    blockwise: bool = opt(True, "Block-wise reconstruction of weights, scales and zero-points.",
-                          flag="--blockwise/--no-blockwise")
-    block_epochs: int = opt(2, "Passes over the calibration windows per block.", min=1)
-    block_lr: float = opt(1e-5, "Learning rate of the weights in the block-wise phase.", min=0, open_min=True)
-    scale_lr: float = opt(1e-5, "Learning rate of scales and zero-points in the block-wise phase.", min=0,
-                          open_min=True)
-    e2e_steps: int = opt(40, "Steps of end-to-end training of the scales alone (0: none).", min=0)
-    e2e_lr: float = opt(1e-4, "Learning rate of the scales in the end-to-end phase.", min=0, open_min=True)
-    batch: int = opt(4, "Windows per training step (both phases).", min=1)
-    teacher: str = opt(None, "End-to-end target: this model's next-token distribution (default: the text).")
-    checkpoint_every: int = opt(0, "Checkpoint the end-to-end phase every N steps (0: only at the end).", min=0)
-    precision: str = opt("auto", "Training passes in float32 or under bfloat16 autocast (weights, scales and "
-                                 "optimizer stay float32); auto: bf16 on CUDA, fp32 on CPU.",
-                         choices=("auto", "fp32", "bf16"))
     from_checkpoint: str = opt(None, "Start from this packed gptq-int checkpoint of the same model on the same "
                                      "grid (a GPTQ or AWQ result; its norms too) instead of --init.")
 
     def check(self) -> None:
-        super().check()
-        if not self.blockwise and self.e2e_steps == 0:
-            raise CompressError("--no-blockwise needs --e2e-steps > 0 (otherwise nothing is trained)")
-
-
-def _mse(block, inputs, targets, idx, kw) -> torch.Tensor:
-    from calib.runner import hidden_states
-    y = hidden_states(block(inputs.gather(idx), **kw))
-    t = torch.cat([targets[i] for i in idx]).to(y.device)
-    return torch.nn.functional.mse_loss(y.float(), t.float())
+        IntOptions.check(self)
+        QATPhaseOptions.check(self)
 
 
 @register
@@ -88,13 +60,7 @@ class QAT(Method):
             names = [n for n in loaded.arch.linear_names(loaded.model) if targets.selects(n)]
             start = PackedStart(self.cfg.from_checkpoint)
             start.check(loaded.model.config.to_dict(), {n: self.scheme_for(n, targets.override_for(n)) for n in names})
-        if self.cfg.teacher is None:
-            return
-        from ..models import read_spec_config
-        vocab = read_spec_config(self.cfg.teacher).get("vocab_size")
-        if vocab is not None and vocab != loaded.model.config.vocab_size:
-            raise CompressError(f"teacher {self.cfg.teacher} has a vocabulary of {vocab} tokens, "
-                                f"the model {loaded.model.config.vocab_size}")
+        check_teacher(self.cfg, loaded)
 
     def metadata(self, record=None) -> dict:
         out = self.cfg.to_dict()
@@ -117,10 +83,7 @@ class QAT(Method):
             fakes[n] = FakeQuantLinear(blk.linear(n), blk.scheme(n), self.cfg.init, starts.get(n))
             set_submodule(blk.block, n, fakes[n])
         if self.cfg.blockwise:
-            before, after, steps = self._reconstruct(blk, fakes, targets)
-            blk.record.extra.setdefault("qat_blocks", {})[str(blk.i)] = {
-                "mse_init": before, "mse_trained": after, "kept": "trained" if after < before else "start",
-                "steps": steps}
+            blk.record.extra.setdefault("qat_blocks", {})[str(blk.i)] = reconstruct(blk, fakes, targets, self.cfg)
         for n, fq in fakes.items():
             blk.record.add(blk.full(n), fq.packed(), fq.scheme.to_dict())
 
@@ -148,52 +111,11 @@ class QAT(Method):
                 out[name] = (res.dequantize(), res.scales, res.zeros)
         return out
 
-    def _reconstruct(self, blk, fakes, targets):
-        cfg, inputs, block = self.cfg, blk.inputs, blk.block
-        kw = inputs.kwargs_on_device()
-        n = len(inputs)
-        for p in block.parameters():
-            p.requires_grad_(False)
-        params, weights, quant = {}, [], []
-        for name, fq in fakes.items():
-            params[f"{name}.weight"] = fq.weight.requires_grad_(True)
-            weights.append(f"{name}.weight")
-            for k, p in fq.quant_parameters().items():
-                params[f"{name}.{k}"] = p.requires_grad_(True)
-                quant.append(f"{name}.{k}")
-        batch = min(cfg.batch, n)
-
-        def loss_over_all():
-            with torch.no_grad():
-                return sum(float(_mse(block, inputs, targets, list(range(s, min(n, s + batch))), kw)) *
-                           (min(n, s + batch) - s) for s in range(0, n, batch)) / n
-
-        before = loss_over_all()
-        start = {k: p.detach().clone() for k, p in params.items()}
-        spec = TrainSpec(steps=cfg.block_epochs * math.ceil(n / batch), lr=cfg.block_lr, batch=batch, warmup=0.0,
-                         clip=0.0, seed=blk.i, precision=cfg.precision)
-        index = torch.arange(n)[:, None]
-        with torch.enable_grad():
-            Trainer(params, spec, index, lambda idx: _mse(block, inputs, targets, idx[:, 0].tolist(), kw),
-                    groups=[(weights, 1.0), (quant, cfg.scale_lr / cfg.block_lr)], progress=False,
-                    desc=f"block {blk.i}").run()
-        for p in params.values():
-            p.requires_grad_(False)
-        after = loss_over_all()
-        log.info("block %d: output MSE %.6g (start) -> %.6g (trained)", blk.i, before, after)
-        if not after < before:          # training never leaves a block worse than where it started
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(start[k])
-        return before, after, spec.steps
-
     # ------------------------------------------------------------------ phase 2: end to end
     def finish(self, run) -> None:
         cfg = self.cfg
         if cfg.e2e_steps == 0:
             return
-        if run.windows is None:
-            raise CompressError("the end-to-end phase needs calibration windows")
         model = run.model
         tuned = {}
         for name, p in run.record.packed.items():
@@ -203,22 +125,10 @@ class QAT(Method):
         for p in model.parameters():
             p.requires_grad_(False)
         params = {name: st.scale.requires_grad_(True) for name, st in tuned.items()}
-        teacher = None
-        if cfg.teacher is not None:
-            from ..models import load
-            teacher = load(cfg.teacher).model.eval()
-        spec = TrainSpec(steps=cfg.e2e_steps, lr=cfg.e2e_lr, batch=cfg.batch, seed=0,
-                         checkpoint_every=cfg.checkpoint_every, precision=cfg.precision)
-        ckpt = run.work.path / f"e2e-{run.step_index}" if run.work is not None else None
-        with torch.enable_grad():
-            hist = Trainer(params, spec, run.windows, lm_loss(model, teacher), ckpt, {"phase": "qat-e2e"},
-                           progress=run.progress, desc="qat end-to-end").run()
+        run.record.extra["qat_e2e"] = end_to_end(run, cfg, params, model)
         for name, st in tuned.items():
             packed = st.packed()
             run.record.packed[name] = packed
             set_submodule(model, name, QuantLinear.from_packed(packed, st.bias))
-        run.record.extra["qat_e2e"] = {"steps": spec.steps, "loss_first": hist[0]["loss"],
-                                       "loss_last": hist[-1]["loss"],
-                                       "target": "teacher" if teacher is not None else "text"}
         if run.work is not None:
             run.work.save_blocks(run.step_index, model, run.arch)

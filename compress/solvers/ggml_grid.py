@@ -1,9 +1,6 @@
-"""GPTQ onto the grids of GGML (llama.cpp) block types, and the block codec it needs.
+"""GPTQ onto the grids of GGML (llama.cpp) block types (the block codec is
+:mod:`compress.formats.ggml_codec`).
 
-* **Block codec** (``block_grid``, ``block_codes``, ``pack_codes``): for GGUF block bytes of any
-  supported type, the per-weight grid ``y = A * c - M`` (``A``, ``M`` float32 computed with the
-  decoder's own operations, so ``A * c - M`` is bit for bit what ``kquants.dequantize`` gives) and
-  the integer codes ``c``; and the inverse, writing codes into blocks.
 * **The grid for the column sweep** (:class:`GGMLGrid`, :func:`gptq_ggml_solve`): when the sweep
   (:func:`compress.solvers.obs.sweep`) reaches the first column of a GGML block, the block's fp16
   scales (and mins) and integer sub-block scales are chosen by llama.cpp's importance-weighted
@@ -18,182 +15,14 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..errors import CompressError
 from ..formats import kquants
+from ..formats.ggml_codec import _codec, block_grid, pack_codes
 from .obs import check_inputs, damped_inverse_cholesky, output_error, prepare, sweep
 
 log = logging.getLogger(__name__)
-
-# A code field is a list of bit fields; each stores ``nbits`` bits of the stored value
-# ``s = c + offset`` (starting at bit ``vshift`` of s) at byte ``byte[n]``, bit ``shift[n]`` of the
-# block, for the n-th weight of the block.
-
-@dataclass(frozen=True)
-class _Field:
-    vshift: int
-    nbits: int
-    byte: np.ndarray      # (block_size,) int64
-    shift: np.ndarray     # (block_size,) int64
-
-
-@dataclass(frozen=True)
-class _Codec:
-    name: str
-    block: int
-    size: int
-    cmin: int
-    cmax: int
-    offset: int           # stored = c + offset
-    fields: tuple[_Field, ...]
-
-
-def _n(block: int) -> np.ndarray:
-    return np.arange(block, dtype=np.int64)
-
-
-def _make_codecs() -> dict[str, _Codec]:
-    n32, n256 = _n(32), _n(256)
-    nib32 = lambda base: _Field(0, 4, base + n32 % 16, 4 * (n32 // 16))      # noqa: E731
-    q5h = lambda base: _Field(4, 1, base + n32 // 8, n32 % 8)                 # noqa: E731  (u32 qh, little-endian)
-    two = lambda base: _Field(0, 2, base + 32 * (n256 // 128) + n256 % 32, 2 * ((n256 % 128) // 32))  # noqa: E731
-    k4 = lambda base: _Field(0, 4, base + 32 * (n256 // 64) + n256 % 32, 4 * ((n256 % 64) // 32))     # noqa: E731
-    hbit = lambda base, vs: _Field(vs, 1, base + n256 % 32, n256 // 32)      # noqa: E731
-    h, g, l = n256 // 128, (n256 % 128) // 32, n256 % 32
-    return {c.name: c for c in (
-        _Codec("Q4_0", 32, 18, -8, 7, 8, (nib32(2),)),
-        _Codec("Q4_1", 32, 20, 0, 15, 0, (nib32(4),)),
-        _Codec("Q5_0", 32, 22, -16, 15, 16, (nib32(6), q5h(2))),
-        _Codec("Q5_1", 32, 24, 0, 31, 0, (nib32(8), q5h(4))),
-        _Codec("Q8_0", 32, 34, -128, 127, 256, (_Field(0, 8, 2 + n32, 0 * n32),)),   # two's complement byte
-        _Codec("Q2_K", 256, 84, 0, 3, 0, (two(16),)),
-        _Codec("Q3_K", 256, 110, -4, 3, 4, (two(32), hbit(0, 2))),
-        _Codec("Q4_K", 256, 144, 0, 15, 0, (k4(16),)),
-        _Codec("Q5_K", 256, 176, 0, 31, 0, (k4(48), hbit(16, 4))),
-        _Codec("Q6_K", 256, 210, -32, 31, 32, (_Field(0, 4, 64 * h + l + 32 * (g & 1), 4 * (g >> 1)),
-                                              _Field(4, 2, 128 + 32 * h + l, 2 * g))),
-    )}
-
-
-CODECS = _make_codecs()
-
-
-def _codec(type_name: str) -> _Codec:
-    c = CODECS.get(type_name)
-    if c is None:
-        raise CompressError(f"no block codec for GGML type {type_name}; supported: {', '.join(CODECS)}")
-    return c
-
-
-def _fp16_at(data: torch.Tensor, a: int) -> torch.Tensor:
-    return data[:, a:a + 2].contiguous().view(torch.float16).reshape(-1).to(torch.float32)
-
-
-def _k4_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K: 12 bytes ``(nb, 12)`` -> 6-bit scales and mins ``(nb, 8)`` (get_scale_min_k4)."""
-    s = s.to(torch.int64)
-    a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
-    sc = torch.cat([a & 63, (c & 15) | ((a >> 6) << 4)], dim=1)
-    m = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=1)
-    return sc, m
-
-
-def _q3_scales(s: torch.Tensor) -> torch.Tensor:
-    """Q3_K: 12 bytes ``(nb, 12)`` -> signed 6-bit scales ``(nb, 16)``."""
-    s = s.to(torch.int64)
-    j = torch.arange(16)
-    lo = torch.where(j < 8, s[:, j.clamp(max=7)] & 15, s[:, (j - 8).clamp(min=0)] >> 4)
-    hi = (s[:, 8 + j % 4] >> (2 * (j // 4))) & 3
-    return (lo | (hi << 4)) - 32
-
-
-def block_grid(data: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid of each weight of GGUF blocks: ``y = A * c - M`` with integer ``c``.
-
-    data: uint8 ``(nb, type_size)``. Returns float32 ``A, M`` ``(nb, block_size)``, computed with
-    the decoder's operations (``d * sc``, ``dmin * m``), so that ``A * c - M`` equals the decoded
-    weight bit for bit (for Q4_1/Q5_1, ``M = -m`` and ``A*c - (-m) == d*c + m`` exactly).
-    """
-    cd = _codec(type_name)
-    nb = data.shape[0]
-    B = cd.block
-    if type_name in ("Q4_0", "Q5_0", "Q8_0"):
-        d = _fp16_at(data, 0)
-        return d[:, None].expand(nb, B).contiguous(), torch.zeros((nb, B))
-    if type_name in ("Q4_1", "Q5_1"):
-        d, m = _fp16_at(data, 0), _fp16_at(data, 2)
-        return d[:, None].expand(nb, B).contiguous(), (-m)[:, None].expand(nb, B).contiguous()
-    if type_name == "Q2_K":
-        sc = data[:, 0:16].to(torch.int64)
-        d, dmin = _fp16_at(data, 80), _fp16_at(data, 82)
-        A = d[:, None] * (sc & 15).float()
-        M = dmin[:, None] * (sc >> 4).float()
-        return A.repeat_interleave(16, 1), M.repeat_interleave(16, 1)
-    if type_name == "Q3_K":
-        d = _fp16_at(data, 108)
-        A = d[:, None] * _q3_scales(data[:, 96:108]).float()
-        return A.repeat_interleave(16, 1), torch.zeros((nb, B))
-    if type_name in ("Q4_K", "Q5_K"):
-        d, dmin = _fp16_at(data, 0), _fp16_at(data, 2)
-        sc, m = _k4_scale_min(data[:, 4:16])
-        A = d[:, None] * sc.float()
-        M = dmin[:, None] * m.float()
-        return A.repeat_interleave(32, 1), M.repeat_interleave(32, 1)
-    if type_name == "Q6_K":
-        d = _fp16_at(data, 208)
-        sc = data[:, 192:208].contiguous().view(torch.int8).float()
-        A = d[:, None] * sc
-        return A.repeat_interleave(16, 1), torch.zeros((nb, B))
-    raise CompressError(f"no block grid for GGML type {type_name}")
-
-
-def block_codes(data: torch.Tensor, type_name: str) -> torch.Tensor:
-    """Integer codes ``c`` ``(nb, block_size)`` int64 of GGUF blocks (``y = A * c - M``)."""
-    cd = _codec(type_name)
-    d = data.to(torch.int64)
-    s = torch.zeros((data.shape[0], cd.block), dtype=torch.int64)
-    for f in cd.fields:
-        part = (d[:, torch.from_numpy(f.byte)] >> torch.from_numpy(f.shift)) & ((1 << f.nbits) - 1)
-        s |= part << f.vshift
-    if type_name == "Q8_0":
-        return ((s + 128) & 255) - 128
-    return s - cd.offset
-
-
-def pack_codes(template: torch.Tensor, codes: torch.Tensor, type_name: str) -> torch.Tensor:
-    """Blocks whose scale fields are ``template``'s and whose codes are ``codes``.
-
-    template: uint8 ``(nb, type_size)``; codes: integer ``(nb, block_size)`` in the type's range.
-    """
-    cd = _codec(type_name)
-    c = codes.to(torch.int64)
-    if c.numel() and (int(c.min()) < cd.cmin or int(c.max()) > cd.cmax):
-        raise ValueError(f"{type_name} codes must lie in [{cd.cmin}, {cd.cmax}]")
-    s = (c + cd.offset) & 255 if type_name == "Q8_0" else c + cd.offset
-    out = template.to(torch.int64).clone()
-    for f in cd.fields:                       # clear every code bit, then OR the new ones in
-        mask = torch.zeros(cd.size, dtype=torch.int64)
-        mask.index_put_((torch.from_numpy(f.byte),), torch.from_numpy(((1 << f.nbits) - 1) << f.shift),
-                        accumulate=True)
-        out &= ~mask & 255
-    for f in cd.fields:
-        part = ((s >> f.vshift) & ((1 << f.nbits) - 1)) << torch.from_numpy(f.shift)
-        out.index_add_(1, torch.from_numpy(f.byte), part)
-    return out.to(torch.uint8)
-
-
-def decode_blocks(data: torch.Tensor, type_name: str) -> torch.Tensor:
-    """``A * c - M``: equal to ``kquants.dequantize`` of the same blocks (``(nb, block_size)``)."""
-    A, M = block_grid(data, type_name)
-    return A * block_codes(data, type_name).float() - M
-
-
-# --------------------------------------------------------------------------------------------
-# 3. GPTQ onto GGML grids
-# --------------------------------------------------------------------------------------------
-
 
 @dataclass
 class KQuantGPTQResult:

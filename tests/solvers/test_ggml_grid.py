@@ -1,4 +1,4 @@
-"""The GGML block codec and GPTQ onto GGML grids (compress.solvers.ggml_grid)."""
+"""The GGML block codec (compress.formats.ggml_codec) and GPTQ onto GGML grids (compress.solvers.ggml_grid)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from compress.errors import CompressError
+from compress.formats import ggml_codec as C
 from compress.formats import kquants
 from compress.solvers import ggml_grid as K
 from compress.solvers.obs import output_error
@@ -14,7 +15,7 @@ from compress.solvers.obs import output_error
 # block codec
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("type_name", list(K.CODECS))
+@pytest.mark.parametrize("type_name", list(C.CODECS))
 def test_codec_matches_decoders(type_name):
     """A * c - M equals kquants.dequantize and gguf-py's decoder bit for bit, on quantizer output
     and on blocks with random codes; codes survive pack/unpack."""
@@ -25,19 +26,48 @@ def test_codec_matches_decoders(type_name):
     qt = kquants.get_type(type_name)
     blocks = data.reshape(-1, qt.type_size)
     ref = kquants.dequantize(data, type_name, w.shape).reshape(-1, qt.block_size)
-    assert torch.equal(K.decode_blocks(blocks, type_name), ref)
-    codes = K.block_codes(blocks, type_name)
-    assert torch.equal(K.pack_codes(blocks, codes, type_name), blocks)
-    cd = K.CODECS[type_name]
+    assert torch.equal(C.decode_blocks(blocks, type_name), ref)
+    codes = C.block_codes(blocks, type_name)
+    assert torch.equal(C.pack_codes(blocks, codes, type_name), blocks)
+    cd = C.CODECS[type_name]
     rnd = torch.randint(cd.cmin, cd.cmax + 1, codes.shape, generator=g)
-    rb = K.pack_codes(blocks, rnd, type_name)
-    assert torch.equal(K.block_codes(rb, type_name), rnd)
-    dec = K.decode_blocks(rb, type_name)
+    rb = C.pack_codes(blocks, rnd, type_name)
+    assert torch.equal(C.block_codes(rb, type_name), rnd)
+    dec = C.decode_blocks(rb, type_name)
     assert torch.equal(dec, kquants.dequantize(rb.reshape(data.shape), type_name, w.shape).reshape(dec.shape))
     theirs = gguf.quants.dequantize(rb.reshape(data.shape).numpy(), gguf.GGMLQuantizationType[type_name])
     assert np.array_equal(theirs.reshape(dec.shape), dec.numpy())
     with pytest.raises(ValueError):
-        K.pack_codes(blocks, rnd + (cd.cmax - cd.cmin + 1), type_name)
+        C.pack_codes(blocks, rnd + (cd.cmax - cd.cmin + 1), type_name)
+
+
+@pytest.mark.parametrize("type_name", list(C.CODECS))
+def test_scale_fields_read_and_write_back(type_name):
+    """Scales read from quantizer output write back to the same bytes; new scales in range change
+    exactly the decoded grid (A = d * sc, M = dmin * m), the codes stay; out of range is refused."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(8, 512, generator=g)
+    blocks = kquants.quantize(w, type_name).reshape(-1, kquants.get_type(type_name).type_size)
+    s = C.block_scales(blocks, type_name)
+    assert torch.equal(C.pack_scales(blocks, type_name, s), blocks)
+    lay = C.scale_layout(type_name)
+    d = (s.d * 1.5).to(torch.float16).float()
+    dmin = None if s.dmin is None else (s.dmin * 0.5).to(torch.float16).float()
+    rnd = (lambda r, like: None if like is None else torch.randint(r[0], r[1] + 1, like.shape, generator=g))
+    new = C.BlockScales(d, dmin, rnd(lay.sc_range, s.sc), rnd(lay.m_range, s.m))
+    out = C.pack_scales(blocks, type_name, new)
+    assert torch.equal(C.block_codes(out, type_name), C.block_codes(blocks, type_name))
+    back = C.block_scales(out, type_name)
+    assert torch.equal(back.d, d) and (dmin is None or torch.equal(back.dmin, dmin))
+    assert (s.sc is None or torch.equal(back.sc, new.sc)) and (s.m is None or torch.equal(back.m, new.m))
+    A, M = C.block_grid(out, type_name)
+    rep = A.shape[1] // (1 if lay.legacy else lay.subs)
+    A2, M2 = C.scale_grid(new, type_name)
+    assert torch.equal(A, A2.repeat_interleave(rep, 1)) and torch.equal(M, M2.repeat_interleave(rep, 1))
+    if not lay.legacy:
+        with pytest.raises(ValueError, match="sub-block scales"):
+            C.pack_scales(blocks, type_name, C.BlockScales(d, dmin, new.sc + (lay.sc_range[1] - lay.sc_range[0] + 1),
+                                                          new.m))
 
 
 # --------------------------------------------------------------------------------------------
