@@ -70,6 +70,7 @@ bench-train: setup
 	$(BIN)/python bench/train.py --suite qat --nsamples 64 --out bench/results/train-qat-smollm2.json
 	$(BIN)/python bench/train.py --suite qat --nsamples 64 --only "qat 3-bit g128 gptq" --exports --out bench/results/train-qat-exports-smollm2.json
 	$(BIN)/python bench/train.py --suite lora --nsamples 64 --out bench/results/train-lora-smollm2.json
+	$(BIN)/python bench/train.py --suite qat-kquant --nsamples 64 --out bench/results/train-qat-kquant-smollm2.json
 
 # Beyond one process and one machine's memory: --nproc, --stream on SmolLM2 and on a 5.9 GB
 # synthetic model under a 3 GiB cap, the memory preflight (about 45 minutes on 2 cores).

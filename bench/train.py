@@ -2,12 +2,15 @@
 distillation healing a structured-pruned model.
 
     python bench/train.py --suite qat --out bench/results/train-qat-smollm2.json
+    python bench/train.py --suite qat-kquant --nsamples 64 --out bench/results/train-qat-kquant-smollm2.json
     python bench/train.py --suite distill --out bench/results/train-distill-smollm2.json
     python bench/train.py --table bench/results/train-*.json
 
 ``qat``: round-to-nearest, GPTQ with the MSE grid, ``compress qat`` block-wise from GPTQ's solution,
 and GPTQ's solution followed by end-to-end training of the scales, at 3-bit g128 and 2-bit g64 asymmetric; each row records its training
-steps, the tokens it trained on and its wall time. ``distill``: the pruning issue's structured
+steps, the tokens it trained on and its wall time. ``qat-kquant``: the same on the GGML grids of
+llama.cpp type mixes (``Q2_K``, ``Q3_K_M``): GPTQ on those grids, then QAT from its solution into a GGUF
+file. ``distill``: the pruning issue's structured
 setting (25% of heads, 25% of MLP channels, 2 blocks, activation importance), then ``compress
 distill`` with the unpruned model as the teacher (white-box, forward KL; with ``--black-box`` also
 black-box on as many teacher-generated sequences as there are training windows) for ``--kd-steps``; the
@@ -62,10 +65,30 @@ def qat_rows(args) -> list[tuple[str, dict]]:
     return rows
 
 
+MIXES = ("Q2_K", "Q3_K_M")
+
+
+def qat_kquant_rows(args) -> list[tuple[str, dict]]:
+    """Per llama.cpp type mix: GPTQ on its grids (kquant-gptq, where QAT starts), then QAT on the same
+    grids from that solution: end-to-end training of the sub-block scales and mins (``--e2e-steps``),
+    on next-token cross-entropy and on the fp32 model's distribution (``teacher``)."""
+    rows = []
+    for mix in MIXES:
+        rows.append((f"kquant-gptq {mix} (where qat starts)", {"method": "kquant-gptq", "type": mix}))
+        if args.e2e_steps:
+            rows.append((f"qat-kquant {mix} gptq + e2e {args.e2e_steps} steps",
+                         {"method": "qat-kquant", "type": mix, "blockwise": False, "e2e_steps": args.e2e_steps,
+                          "e2e_lr": args.e2e_lr, "batch": args.batch}))
+            rows.append((f"qat-kquant {mix} gptq + e2e {args.e2e_steps} steps, teacher fp32",
+                         {"method": "qat-kquant", "type": mix, "blockwise": False, "e2e_steps": args.e2e_steps,
+                          "e2e_lr": args.e2e_lr, "batch": args.batch, "teacher": args.model}))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=models.DEFAULT_MODEL)
-    ap.add_argument("--suite", choices=("qat", "distill", "lora"), default="qat")
+    ap.add_argument("--suite", choices=("qat", "qat-kquant", "distill", "lora"), default="qat")
     ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="wt2-quick")
     ap.add_argument("--max-windows", type=int, default=None, help="default: the whole protocol")
     ap.add_argument("--data-dir", default=None)
@@ -123,13 +146,15 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if args.suite == "qat":
-            for label, step in qat_rows(args):
+        if args.suite in ("qat", "qat-kquant"):
+            for label, step in (qat_rows if args.suite == "qat" else qat_kquant_rows)(args):
                 if args.only and not any(o in label for o in args.only):
                     continue
-                out = work / label.replace(" ", "_")
+                out = work / (label.replace(" ", "_") + (".gguf" if "kquant" in step["method"] else ""))
                 rep, seconds = _compress(step, calib, args, out)
                 row = {"label": label, "step": step, "seconds": seconds, **_qat_counts(rep, args)}
+                if out.suffix == ".gguf":
+                    row["output"] = {k: v for k, v in (rep.get("output") or {}).items() if k != "out"}
                 record(row, out)
                 if args.exports and step["method"] == "qat":
                     row["exports"] = _exports(out, wins, base.model)
