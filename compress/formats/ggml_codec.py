@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import CompressError
-from . import kquants
+from . import ggml_bits
 
 # A code field is a list of bit fields; each stores ``nbits`` bits of the stored value
 # ``s = c + offset`` (starting at bit ``vshift`` of s) at byte ``byte[n]``, bit ``shift[n]`` of the
@@ -147,9 +147,9 @@ def block_scales(data: torch.Tensor, type_name: str) -> BlockScales:
         s = data[:, 0:16].to(torch.int64)
         return BlockScales(d, dmin, s & 15, s >> 4)
     if type_name == "Q3_K":
-        return BlockScales(d, None, kquants._unpack_q3_scales(data[:, 96:108]))
+        return BlockScales(d, None, ggml_bits.unpack_q3_scales(data[:, 96:108]))
     if type_name in ("Q4_K", "Q5_K"):
-        sc, m = kquants._unpack_k4_scales(data[:, 4:16])
+        sc, m = ggml_bits.unpack_k4_scales(data[:, 4:16])
         return BlockScales(d, dmin, sc, m)
     return BlockScales(d, None, data[:, 192:208].contiguous().view(torch.int8).to(torch.int64))   # Q6_K
 
@@ -172,9 +172,9 @@ def pack_scales(template: torch.Tensor, type_name: str, s: BlockScales) -> torch
     if type_name == "Q2_K":
         out[:, 0:16] = (sc | (s.m.to(torch.int64) << 4)).to(torch.uint8)
     elif type_name == "Q3_K":
-        out[:, 96:108] = kquants._pack_q3_scales(sc + 32)
+        out[:, 96:108] = ggml_bits.pack_q3_scales(sc + 32)
     elif type_name in ("Q4_K", "Q5_K"):
-        out[:, 4:16] = kquants._pack_k4_scales(sc, s.m.to(torch.int64))
+        out[:, 4:16] = ggml_bits.pack_k4_scales(sc, s.m.to(torch.int64))
     else:                                                                   # Q6_K
         out[:, 192:208] = sc.to(torch.int8).view(torch.uint8)
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..compat import TRANSFORMERS_MAJOR
+from ..compat import TRANSFORMERS_MAJOR, per_expert_layout
 from ..errors import CompressError, first_line
 from .gguf_file import check_gguf
 
@@ -145,7 +145,7 @@ def _own_model(path: Path, lay, config):
 
     from ..arch import arch_for
     from .gguf_tensors import read_gguf_weights
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = per_expert_layout(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
     weights = read_gguf_weights(path, arch_for(config.model_type, generic=False).blocks, lay)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     head = model.get_output_embeddings().weight
