@@ -53,6 +53,18 @@ class Widths:
     layers_key: str = "num_hidden_layers"
 
 
+# config keys that transformers 5 writes under another name (Qwen3-MoE's expert count)
+CONFIG_ALIASES = {"num_experts": ("num_local_experts",)}
+
+
+def config_get(config: dict, key: str):
+    """``config[key]``, or the same value under one of its other names; None when absent."""
+    for k in (key, *CONFIG_ALIASES.get(key, ())):
+        if k in config:
+            return config[k]
+    return None
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     family: str
@@ -86,7 +98,7 @@ class ArchSpec:
         if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step") or 1) != 1:
             raise CompressError(f"{config.get('model_type')}: some blocks have a dense MLP instead of experts "
                                 "(mlp_only_layers / decoder_sparse_step); blocks that differ are not described")
-        n = int(config.get(self.experts_key) or 0)
+        n = int(config_get(config, self.experts_key) or 0)
         if n < 1:
             raise CompressError(f"config.json lacks '{self.experts_key}', the number of experts")
         groups = []

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import ArchSpec, arch_for, describe, text_config
+from .arch import ArchSpec, arch_for, config_get, describe, text_config
 from .errors import CompressError, first_line
 from .formats.gguf_file import check_gguf
 from .formats.gguf_load import gguf_model, gguf_tokenizer
@@ -186,10 +186,10 @@ def check_config(config: dict, folder: Path, arch: ArchSpec | None = None) -> No
     model_type = config.get("model_type")
     config = text_config(config)
     for key in arch.required_config:
-        if key not in config:
+        v = config_get(config, key)
+        if v is None:
             raise CompressError(f"config.json in {folder} lacks '{key}', which a {model_type} model "
                                 "needs to build its weights")
-        v = config[key]
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise CompressError(f"config.json in {folder}: '{key}' is {v!r}, not a positive integer")
 
@@ -345,9 +345,13 @@ def prepare(model):
     """What every model the suite builds or loads goes through (in place; returns it): GPT-2's
     Conv1D layers become nn.Linear (:mod:`compress.conv1d`), and a model that soft-caps its
     attention scores (Gemma 2) runs transformers' eager attention, the only one that applies the
-    cap (the SDPA path leaves it out and computes another function)."""
+    cap (the SDPA path leaves it out and computes another function). Under transformers 5, the
+    experts of a mixture of experts get one module each, as 4.57 holds them
+    (:func:`compress.compat.per_expert_layout`)."""
+    from .compat import per_expert_layout
     from .conv1d import linearize
     linearize(model)
+    per_expert_layout(model)
     if getattr(model.config, "attn_logit_softcapping", None) and model.config._attn_implementation != "eager":
         model.set_attn_implementation("eager")
     return model

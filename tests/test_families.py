@@ -170,9 +170,15 @@ def test_an_expert_no_token_reached_falls_back_to_rtn(env, tmp_path, monkeypatch
             self.inner = gate
 
         def forward(self, x):
-            logits = self.inner(x).clone()
+            out = self.inner(x)
+            if not isinstance(out, tuple):            # transformers 4.57: the router is a linear
+                logits = out.clone()
+                logits[..., 3] = -1e9
+                return logits
+            logits = out[0].clone()                   # transformers 5: (logits, top-k weights, top-k experts)
             logits[..., 3] = -1e9
-            return logits
+            top, idx = torch.topk(torch.softmax(logits.float(), dim=-1), self.inner.top_k, dim=-1)
+            return logits, (top / top.sum(dim=-1, keepdim=True)).to(out[1].dtype), idx
 
     def never_expert_3(self, hidden_states):
         gate = self.gate

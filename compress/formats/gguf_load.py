@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..compat import TRANSFORMERS_MAJOR, per_expert_layout
+from ..compat import TRANSFORMERS_MAJOR, gguf_dense, per_expert_layout
 from ..errors import CompressError, first_line
 from .gguf_file import check_gguf
 
@@ -97,10 +97,53 @@ def gguf_tokenizer(path: Path, layout=None):
     lay = layout or check_gguf(path)
     if lay.kv["general.architecture"] == "gptneox":
         return _gpt2_tokenizer(lay)
+    if lay.kv.get("tokenizer.ggml.model") == "llama":
+        return _spm_tokenizer(lay)
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
         raise CompressError(f"cannot load the tokenizer of GGUF file {path}: {first_line(e)}") from None
+
+
+def _spm_tokenizer(lay):
+    """A SentencePiece-style BPE tokenizer from a GGUF's ``llama`` vocabulary (pieces, scores, token
+    types), built as transformers 4.57 builds it and the same under every transformers version:
+    each normal piece's splits into two pieces are its merges, ranked by the piece's score; byte
+    pieces as byte fallback; a "▁" before the text when ``add_space_prefix`` (Llama; not Gemma)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+    kv = lay.kv
+    tokens = [str(t) for t in kv["tokenizer.ggml.tokens"].values]
+    n = len(tokens)
+    scores = list(kv["tokenizer.ggml.scores"].values) if "tokenizer.ggml.scores" in kv else [0.0] * n
+    types = [int(t) for t in kv["tokenizer.ggml.token_type"].values] if "tokenizer.ggml.token_type" in kv \
+        else [1] * n
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = sorted((-float(scores[i]), i, vocab[p[:k]], vocab[p[k:]], p[:k], p[k:])
+                    for i, p in enumerate(tokens) if types[i] == 1
+                    for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab)
+
+    def special(key):
+        i = kv.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < n else None
+    unk = special("unknown")
+    tok = Tokenizer(models.BPE(vocab, [(a, b) for *_, a, b in ranked], unk_token=unk, byte_fallback=True,
+                               fuse_unk=True))
+    prefix = bool(kv.get("tokenizer.ggml.add_space_prefix", True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581")] * prefix
+                                          + [normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + [decoders.Strip(" ", 1, 0)] * prefix)
+    tok.add_special_tokens([tokens[i] for i, t in enumerate(types) if t == 3])        # CONTROL
+    bos, eos = special("bos"), special("eos")
+    edges = ([bos] if bos and kv.get("tokenizer.ggml.add_bos_token", True) else [],
+             [eos] if eos and kv.get("tokenizer.ggml.add_eos_token", False) else [])
+    if edges[0] or edges[1]:
+        tok.post_processor = processors.TemplateProcessing(
+            single=" ".join([*edges[0], "$A", *edges[1]]), pair=" ".join([*edges[0], "$A", *edges[1], "$B"]),
+            special_tokens=[(t, vocab[t]) for t in {*edges[0], *edges[1]}])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk,
+                                   pad_token=special("padding"))
 
 
 def _gpt2_tokenizer(lay):
@@ -137,7 +180,8 @@ def gguf_model(path: Path, layout=None):
     config = gguf_config(path, lay)
     return built(f"cannot load GGUF file {path}", lambda: _own_model(path, lay, config) if own_reader(lay) else
                  AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config,
-                                                      dtype=torch.float32, trust_remote_code=False))
+                                                      dtype=torch.float32, trust_remote_code=False,
+                                                      **gguf_dense()))
 
 
 def _own_model(path: Path, lay, config):

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from compress import models
+from compress.compat import TRANSFORMERS_MAJOR
 from tests.test_cli import assert_clean_error, run
 
 ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors (test extra) is not installed")
@@ -68,6 +69,8 @@ def test_library_decompresses_our_weights(case, tiny_llama, env, tmp_path):
         assert torch.equal(w.to(torch.float16), ours.model.get_submodule(name).dequantize().to(torch.float16)), name
 
 
+@pytest.mark.skipif(TRANSFORMERS_MAJOR >= 5, reason="compressed-tensors 0.14 (the reader pinned here) "
+                    "declares transformers<5; transformers 5's integration needs a later release")
 def test_transformers_loads_the_export_with_our_logits(tiny_llama, env, tmp_path):
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig

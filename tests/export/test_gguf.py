@@ -45,7 +45,8 @@ def test_f32_export_layout(f32_gguf, tiny_llama):
     assert f["llama.feed_forward_length"] == 192 and f["llama.context_length"] == 1024
     assert f["llama.attention.head_count"] == 4 and f["llama.attention.head_count_kv"] == 2
     assert f["llama.rope.dimension_count"] == 24 and f["llama.vocab_size"] == 320
-    assert f["llama.rope.freq_base"] == pytest.approx(cfg["rope_theta"])
+    theta = cfg["rope_theta"] if "rope_theta" in cfg else cfg["rope_parameters"]["rope_theta"]   # 4.57 / 5.x
+    assert f["llama.rope.freq_base"] == pytest.approx(theta)
     assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"])
     # tokenizer derived from tokenizer.json: byte-level BPE
     tj = json.loads((tiny_llama / "tokenizer.json").read_text())

@@ -95,7 +95,7 @@ def test_smollm2_types_equal_llama_quantize_dry_run(tmp_path):
 def test_sentencepiece_tokenizer_derived_from_tokenizer_json(prefix, tmp_path):
     """A SentencePiece BPE tokenizer.json (Llama 2 with its "▁" prefix, Gemma without, as
     transformers converts their tokenizer.model) becomes llama.cpp's ``llama`` tokenizer: scores
-    from the merges' ranks, byte pieces BYTE, <unk> UNKNOWN, <s> and </s> CONTROL. transformers'
+    from the merges' ranks, byte pieces BYTE, <unk> UNKNOWN, <s> and </s> CONTROL. The suite's
     GGUF tokenizer (which rebuilds the merges from the scores) and llama.cpp's own ``llama-tokenize``
     (when built) split text, byte fallback included, exactly as the original tokenizer does."""
     import ast
