@@ -38,6 +38,15 @@ def _legacy_sym_quants(x: torch.Tensor, qw, sigma2, half: int):
     return d, L.t().to(torch.int64)
 
 
+def _legacy_asym_ref(x: torch.Tensor, nmax: int):
+    """Scale, minimum and the low bytes of ``(uint8_t)((x - min) * id + 0.5f)`` of
+    ``quantize_row_q{4,5}_1_ref`` (``nmax`` 15 or 31), before Q4_1's clamp."""
+    mn, mx = first_min(x, 1), first_max(x, 1)
+    d = (mx - mn) / float(nmax)
+    inv = torch.where(d != 0, cdiv(1.0, d), torch.zeros_like(d))
+    return d, mn, c_cast_low_byte((x - mn.unsqueeze(1)) * inv.unsqueeze(1) + 0.5)
+
+
 def _legacy_asym_impl(x: torch.Tensor, qw, sigma2, nmax: int):
     """Scales, minimums and quants of ``quantize_row_q{4,5}_1_impl`` (``nmax`` 15 or 31)."""
     w = _legacy_weights(x, qw, sigma2)
@@ -64,11 +73,8 @@ class Q4_1(KQuantType, name="Q4_1", type_id=3, block_size=32, type_size=20):
 
     def quantize_blocks(self, x, qw, sigma2):
         if qw is None:      # quantize_row_q4_1_ref
-            mn, mx = first_min(x, 1), first_max(x, 1)
-            d = (mx - mn) / 15.0
-            inv = torch.where(d != 0, cdiv(1.0, d), torch.zeros_like(d))
-            q = int8(c_cast_low_byte((x - mn.unsqueeze(1)) * inv.unsqueeze(1) + 0.5)).clamp_max_(15) & 0xFF
-            m = mn
+            d, m, q = _legacy_asym_ref(x, 15)
+            q = int8(q).clamp_max_(15) & 0xFF
         else:               # quantize_row_q4_1_impl
             d, m, q = _legacy_asym_impl(x, qw, sigma2, 15)
         return torch.cat([fp16_bytes(d), fp16_bytes(m), or_nibbles(q[:, :16], q[:, 16:])], dim=1)
@@ -97,13 +103,8 @@ class Q5_1(KQuantType, name="Q5_1", type_id=7, block_size=32, type_size=24):
     row_sigma2 = True
 
     def quantize_blocks(self, x, qw, sigma2):
-        if qw is None:      # quantize_row_q5_1_ref
-            mn, mx = first_min(x, 1), first_max(x, 1)
-            d = (mx - mn) / 31.0
-            inv = torch.where(d != 0, cdiv(1.0, d), torch.zeros_like(d))
-            # (uint8_t)(v + 0.5f) without a clamp, as in llama.cpp
-            q = c_cast_low_byte((x - mn.unsqueeze(1)) * inv.unsqueeze(1) + 0.5)
-            m = mn
+        if qw is None:      # quantize_row_q5_1_ref: (uint8_t)(v + 0.5f) without a clamp, as in llama.cpp
+            d, m, q = _legacy_asym_ref(x, 31)
         else:               # quantize_row_q5_1_impl
             d, m, q = _legacy_asym_impl(x, qw, sigma2, 31)
         return torch.cat([fp16_bytes(d), fp16_bytes(m), pack_q5_high(q),

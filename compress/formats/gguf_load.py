@@ -105,70 +105,71 @@ def gguf_tokenizer(path: Path, layout=None):
         raise CompressError(f"cannot load the tokenizer of GGUF file {path}: {first_line(e)}") from None
 
 
+def _vocab(kv) -> tuple[list[str], list[int]]:
+    """A GGUF vocabulary's pieces and token types (NORMAL where the file gives none)."""
+    tokens = [str(t) for t in kv["tokenizer.ggml.tokens"].values]
+    types = kv.get("tokenizer.ggml.token_type")
+    return tokens, [int(t) for t in types.values] if types is not None else [1] * len(tokens)
+
+
+def _special(kv, tokens: list[str], key: str) -> str | None:
+    """The piece of ``tokenizer.ggml.{key}_token_id``; None when absent or out of range."""
+    i = kv.get(f"tokenizer.ggml.{key}_token_id")
+    return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+
+def _fast(tok, kv, tokens: list[str], types: list[int]):
+    """``tok`` with the file's CONTROL pieces as special tokens, as a transformers tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+    tok.add_special_tokens([tokens[i] for i, t in enumerate(types) if t == 3])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **{f"{k}_token": _special(kv, tokens, key) for k, key in
+                                   (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))})
+
+
 def _spm_tokenizer(lay):
     """A SentencePiece-style BPE tokenizer from a GGUF's ``llama`` vocabulary (pieces, scores, token
     types), built as transformers 4.57 builds it and the same under every transformers version:
     each normal piece's splits into two pieces are its merges, ranked by the piece's score; byte
     pieces as byte fallback; a "▁" before the text when ``add_space_prefix`` (Llama; not Gemma)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, processors
-    from transformers import PreTrainedTokenizerFast
     kv = lay.kv
-    tokens = [str(t) for t in kv["tokenizer.ggml.tokens"].values]
-    n = len(tokens)
-    scores = list(kv["tokenizer.ggml.scores"].values) if "tokenizer.ggml.scores" in kv else [0.0] * n
-    types = [int(t) for t in kv["tokenizer.ggml.token_type"].values] if "tokenizer.ggml.token_type" in kv \
-        else [1] * n
+    tokens, types = _vocab(kv)
+    scores = kv["tokenizer.ggml.scores"].values if "tokenizer.ggml.scores" in kv else [0.0] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     ranked = sorted((-float(scores[i]), i, vocab[p[:k]], vocab[p[k:]], p[:k], p[k:])
                     for i, p in enumerate(tokens) if types[i] == 1
                     for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab)
-
-    def special(key):
-        i = kv.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(i)] if i is not None and 0 <= int(i) < n else None
-    unk = special("unknown")
-    tok = Tokenizer(models.BPE(vocab, [(a, b) for *_, a, b in ranked], unk_token=unk, byte_fallback=True,
-                               fuse_unk=True))
+    tok = Tokenizer(models.BPE(vocab, [(a, b) for *_, a, b in ranked], unk_token=_special(kv, tokens, "unknown"),
+                               byte_fallback=True, fuse_unk=True))
     prefix = bool(kv.get("tokenizer.ggml.add_space_prefix", True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581")] * prefix
                                           + [normalizers.Replace(" ", "\u2581")])
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
                                     + [decoders.Strip(" ", 1, 0)] * prefix)
-    tok.add_special_tokens([tokens[i] for i, t in enumerate(types) if t == 3])        # CONTROL
-    bos, eos = special("bos"), special("eos")
-    edges = ([bos] if bos and kv.get("tokenizer.ggml.add_bos_token", True) else [],
-             [eos] if eos and kv.get("tokenizer.ggml.add_eos_token", False) else [])
-    if edges[0] or edges[1]:
+    bos, eos = _special(kv, tokens, "bos"), _special(kv, tokens, "eos")
+    pre = [bos] if bos and kv.get("tokenizer.ggml.add_bos_token", True) else []
+    post = [eos] if eos and kv.get("tokenizer.ggml.add_eos_token", False) else []
+    if pre or post:
         tok.post_processor = processors.TemplateProcessing(
-            single=" ".join([*edges[0], "$A", *edges[1]]), pair=" ".join([*edges[0], "$A", *edges[1], "$B"]),
-            special_tokens=[(t, vocab[t]) for t in {*edges[0], *edges[1]}])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk,
-                                   pad_token=special("padding"))
+            single=" ".join(pre + ["$A"] + post), pair=" ".join(pre + ["$A"] + post + ["$B"]),
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(pre + post)])
+    return _fast(tok, kv, tokens, types)
 
 
 def _gpt2_tokenizer(lay):
     """A byte-level BPE tokenizer from a GGUF's ``gpt2`` vocabulary, merges and special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     kv = lay.kv
     if kv.get("tokenizer.ggml.model") != "gpt2":
         raise CompressError(f"{lay.path}: a {kv.get('tokenizer.ggml.model')!r} tokenizer in a "
                             f"{kv['general.architecture']} file is not read here (only gpt2-style BPE)")
-    tokens = list(kv["tokenizer.ggml.tokens"].values)
+    tokens, types = _vocab(kv)
     merges = [tuple(m.split(" ", 1)) for m in kv["tokenizer.ggml.merges"].values] \
         if "tokenizer.ggml.merges" in kv else []
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    types = kv.get("tokenizer.ggml.token_type")
-    if types is not None:
-        tok.add_special_tokens([tokens[i] for i, t in enumerate(types.values) if int(t) == 3])     # CONTROL
-
-    def special(key):
-        i = kv.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special("bos"), eos_token=special("eos"),
-                                   unk_token=special("unknown"), pad_token=special("padding"))
+    return _fast(tok, kv, tokens, types)
 
 
 def gguf_model(path: Path, layout=None):
