@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .compat import NEOX_HEAD
 from .errors import CompressError
+
+if TYPE_CHECKING:       # torch is imported where it is used: the early architecture check needs none of it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -277,11 +279,30 @@ def supported_model_types() -> list[str]:
     return sorted(t for a in ARCHS for t in a.model_types)
 
 
+def _causal_lm(architectures) -> bool:
+    return any(str(a).endswith("ForCausalLM") for a in (architectures or []))
+
+
 def _generic_possible(model_type: str | None, architectures) -> bool:
     """A causal LM whose model type transformers itself knows (no remote code)."""
     from transformers import CONFIG_MAPPING
-    return bool(model_type) and model_type in CONFIG_MAPPING and \
-        any(str(a).endswith("ForCausalLM") for a in (architectures or []))
+    return bool(model_type) and model_type in CONFIG_MAPPING and _causal_lm(architectures)
+
+
+def _unsupported(model_type: str | None, architectures) -> CompressError:
+    got = model_type or (architectures[0] if architectures else "unknown")
+    return CompressError(
+        f"unsupported architecture '{got}'; supported model types: {', '.join(supported_model_types())} "
+        "(and, by the generic path, any other causal LM that transformers knows)")
+
+
+def check_early(config: dict) -> None:
+    """The part of :func:`arch_for`'s check that needs neither torch nor transformers (a described
+    model type, or a causal LM the generic path may take), so that a command refuses an unsupported
+    model from its ``config.json`` before those libraries are imported."""
+    model_type, architectures = config.get("model_type"), config.get("architectures")
+    if not any(model_type in a.model_types for a in ARCHS) and not _causal_lm(architectures):
+        raise _unsupported(model_type, architectures)
 
 
 def arch_for(model_type: str | None, architectures=None, generic: bool = True) -> ArchSpec:
@@ -293,10 +314,7 @@ def arch_for(model_type: str | None, architectures=None, generic: bool = True) -
     if generic and _generic_possible(model_type, architectures):
         return ArchSpec(family=GENERIC, model_types=(model_type,), blocks="", embeddings=(), final_norm="",
                         lm_head="lm_head", groups=())
-    got = model_type or (architectures[0] if architectures else "unknown")
-    raise CompressError(
-        f"unsupported architecture '{got}'; supported model types: {', '.join(supported_model_types())} "
-        "(and, by the generic path, any other causal LM that transformers knows)")
+    raise _unsupported(model_type, architectures)
 
 
 def describe(arch: ArchSpec, model: torch.nn.Module, config: dict) -> ArchSpec:
@@ -312,6 +330,7 @@ def path_label(arch: ArchSpec) -> str:
 def _block_list(model: torch.nn.Module, n_layers: int | None) -> str:
     """The dotted path of the model's repeated decoder blocks: the ModuleList of same-class modules
     holding ``num_hidden_layers`` of them (else the longest such list)."""
+    import torch
     best, best_len = None, 0
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1:
@@ -324,18 +343,20 @@ def _block_list(model: torch.nn.Module, n_layers: int | None) -> str:
     return best
 
 
-@torch.no_grad()
 def generic_arch(model: torch.nn.Module, model_type: str) -> ArchSpec:
     """The generic path's description of a built model: its repeated block list, and the linears of a
     block in the order a traced forward pass reaches them, grouped where consecutive linears read the
     same input tensor. No group can take a rescale (nothing says what produced its input)."""
+    import torch
     blocks = _block_list(model, getattr(model.config, "num_hidden_layers", None))
     block = model.get_submodule(blocks)[0]
     order: list[tuple[str, torch.Tensor]] = []     # the inputs are held, so identity compares tensors
     hooks = [m.register_forward_pre_hook(lambda m, a, name=name: order.append((name, a[0])))
              for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     try:
-        model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=next(model.parameters()).device), use_cache=False)
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=next(model.parameters()).device),
+                  use_cache=False)
     finally:
         for h in hooks:
             h.remove()

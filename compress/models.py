@@ -347,8 +347,8 @@ def prepare(model):
     attention scores (Gemma 2) runs transformers' eager attention, the only one that applies the
     cap (the SDPA path leaves it out and computes another function). Under transformers 5, the
     experts of a mixture of experts get one module each, as 4.57 holds them
-    (:func:`compress.compat.per_expert_layout`)."""
-    from .compat import per_expert_layout
+    (:func:`compress.moe_layout.per_expert_layout`)."""
+    from .moe_layout import per_expert_layout
     from .conv1d import linearize
     linearize(model)
     per_expert_layout(model)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,6 +198,25 @@ def test_unsupported_architecture(tiny_llama, tmp_path):
     cfg["model_type"], cfg["architectures"] = "bert", ["BertForMaskedLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
     assert_clean_error(run(["quantize", bad, "-o", tmp_path / "o"]), "unsupported architecture 'bert'")
+
+
+@pytest.mark.parametrize("command", ["quantize", "prune", "qat", "imatrix"])
+def test_an_unsupported_model_is_refused_before_torch_is_imported(command, tmp_path):
+    """The console entry point reads the model's config.json first: the refusal comes before torch and
+    transformers are imported (seconds), with the list of supported families, and nothing written."""
+    bad = tmp_path / "bert"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "compress", command, str(bad),
+                          "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    lines = res.stderr.splitlines()
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in lines if ln.startswith("import time:")}
+    said = [ln for ln in lines if not ln.startswith("import time:")]
+    assert res.returncode == 1, res.stderr
+    assert len(said) == 1 and said[0].startswith("Error: unsupported architecture 'bert'; supported model types: ")
+    assert "llama" in said[0] and "qwen3" in said[0]
+    assert "torch" not in imported and "transformers" not in imported
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("group", ["0", "-2", "4096"])

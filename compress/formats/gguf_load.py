@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..compat import TRANSFORMERS_MAJOR, gguf_dense, per_expert_layout
+from ..compat import TRANSFORMERS_MAJOR, gguf_dense
+from ..moe_layout import per_expert_layout
 from ..errors import CompressError, first_line
 from .gguf_file import check_gguf
 
