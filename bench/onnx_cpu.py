@@ -37,6 +37,8 @@ from compress.runtime_onnx import OnnxCausalLM  # noqa: E402
 from evals.data import PROTOCOLS, data_dir, read_text  # noqa: E402
 from evals.perplexity import evaluate_many, tokenize, windows  # noqa: E402
 from runinfo import finish, run_info  # noqa: E402  (bench/ is on sys.path: this script's folder)
+import genai_builder  # noqa: E402
+from onnx_kernels import kernel_bench, kernel_table  # noqa: E402
 
 # name -> (registered method, api.quantize_to_folder keyword options: the method's own options,
 # lm_head, calib for a calibrated method); None: the unquantized model
@@ -171,8 +173,13 @@ def main(argv=None):
     ap.add_argument("--genai", default="onnx fp32,onnx int4 g128 acc0,onnx int4 g128 acc4",
                     help="comma-separated variants also timed through ONNX Runtime GenAI's generator "
                          "(onnxruntime-genai; empty: none)")
+    ap.add_argument("--builder", default=",".join(v[0] for v in genai_builder.VARIANTS),
+                    help="comma-separated ONNX Runtime GenAI model-builder int4 exports of the float model, timed "
+                         "through its generator beside ours (bench/genai_builder.py; empty: none)")
+    ap.add_argument("--builder-python", default=sys.executable,
+                    help="the Python that runs the builder (onnxruntime-genai with the transformers it needs)")
     ap.add_argument("--kernels", action="store_true",
-                    help="only time single MatMul / MatMulNBits nodes on SmolLM2's shapes (M=1) and exit")
+                    help="only time single MatMul / MatMulNBits nodes on SmolLM2's shapes (M=1 and 512) and exit")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)         # ONNX Runtime sessions get the same count
@@ -232,16 +239,31 @@ def main(argv=None):
                      "lm_head": ex["model"].get("lm_head"), "embedding": ex["model"].get("embedding"),
                      "attention": ex["model"].get("attention")})
 
+    builder = {}                     # label -> build record; built folders are timed through GenAI
+    for label, extra in genai_builder.VARIANTS:
+        if label not in (args.builder or "").split(",") or (args.only and not any(s in label for s in args.only.split(","))):
+            continue
+        out = work / ("builder_" + str(len(builder)))
+        builder[label] = genai_builder.build(args.builder_python, Path(base.path), out, extra, work / "builder_cache")
+        builder[label]["path"] = str(out)
+        state = (f"in {builder[label]['seconds']:.1f} s" if builder[label]["built"]
+                 else f"not built: {builder[label]['error']}")
+        print(f"ONNX Runtime GenAI builder: {label} {state}", file=sys.stderr)
+
     # ---- timing, interleaved
     runners = {r["label"]: OrtRunner(OnnxCausalLM(r["path"], threads=args.threads), args.decode + 1,
                                      args.kv == "in-place") for r in rows}
     for r in rows:
         r["kv_cache"] = "in place" if runners[r["label"]].in_place else "concatenated"
     genai = [r for r in rows if r["label"] in (args.genai or "").split(",")]
-    if genai:
+    built = {label: b for label, b in builder.items() if b["built"]}
+    genai_version = None
+    if genai or built:
         import onnxruntime_genai as og
         for r in genai:
             runners[GENAI + r["label"]] = GenaiRunner(r["path"], args.threads, args.decode + 1)
+        for label, b in built.items():
+            runners[GENAI + label] = GenaiRunner(b["path"], args.threads, args.decode + 1)
         genai_version = og.__version__
     runners[TORCH_LABEL] = TorchRunner(base.model)
     gen = torch.Generator().manual_seed(0)
@@ -277,6 +299,12 @@ def main(argv=None):
         fp = res.pop("__base__")
         ppl_torch["fp32"] = fp.ppl
         quant_vs_fp32 = {ck: {"ppl": x.ppl, "kld_vs_fp32": x.kld} for ck, x in res.items()}
+    builder_ppl = {}                 # the builder quantizes the float model: compared with fp32 torch
+    if built:
+        res = evaluate_many({label: genai_builder.BuilderModel(Path(b["path"]), args.threads)
+                             for label, b in built.items()}, wins, base.model, progress=False)
+        ppl_torch["fp32"] = res.pop("__base__").ppl
+        builder_ppl = res
 
     # ---- summary
     fp32_row = next((r for r in rows if r["label"] == "onnx fp32"), None)
@@ -284,6 +312,15 @@ def main(argv=None):
         med = {k: statistics.median(v) for k, v in times[label].items()}
         med.update({f"best_{k}": (min(v) if k == "prefill_s" else max(v)) for k, v in times[label].items()})
         row = next((r for r in rows if r["label"] == label), None)
+        if row is None and label[len(GENAI):] in built:     # the builder's own export, run by GenAI
+            b = built[label[len(GENAI):]]
+            x = builder_ppl[label[len(GENAI):]]
+            files = file_sizes(Path(b["path"]))
+            row = {"label": label, "checkpoint": "fp32, quantized by the builder", "size_bytes": files["total"],
+                   "runtime": f"onnxruntime-genai {genai_version}", "files": files, "builder": b,
+                   "ppl": x.ppl, "torch_ppl": ppl_torch["fp32"], "ppl_rel_diff": x.ppl / ppl_torch["fp32"] - 1,
+                   "kld_vs_torch": x.kld, "kld_max_vs_torch": x.kld_max, "top1_vs_torch": x.top1}
+            rows.append(row)
         if row is None and label.startswith(GENAI):         # GenAI on an exported folder: its size and ppl
             src = next(r for r in rows if r["label"] == label[len(GENAI):])
             row = {"label": label, "checkpoint": src["checkpoint"], "size_bytes": src["size_bytes"],
@@ -314,6 +351,7 @@ def main(argv=None):
         "ppl_protocol": f"wt2-quick, first {wins.shape[0]} windows of {proto.seqlen} tokens",
         "ppl_windows": wins.shape[0],
         "rows": rows, "quantized_torch_vs_fp32": quant_vs_fp32, "targets": targets, "checkpoints": checkpoints,
+        "genai_builder": builder,
         "machine": platform.machine(), "onnxruntime": _ort_version(),
         **finish(info),
     }
@@ -332,7 +370,8 @@ def table(data: dict) -> str:
              f"{data['prefill_tokens']}-token prompt; median (best) of {data['rounds']} interleaved rounds; "
              f"load average {data['load_average_start'][0]:.1f} -> {data['load_average_end'][0]:.1f}; ONNX KV cache "
              f"{data.get('kv', 'concat')}",
-             f"perplexity: {data['ppl_protocol']}; KL(torch || ORT) of the same checkpoint", "",
+             f"perplexity: {data['ppl_protocol']}; KL(torch || ORT) of the same checkpoint (for the GenAI "
+             f"builder's own exports: of the fp32 torch model they are quantized from)", "",
              "| variant | file MB | x fp32 file | prefill s | decode tok/s (short) | x fp32 | decode tok/s (512) "
              "| x fp32 | ppl | torch ppl | ppl diff | KL vs torch |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -348,69 +387,12 @@ def table(data: dict) -> str:
             f"{f(r.get('ppl'), '.3f')} | "
             f"{f(r.get('torch_ppl'), '.3f')} | {f(100 * r['ppl_rel_diff'] if 'ppl_rel_diff' in r else None, '+.3f')}"
             f"{'%' if 'ppl_rel_diff' in r else ''} | {f(r.get('kld_vs_torch'), '.2e')} |")
+    for label, b in (data.get("genai_builder") or {}).items():
+        if not b["built"]:
+            lines += ["", f"ONNX Runtime GenAI builder, {label}: not built ({b['error']})"]
     if data["quantized_torch_vs_fp32"]:
         lines += ["", "torch checkpoints vs fp32 (same windows): " + ", ".join(
             f"{k}: ppl {v['ppl']:.3f}, KL {v['kld_vs_fp32']:.4f}" for k, v in data["quantized_torch_vs_fp32"].items())]
-    return "\n".join(lines)
-
-
-KERNEL_SHAPES = [(576, 960, "qkv"), (576, 3072, "gate+up"), (1536, 576, "down"), (576, 49152, "lm_head")]
-
-
-def kernel_bench(threads: int, reps: int = 30) -> dict:
-    """Median time of one fp32 MatMul and of MatMulNBits (bits 4/8, blocks 32/128, accuracy levels 0/4)
-    at M=1 on random weights of SmolLM2's shapes (weights are cache-resident except the lm_head)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-
-    def session(node, inits, k):
-        g = helper.make_graph([node], "k", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-                              ir_version=10)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-    def median_ms(sess, k):
-        x = rng.standard_normal((1, 1, k)).astype(np.float32)
-        for _ in range(3):
-            sess.run(None, {"x": x})
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            sess.run(None, {"x": x})
-            ts.append(time.perf_counter() - t0)
-        return 1000 * statistics.median(ts)
-
-    rows = []
-    for k, n, what in KERNEL_SHAPES:
-        w = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")
-        row = {"shape": f"{k}x{n}", "what": what,
-               "fp32_ms": median_ms(session(helper.make_node("MatMul", ["x", "W"], ["y"]), [w], k), k)}
-        for bits in (4, 8):
-            for bs in (32, 128):
-                nb = -(-k // bs)
-                b = numpy_helper.from_array(rng.integers(0, 256, (n, nb, bs * bits // 8)).astype(np.uint8), "B")
-                sc = numpy_helper.from_array((rng.random((n, nb)) * 0.01).astype(np.float32), "s")
-                zp = numpy_helper.from_array(rng.integers(0, 256, (n, -(-nb * bits // 8))).astype(np.uint8), "z")
-                for acc in (0, 4):
-                    node = helper.make_node("MatMulNBits", ["x", "B", "s", "z"], ["y"], domain="com.microsoft", K=k,
-                                            N=n, bits=bits, block_size=bs, accuracy_level=acc)
-                    row[f"int{bits}_b{bs}_acc{acc}_ms"] = median_ms(session(node, [b, sc, zp], k), k)
-        rows.append(row)
-    return {"threads": threads, "m": 1, "rows": rows, "onnxruntime": _ort_version()}
-
-
-def kernel_table(data: dict) -> str:
-    keys = [k for k in data["rows"][0] if k.endswith("_ms")]
-    lines = [f"one node, M=1, {data['threads']} threads, {data['cpu']}, load average "
-             f"{data['load_average_start'][0]:.1f} -> {data['load_average_end'][0]:.1f}; ms", "",
-             "| shape | " + " | ".join(k[:-3] for k in keys) + " |", "| --- |" + " ---: |" * len(keys)]
-    for r in data["rows"]:
-        lines.append(f"| {r['shape']} ({r['what']}) | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
     return "\n".join(lines)
 
 
