@@ -46,6 +46,8 @@ CHECKPOINTS = {
     "fp32": None,
     "int4-g128": ("rtn", {"bits": 4, "group_size": 128, "sym": False}),
     "int8-g128": ("rtn", {"bits": 8, "group_size": 128, "sym": True}),
+    # the settings ONNX Runtime GenAI's model builder uses by default for the CPU (symmetric blocks of 32)
+    "int4-g32-sym": ("rtn", {"bits": 4, "group_size": 32, "sym": True}),
     # everything 4-bit in the checkpoint: GPTQ (act-order with static groups, so g_idx stays in natural
     # order and the export needs no column gathers) on every linear and on the lm_head (--lm-head)
     "gptq-int4-g128-head": ("gptq", {"bits": 4, "group_size": 128, "sym": False, "act_order": True,
@@ -66,6 +68,8 @@ VARIANTS = [
     # the checkpoint's own 4-bit lm_head (GPTQ against the final norm's output), exported as it is
     ("onnx int4 g128 gptq+lm_head acc0", "gptq-int4-g128-head", dict(fmt="matmulnbits", accuracy_level=0)),
     ("onnx int4 g128 gptq+lm_head acc4", "gptq-int4-g128-head", dict(fmt="matmulnbits", accuracy_level=4)),
+    # like for like with the builder's defaults: 4-bit symmetric blocks of 32, the lm_head 4-bit, level 4
+    ("onnx int4 g32 sym acc4 +lm_head int4", "int4-g32-sym", dict(fmt="matmulnbits", accuracy_level=4, lm_head_bits=4)),
     ("onnx int8 g128 acc0", "int8-g128", dict(fmt="matmulnbits", accuracy_level=0)),
     ("onnx int8 g128 acc4", "int8-g128", dict(fmt="matmulnbits", accuracy_level=4)),
 ]
@@ -170,7 +174,8 @@ def main(argv=None):
                     help="write checkpoints and exports here and leave them for inspection (default: a temporary "
                          "folder); every run writes them afresh, nothing there is reused")
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only matching variants")
-    ap.add_argument("--genai", default="onnx fp32,onnx int4 g128 acc0,onnx int4 g128 acc4",
+    ap.add_argument("--genai", default="onnx fp32,onnx int4 g128 acc0,onnx int4 g128 acc4,"
+                                       "onnx int4 g32 sym acc4 +lm_head int4",
                     help="comma-separated variants also timed through ONNX Runtime GenAI's generator "
                          "(onnxruntime-genai; empty: none)")
     ap.add_argument("--builder", default=",".join(v[0] for v in genai_builder.VARIANTS),
