@@ -6,6 +6,8 @@ prefill and decode speed of the smaller model against the unpruned one (measured
 
     python bench/prune.py --suite compare --max-windows 16 --out bench/results/prune-compare-smollm2.json
     python bench/prune.py --suite quality --max-windows 16 --out bench/results/prune-quality-smollm2.json
+    python bench/prune.py --suite quality --max-windows 16 --only "dense float16" --only "50% (float16)" \
+        --only "+lm_head" --out bench/results/prune-lm-head-smollm2.json
     python bench/prune.py --suite structured --max-windows 16 --out bench/results/prune-structured-smollm2.json
     python bench/prune.py --table bench/results/prune-*.json
 
@@ -59,6 +61,8 @@ SUITES = {
         ("sparsegpt 50% + int4 g128 joint", [{"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 128}]),
         ("sparsegpt 2:4 + int4 g128 joint", [{"method": "sparsegpt", "pattern": "2:4", "bits": 4, "group_size": 128}]),
         ("sparsegpt 50% (float16)", [{"method": "sparsegpt", "sparsity": 0.5}]),
+        ("sparsegpt 50% +lm_head (float16)", [{"method": "sparsegpt", "sparsity": 0.5, "lm_head": True}]),
+        ("wanda 50% +lm_head (float16)", [{"method": "wanda", "sparsity": 0.5, "lm_head": True}]),
     ] + [(f"{m} {int(100 * s)}% {p}", [{"method": m, "sparsity": s, "profile": p}])
          for s in (0.6, 0.7) for m in ("wanda", "sparsegpt") for p in ("uniform", "owl")],
     "structured": [

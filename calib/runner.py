@@ -171,11 +171,10 @@ class BlockInputs:
         return self.accumulate(block, {"h": (first, lambda: HessianAccumulator(first.in_features))},
                                stop_at=block.get_submodule(linears[-1]))["h"]
 
-    def hessian_after(self, fn: Callable[[torch.Tensor], torch.Tensor], in_features: int):
-        """:class:`~calib.stats.HessianAccumulator` of ``fn(x)`` over the stored inputs (e.g. the
-        final norm applied to the last block's outputs: the input of the lm_head)."""
-        from calib.stats import HessianAccumulator
-        return self.accumulate(None, {"h": (None, lambda: HessianAccumulator(in_features))}, fn=fn)["h"]
+    def stats_after(self, fn: Callable[[torch.Tensor], torch.Tensor], factory: Callable):
+        """The accumulator ``factory()`` over ``fn(x)`` of the stored inputs (e.g. the final norm
+        applied to the last block's outputs: the input of the lm_head)."""
+        return self.accumulate(None, {"s": (None, factory)}, fn=fn)["s"]
 
     @torch.no_grad()
     def advance(self, block: torch.nn.Module) -> None:

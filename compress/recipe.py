@@ -96,6 +96,11 @@ class Step:
             raise CompressError(f"{where}: lm_head (--lm-head) works with {', '.join(n for n, c in _methods() if c.lm_head)}, "
                                 f"not {name}")
         cfg = m.config.from_dict(d, f"{where}: ")
+        if lm_head:
+            try:
+                m.check_head(cfg)
+            except CompressError as e:
+                raise CompressError(f"{where}: {e}") from None
         step = cls(name, cfg, targets, lm_head)
         inst = m(cfg)
         for o in targets.overrides:          # every override must make a valid scheme for the method

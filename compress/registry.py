@@ -227,6 +227,7 @@ class Method:
     output: ClassVar[str] = "packed"          # "packed" or "gguf"
     format: ClassVar[str] = "gptq-int"        # packed format written ("gptq-int", "w8a8-int8", "gguf")
     lm_head: ClassVar[bool] = False           # can also compress the lm_head
+    unties_head: ClassVar[bool] = True        # a tied lm_head gets its own weight first (pruning: no)
     # works on the whole model at once and may change its shape (structured pruning): the runner
     # calls run_model instead of walking the blocks; such a step is a recipe's only compression
     # step, and it does not resume (it is one pass over the windows)
@@ -246,6 +247,10 @@ class Method:
         """The packed format a step with ``cfg`` writes, or None when it leaves the weights float
         (pruning alone)."""
         return cls.format
+
+    @classmethod
+    def check_head(cls, cfg: MethodConfig) -> None:
+        """Refuse options with which this method cannot compress the lm_head (``--lm-head``)."""
 
     def scheme_for(self, full_name: str, override: dict):
         """The scheme of one module (the config's, changed by an override)."""

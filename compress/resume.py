@@ -250,7 +250,8 @@ class WorkFolder:
                 holder = torch.nn.ModuleDict({"head": model.get_submodule(head)})
                 load_module_state(f, holder)
                 set_submodule(model, head, holder["head"])
-                model.config.tie_word_embeddings = False
+                if holder["head"].weight is not model.get_input_embeddings().weight:   # pruning keeps it tied
+                    model.config.tie_word_embeddings = False
                 break
 
     def load_record(self, s: int, model, record: RunRecord, stats) -> None:

@@ -43,7 +43,7 @@ CASES = {
     "rtn": ["quantize", "--method", "rtn", "--bits", "3", "--group-size", "64"],
     "sparsegpt-joint": ["prune", "--method", "sparsegpt", "--sparsity", "0.5", "--bits", "4", "--group-size", "32"],
     "smoothquant": ["quantize", "--method", "smoothquant"],
-    "wanda-owl": ["prune", "--method", "wanda", "--sparsity", "0.5", "--profile", "owl"],
+    "wanda-owl+lm_head": ["prune", "--method", "wanda", "--sparsity", "0.5", "--profile", "owl", "--lm-head"],
     "awq": ["quantize", "--method", "awq", "--bits", "4", "--group-size", "32"],
     "sparsegpt-2:4": ["prune", "--method", "sparsegpt", "--pattern", "2:4", "--ignore", "re:.*q_proj"],
 }

@@ -129,7 +129,9 @@ def _compress_command(name: str, kind: str, default: str, doc: str, out_help: st
                   help="Modules to compress (repeatable; default: every linear in the decoder blocks).")
     @click.option("--ignore", multiple=True, metavar="NAME|re:PATTERN", help="Modules to leave alone (repeatable).")
     @click.option("--lm-head", is_flag=True,
-                  help="Also compress the lm_head (a tied embedding is untied and stays unquantized).")
+                  help=("Also prune the lm_head (a tied embedding table is the same matrix: pruned once, stays tied)."
+                        if kind == "prune" else
+                        "Also compress the lm_head (a tied embedding is untied and stays unquantized)."))
     @_calib_options("Calibration windows.", "Tokens per calibration window.")
     @click.option("--save-stats", type=click.Path(path_type=Path), default=None,
                   help="Save the calibration statistics (safetensors) for reuse.")

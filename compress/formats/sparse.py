@@ -138,9 +138,9 @@ def save_sparse(loaded, out: Path, sparsity: dict[str, float], patterns: dict[st
             raise CompressError(f"the streamed blocks were written as {loaded.stream.sparse}, the run needs {fmt}")
         for k, v in loaded.stream.shard_counts().items():
             counts[k] = counts.get(k, 0) + v
-    else:
-        for k, v in encode_modules(tensors, list(sparsity), fmt).items():
-            counts[k] = counts.get(k, 0) + v
+    # what is not in a streamed block's shard (a pruned lm_head or tied embedding table) is encoded here
+    for k, v in encode_modules(tensors, [m for m in sparsity if m + ".weight" in tensors], fmt).items():
+        counts[k] = counts.get(k, 0) + v
     dense_bytes, stored_bytes, zeros, params = (counts.get(k, 0) for k in ("dense_bytes", "stored_bytes", "zeros", "params"))
     cfg = loaded.model.config.to_dict()
     cfg["torch_dtype"] = dtype

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 
 from ..config import IntOptions, opt
-from ..errors import CompressError
 from ..formats import gptq_int
 from ..registry import Method, register
 from ..solvers.int_grid import GRIDS, gptq_solve
@@ -64,23 +63,6 @@ def gptq_into(record, module: torch.nn.Module, name: str, full: str, H: torch.Te
     lin.weight.data = res.dequantize().to(w.device, w.dtype)
 
 
-def head_hessian(run, inputs):
-    """The Hessian of the lm_head's input: the final norm's output over the last block's outputs."""
-    from calib.stats import HessianAccumulator
-    model, arch = run.model, run.arch
-    acc = run.stats.get(arch.lm_head, HessianAccumulator)
-    if acc is None:
-        head = model.get_submodule(arch.lm_head)
-        norm = model.get_submodule(arch.final_norm)
-        width = norm.weight.shape[0] if getattr(norm, "weight", None) is not None else head.in_features
-        if width != head.in_features:
-            raise CompressError(f"--lm-head with a Hessian: {arch.lm_head} does not read {arch.final_norm}'s output "
-                                f"({head.in_features} vs {width} features; a projection sits between)")
-        acc = inputs.hessian_after(norm, head.in_features)
-    run.stats.put(arch.lm_head, acc)
-    return acc.hessian()
-
-
 @register
 class GPTQ(Method):
     name = "gptq"
@@ -97,5 +79,6 @@ class GPTQ(Method):
 
     def process_head(self, run, inputs) -> None:
         name = run.arch.lm_head
-        gptq_into(run.record, run.model, name, name, head_hessian(run, inputs),
-                  self.scheme_for(name, run.targets.override_for(name)), self.cfg)
+        from calib.stats import HessianAccumulator
+        gptq_into(run.record, run.model, name, name, run.head_stats(inputs, HessianAccumulator).hessian(),
+                  self.scheme_for(name, run.targets.override_for(name)), self.cfg, keep_zeros=run.head_pruned())

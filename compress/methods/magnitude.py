@@ -32,3 +32,6 @@ class Magnitude(PruneMethod):
             sc = self.layer_scheme(blk, name)
             w = blk.linear(name).weight.detach()
             self.record_layer(blk, name, w * keep_mask(w.abs(), sc.sparsity, sc.nm), sc)
+
+    def prune_head(self, run, inputs, w, sc):
+        return w * keep_mask(w.abs(), sc.sparsity, sc.nm), None

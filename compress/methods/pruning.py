@@ -113,6 +113,8 @@ class PruneMethod(Method):
 
     kind = "prune"
     format = "gptq-int"
+    lm_head = True
+    unties_head = False
 
     @classmethod
     def writes(cls, cfg) -> str | None:
@@ -147,22 +149,46 @@ class PruneMethod(Method):
                      fallback: str | None = None, packed=None) -> None:
         """Put the pruned ``weight`` into the block and record its measured sparsity (and the packed
         result of joint quantization)."""
-        lin = blk.linear(name)
-        lin.weight.data = weight.to(lin.weight.device, lin.weight.dtype)
-        full = blk.full(name)
-        blk.record.extra.setdefault("sparsity", {})[full] = round(sparsity_of(lin.weight.data), 6)
-        if sc.nm is not None:
-            blk.record.extra.setdefault("pattern", {})[full] = f"{sc.nm[0]}:{sc.nm[1]}"
-        if packed is not None:
-            blk.record.add(full, packed, sc.quant.to_dict(), loss, fallback)
-        else:
-            blk.record.note(full, loss, fallback)
+        record_pruned(blk.record, blk.linear(name), blk.full(name), weight, sc, loss, fallback, packed)
+
+    @classmethod
+    def check_head(cls, cfg) -> None:
+        if getattr(cfg, "bits", None) is not None:
+            raise CompressError("--lm-head prunes the lm_head in float; with --bits, quantize it in a later "
+                                "step (a recipe's gptq or rtn step with lm_head: true keeps its zeros)")
+
+    def process_head(self, run, inputs) -> None:
+        """Prune the lm_head with this method. A tied lm_head is the embedding table: the one matrix
+        is pruned for both uses (and stored, and recorded, under the embedding's name)."""
+        name = run.arch.lm_head
+        head = run.model.get_submodule(name)
+        sc = self.scheme_for(name, run.targets.override_for(name))
+        weight, loss = self.prune_head(run, inputs, head.weight.detach(), sc)
+        record_pruned(run.record, head, run.tied_table() or name, weight, sc, loss)
+
+    def prune_head(self, run, inputs, w: torch.Tensor, sc: PruneScheme) -> tuple[torch.Tensor, float | None]:
+        """The pruned lm_head weight ``w`` (and its loss, if the method measures one)."""
+        raise NotImplementedError
 
     def metadata(self, record=None) -> dict:
         d = self.cfg.to_dict()
         if record is not None and record.extra.get("block_sparsity"):
             d["block_sparsity"] = record.extra["block_sparsity"]
         return d
+
+
+def record_pruned(record, lin: torch.nn.Linear, full: str, weight: torch.Tensor, sc: PruneScheme,
+                  loss: float | None = None, fallback: str | None = None, packed=None) -> None:
+    """Put ``weight`` into ``lin`` (a tied table is the same parameter: it changes too) and record its measured
+    sparsity and pattern under ``full`` (and the packed result of joint quantization)."""
+    lin.weight.data = weight.to(lin.weight.device, lin.weight.dtype)
+    record.extra.setdefault("sparsity", {})[full] = round(sparsity_of(lin.weight.data), 6)
+    if sc.nm is not None:
+        record.extra.setdefault("pattern", {})[full] = f"{sc.nm[0]}:{sc.nm[1]}"
+    if packed is not None:
+        record.add(full, packed, sc.quant.to_dict(), loss, fallback)
+    else:
+        record.note(full, loss, fallback)
 
 
 def owl_sparsities(run, cfg: PruneOptions) -> list[float]:

@@ -53,3 +53,10 @@ class SparseGPT(PruneMethod):
         if sc.quant is not None:
             packed = gptq_int.pack(res.q.cpu(), res.scales.cpu(), res.zeros.cpu(), res.g_idx.cpu(), sc.quant.bits)
         self.record_layer(blk, name, res.weight, sc, res.loss, res.fallback, packed)
+
+    def prune_head(self, run, inputs, w, sc):
+        from calib.stats import HessianAccumulator
+        H = run.head_stats(inputs, HessianAccumulator).hessian()
+        res = sparsegpt_solve(w.float(), H.to(w.device), sc.sparsity, sc.nm, None, damp=self.cfg.damp,
+                              block_size=self.cfg.block_size)
+        return res.weight, res.loss

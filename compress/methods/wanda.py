@@ -36,3 +36,7 @@ class Wanda(PruneMethod):
                 w = blk.linear(name).weight.detach()
                 score = w.abs().float() * norm.to(w.device)[None, :]
                 self.record_layer(blk, name, w * keep_mask(score, sc.sparsity, sc.nm, per_row=True), sc)
+
+    def prune_head(self, run, inputs, w, sc):
+        norm = run.head_stats(inputs, ImportanceAccumulator).importance().sqrt()
+        return w * keep_mask(w.abs().float() * norm.to(w.device)[None, :], sc.sparsity, sc.nm, per_row=True), None

@@ -75,6 +75,34 @@ class StepRun:
             set_submodule(model, arch.lm_head, new)
             model.config.tie_word_embeddings = False
 
+    def head_stats(self, inputs, acc_cls):
+        """The statistic ``acc_cls`` (a :mod:`calib.stats` accumulator) of the lm_head's input: the
+        final norm's output over the last block's outputs (kept with ``--save-stats``, or loaded)."""
+        model, arch = self.model, self.arch
+        acc = self.stats.get(arch.lm_head, acc_cls)
+        if acc is None:
+            head = model.get_submodule(arch.lm_head)
+            norm = model.get_submodule(arch.final_norm)
+            width = norm.weight.shape[0] if getattr(norm, "weight", None) is not None else head.in_features
+            if width != head.in_features:
+                raise CompressError(f"--lm-head: {arch.lm_head} does not read {arch.final_norm}'s output "
+                                    f"({head.in_features} vs {width} features; a projection sits between)")
+            if inputs is None:
+                raise CompressError(f"--lm-head with {self.method.name} needs calibration windows")
+            acc = inputs.stats_after(norm, lambda: acc_cls(head.in_features))
+        self.stats.put(arch.lm_head, acc)
+        return acc
+
+    def tied_table(self) -> str | None:
+        """The embedding module whose weight the lm_head shares (None when it has its own)."""
+        head = self.model.get_submodule(self.arch.lm_head).weight
+        return next((n for n in self.arch.embeddings if n != self.arch.lm_head
+                     and getattr(self.model.get_submodule(n), "weight", None) is head), None)
+
+    def head_pruned(self) -> bool:
+        """Whether an earlier step pruned the lm_head (or the embedding table it shared then)."""
+        return self.arch.lm_head in self.pruned or any(e in self.pruned for e in self.arch.embeddings)
+
 
 def packed_module(packed, bias):
     """The module that computes from a packed result (None for results that stay float in the
@@ -179,7 +207,7 @@ def run_step(run: StepRun, windows: torch.Tensor | None, work=None, step_index: 
     start, saved_inputs = (work.resume_point(step_index, plan.windows if plan else None) if work is not None
                            else (0, None))
     method.begin(run)
-    if run.lm_head:
+    if run.lm_head and method.unties_head:
         run.untie_lm_head()
     if start > 0:
         log.info("%s: resuming at block %d of %d", method.name, start, len(blocks))

@@ -121,22 +121,19 @@ def test_compact_codes_are_smaller_and_load_to_the_same_model(tiny_llama, env, t
         models.load(str(tmp_path / "c"))
 
 
-def test_gptq_after_pruning_in_a_recipe_keeps_the_zeros(tiny_llama, tiny_data, tmp_path):
+def _run_recipe(tiny_llama, tiny_data, tmp_path, steps: str):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"""
-model: {tiny_llama}
-calibration: {{nsamples: 8, seqlen: 64, data_dir: {tiny_data}}}
-steps:
-  - method: wanda
-    sparsity: 0.5
-  - method: gptq
-    bits: 4
-    group_size: 32
-""")
+    recipe.write_text(f"model: {tiny_llama}\ncalibration: {{nsamples: 8, seqlen: 64, data_dir: {tiny_data}}}\n"
+                      f"steps:\n{steps}")
     out = tmp_path / "pg"
     res = run(["run", recipe, "-o", out])
     assert res.exit_code == 0, res.output
-    loaded = models.load(str(out))
+    return models.load(str(out))
+
+
+def test_gptq_after_pruning_in_a_recipe_keeps_the_zeros(tiny_llama, tiny_data, tmp_path):
+    loaded = _run_recipe(tiny_llama, tiny_data, tmp_path, "  - {method: wanda, sparsity: 0.5}\n"
+                                                          "  - {method: gptq, bits: 4, group_size: 32}\n")
     meta = loaded.quant
     assert set(meta["sparsity"]) == set(meta["quantized_modules"])
     for name, m in loaded.model.named_modules():
@@ -153,6 +150,38 @@ steps:
             assert sparsity_of(m.packed().dequantize()) >= 0.5, name
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_lm_head_pruning_prunes_a_tied_table_once_and_stores_it_sparse(method, tiny_llama, env, tmp_path):
+    """--lm-head on a tied model prunes the one embedding/lm_head matrix (it stays tied), stores it
+    in the sparse layout, and compressed-tensors' decompressor reads it back to the same table."""
+    out = tmp_path / "h"
+    res = run(["prune", tiny_llama, "--method", method, "--sparsity", 0.5, "--lm-head", "--dtype", "float32",
+               *(CAL if method != "magnitude" else []), "-o", out])
+    assert res.exit_code == 0, res.output
+    loaded = models.load(str(out))
+    emb = loaded.model.get_input_embeddings().weight
+    assert loaded.model.get_output_embeddings().weight is emb and loaded.model.config.tie_word_embeddings
+    assert abs(sparsity_of(emb) - 0.5) < 0.01
+    if method == "wanda":               # per output row (a token's row of the table)
+        assert bool(((emb == 0).float().mean(1) - 0.5).abs().max() < 0.02)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "model.embed_tokens" in cfg["compress"]["sparsity"]
+    import safetensors.torch as st
+    t = st.load_file(str(out / "model.safetensors"))
+    assert "model.embed_tokens.bitmask" in t and "model.embed_tokens.weight" not in t and "lm_head.weight" not in t
+    theirs = pytest.importorskip("compressed_tensors.compressors").ModelCompressor
+    dense = dict(theirs.from_compression_config(cfg["quantization_config"]).sparsity_compressor.decompress(str(out)))
+    assert torch.equal(dense["model.embed_tokens.weight"], emb.detach())
+
+
+def test_gptq_on_a_pruned_lm_head_keeps_its_zeros(tiny_llama, tiny_data, tmp_path):
+    model = _run_recipe(tiny_llama, tiny_data, tmp_path, "  - {method: wanda, sparsity: 0.5, lm_head: true}\n"
+                                                         "  - {method: gptq, bits: 4, group_size: 32, lm_head: true}\n").model
+    head = model.get_output_embeddings().packed().dequantize()
+    table = model.get_input_embeddings().weight
+    assert bool((head[table == 0] == 0).all()) and sparsity_of(head) >= 0.5
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--sparsity", 1.5], "--sparsity"),
     (["--sparsity", 0], "--sparsity"),
@@ -165,6 +194,7 @@ steps:
     (["--method", "wanda", "--bits", 4], "--bits applies to sparsegpt"),
     (["--method", "magnitude", "--nsamples", 8], "calibrated methods"),
     (["--owl-lambda", 0.9], "--owl-lambda"),
+    (["--method", "sparsegpt", "--bits", 4, "--lm-head"], "later step"),
 ])
 def test_bad_prune_options_are_one_line_errors_with_nothing_written(args, needle, tiny_llama, env, tmp_path):
     out = tmp_path / "bad"
