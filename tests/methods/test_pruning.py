@@ -121,6 +121,24 @@ def test_compact_codes_are_smaller_and_load_to_the_same_model(tiny_llama, env, t
         models.load(str(tmp_path / "c"))
 
 
+def test_lm_head_pruning_of_an_untied_head_leaves_the_table_dense(tiny_llama, env, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+    src = tmp_path / "untied"
+    shutil.copytree(tiny_llama, src)
+    m = AutoModelForCausalLM.from_pretrained(src, tie_word_embeddings=False)
+    m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone() * 1.5)
+    m.save_pretrained(src, safe_serialization=True)
+    out = tmp_path / "h"
+    res = run(["prune", src, "--method", "wanda", "--pattern", "2:4", "--lm-head", *CAL, "-o", out])
+    assert res.exit_code == 0, res.output
+    model = models.load(str(out)).model
+    assert sparsity_of(model.get_input_embeddings().weight) == 0
+    assert follows_pattern(model.get_output_embeddings().weight, (2, 4))
+    assert set(json.loads((out / "config.json").read_text())["compress"]["patterns"]) >= {"lm_head"}
+
+
 def _run_recipe(tiny_llama, tiny_data, tmp_path, steps: str):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {tiny_llama}\ncalibration: {{nsamples: 8, seqlen: 64, data_dir: {tiny_data}}}\n"
