@@ -9,16 +9,25 @@ export COMPRESS_DATA_DIR := $(abspath $(DATA))
 
 .PHONY: setup demo oracle test test-fast families bench-rtn bench-ptq bench-llmcompressor bench-prune bench-train bench-scale plots clean
 
-$(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
+# Byte-compiling every installed module up front costs more than half of the install; Python
+# compiles what it imports on first use instead.
+PIP := $(BIN)/python -m pip install -q --no-compile --upgrade -c constraints.txt
+
+# The package and its core dependencies (all `make demo` needs), then the test and ONNX extras.
+$(BIN)/.installed-core: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade -c constraints.txt -e '.[test,onnx]'
+	$(PIP) -e .
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.installed-core
+	$(PIP) -e '.[test,onnx]'
 	touch $@
 
 setup: $(BIN)/.installed
 
 # Quantize the default model (RTN 4-bit, group 128), evaluate base and quantized, write a report
 # (the base model's per-window results from the --base run are reused by its own evaluation).
-demo: setup
+demo: $(BIN)/.installed-core
 	$(BIN)/compress models fetch $(MODEL)
 	$(BIN)/compress quantize $(MODEL) --method rtn --bits 4 --group-size 128 --sym -o $(DEMO_OUT)/rtn-int4-g128
 	$(BIN)/compress inspect $(DEMO_OUT)/rtn-int4-g128
