@@ -9,8 +9,10 @@ export COMPRESS_DATA_DIR := $(abspath $(DATA))
 
 .PHONY: setup demo oracle test test-fast families bench-rtn bench-ptq bench-llmcompressor bench-prune bench-train bench-scale plots clean
 
-# Byte-compiling every installed module up front costs more than half of the install; Python
-# compiles what it imports on first use instead.
+# Nothing is byte-compiled at install (that is more than half of an install's time): Python
+# compiles each module the first time a command imports it and keeps the result, also where the
+# environment says PYTHONDONTWRITEBYTECODE (which would make every command compile again).
+export PYTHONDONTWRITEBYTECODE :=
 PIP := $(BIN)/python -m pip install -q --no-compile --upgrade -c constraints.txt
 
 # The package and its core dependencies (all `make demo` needs), then the test and ONNX extras.
