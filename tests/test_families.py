@@ -283,6 +283,8 @@ def test_gguf_export_reads_back_as_the_same_model(tiny, env, tmp_path):
     # reader in transformers: those load the model alone)
     loaded = models.load(str(out)) if fam in (*LLAMA_LIKE, *OWN_READER, "qwen3_moe") else None
     g = loaded.model if loaded else models.gguf_model(out)
+    if loaded is not None and fam not in OWN_READER:      # and as transformers' reader gives it
+        torch.testing.assert_close(_logits(models.gguf_model(out, outside=True)), _logits(g), rtol=0, atol=0)
     assert type(g).__name__ == type(ref.model).__name__
     torch.testing.assert_close(_logits(g), _logits(ref.model), rtol=1e-4, atol=1e-4)
     if loaded is not None:                 # the tokenizer the file's keys give splits text as the original
@@ -326,7 +328,7 @@ def test_kquant_mix_per_family(method, tiny, env, tmp_path):
         assert types["token_embd.weight"] == fallback_type("Q6_K", cols)
     if tiny.name == "gpt2":                 # learned positions stay float, as llama-quantize leaves them
         assert types["position_embd.weight"] == "F32"
-    g = models.gguf_model(out)
+    g = models.gguf_model(out, outside=True)          # transformers' reader where it has one
     state = g.state_dict()
     arch = r.fields["general.architecture"].contents()
     name_map = _name_map(r, n)

@@ -1,7 +1,8 @@
 """A GGUF model file as a float32 transformers model and its tokenizer.
 
-transformers' GGUF reader builds the model for the architectures it reads correctly. For those it
-does not (GPT-NeoX, which it has no reader for; llama files holding experts, which are Mixtral;
+transformers' GGUF reader builds the config for the architectures it reads correctly, and the
+model too except for llama files, whose weights this suite's reader gives faster (the same tensors).
+For those it does not (GPT-NeoX, which it has no reader for; llama files holding experts, which are Mixtral;
 Qwen2-MoE, whose experts it splits as if there were 60), the config is built from the file's header
 and the weights come from this suite's reader (:mod:`compress.formats.gguf_tensors`), which
 unstacks the experts; a GPT-2-style tokenizer is built from the file's vocabulary and merges.
@@ -173,16 +174,17 @@ def _gpt2_tokenizer(lay):
     return _fast(tok, kv, tokens, types)
 
 
-def gguf_model(path: Path, layout=None):
+def gguf_model(path: Path, layout=None, outside: bool = False):
     """The float32 transformers model of a GGUF file (:func:`gguf_config`). Llama files' weights
     are also read with this suite's reader: the same tensors as transformers' reader gives, in a
-    fifth of the time (its Python dequantization is the slow part)."""
+    fifth of the time (its Python dequantization is the slow part). ``outside``: transformers'
+    reader wherever it reads the architecture (the tests' outside check of what we write)."""
     from transformers import AutoModelForCausalLM
 
     from ..models import built
     lay = layout or check_gguf(path)
     config = gguf_config(path, lay)
-    own = own_reader(lay) or (lay.kv["general.architecture"] == "llama" and _names_known(lay))
+    own = own_reader(lay) or (not outside and lay.kv["general.architecture"] == "llama" and _names_known(lay))
     return built(f"cannot load GGUF file {path}", lambda: _own_model(path, lay, config) if own else
                  AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config,
                                                       dtype=torch.float32, trust_remote_code=False,
