@@ -43,7 +43,7 @@ def main(argv=None):
         for line in proc.stdout:
             now = time.perf_counter() - t0
             lines.append(line.rstrip("\n"))
-            if line.startswith((".venv/bin/", "python3 -m venv", "touch ")) or line.startswith("$("):
+            if line.startswith((".venv/bin/", "python3 -m venv", "touch ")):
                 steps.append({"command": line.strip(), "start": round(now, 2)})
         rc = proc.wait()
         total = time.perf_counter() - t0

@@ -184,17 +184,19 @@ def gguf_model(path: Path, layout=None, outside: bool = False):
     from ..models import built
     lay = layout or check_gguf(path)
     config = gguf_config(path, lay)
-    own = own_reader(lay) or (not outside and lay.kv["general.architecture"] == "llama" and _names_known(lay))
+    own = own_reader(lay) or (not outside and _own_weights(lay))
     return built(f"cannot load GGUF file {path}", lambda: _own_model(path, lay, config) if own else
                  AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config,
                                                       dtype=torch.float32, trust_remote_code=False,
                                                       **gguf_dense()))
 
 
-def _names_known(lay) -> bool:
-    """Every tensor of a llama file has a Hugging Face name here (not, e.g., llama 3's rope_freqs,
-    which transformers' reader skips)."""
+def _own_weights(lay) -> bool:
+    """A llama file whose every tensor has a Hugging Face name here (not, e.g., one holding llama
+    3's rope_freqs, which transformers' reader skips): its weights are read with this suite's reader."""
     from ..export.gguf_arch import hf_name
+    if lay.kv["general.architecture"] != "llama":
+        return False
     try:
         for t in lay.tensors:
             hf_name(t.name, "model.layers", "llama")

@@ -30,8 +30,12 @@ class Magnitude(PruneMethod):
     def apply(self, blk, group, stats) -> None:
         for name in blk.targeted(group):
             sc = self.layer_scheme(blk, name)
-            w = blk.linear(name).weight.detach()
-            self.record_layer(blk, name, w * keep_mask(w.abs(), sc.sparsity, sc.nm), sc)
+            self.record_layer(blk, name, _pruned(blk.linear(name).weight.detach(), sc), sc)
 
     def prune_head(self, run, inputs, w, sc):
-        return w * keep_mask(w.abs(), sc.sparsity, sc.nm), None
+        return _pruned(w, sc), None
+
+
+def _pruned(w, sc):
+    """``w`` without its smallest weights by absolute value (of the whole layer, or per N:M group)."""
+    return w * keep_mask(w.abs(), sc.sparsity, sc.nm)

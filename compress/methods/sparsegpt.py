@@ -46,9 +46,7 @@ class SparseGPT(PruneMethod):
 
     def _solve(self, blk, name: str, H) -> None:
         sc = self.layer_scheme(blk, name)
-        lin = blk.linear(name)
-        res = sparsegpt_solve(lin.weight.data.float(), H.to(lin.weight.device), sc.sparsity, sc.nm, sc.quant,
-                              damp=self.cfg.damp, block_size=self.cfg.block_size)
+        res = self._sweep(blk.linear(name).weight.data, H, sc)
         packed = None
         if sc.quant is not None:
             packed = gptq_int.pack(res.q.cpu(), res.scales.cpu(), res.zeros.cpu(), res.g_idx.cpu(), sc.quant.bits)
@@ -56,7 +54,9 @@ class SparseGPT(PruneMethod):
 
     def prune_head(self, run, inputs, w, sc):
         from calib.stats import HessianAccumulator
-        H = run.head_stats(inputs, HessianAccumulator).hessian()
-        res = sparsegpt_solve(w.float(), H.to(w.device), sc.sparsity, sc.nm, None, damp=self.cfg.damp,
-                              block_size=self.cfg.block_size)
+        res = self._sweep(w, run.head_stats(inputs, HessianAccumulator).hessian(), sc)
         return res.weight, res.loss
+
+    def _sweep(self, w, H, sc):
+        return sparsegpt_solve(w.float(), H.to(w.device), sc.sparsity, sc.nm, sc.quant, damp=self.cfg.damp,
+                               block_size=self.cfg.block_size)

@@ -33,10 +33,12 @@ class Wanda(PruneMethod):
             norm = accs[blk.key(g)].importance().sqrt()
             for name in blk.targeted(g):
                 sc = self.layer_scheme(blk, name)
-                w = blk.linear(name).weight.detach()
-                score = w.abs().float() * norm.to(w.device)[None, :]
-                self.record_layer(blk, name, w * keep_mask(score, sc.sparsity, sc.nm, per_row=True), sc)
+                self.record_layer(blk, name, _pruned(blk.linear(name).weight.detach(), norm, sc), sc)
 
     def prune_head(self, run, inputs, w, sc):
-        norm = run.head_stats(inputs, ImportanceAccumulator).importance().sqrt()
-        return w * keep_mask(w.abs().float() * norm.to(w.device)[None, :], sc.sparsity, sc.nm, per_row=True), None
+        return _pruned(w, run.head_stats(inputs, ImportanceAccumulator).importance().sqrt(), sc), None
+
+
+def _pruned(w, norm, sc):
+    """``w`` without the lowest ``|W| * ||x||`` scores of each output row (``norm``: the input norms)."""
+    return w * keep_mask(w.abs().float() * norm.to(w.device)[None, :], sc.sparsity, sc.nm, per_row=True)

@@ -96,8 +96,8 @@ class StepRun:
     def tied_table(self) -> str | None:
         """The embedding module whose weight the lm_head shares (None when it has its own)."""
         head = self.model.get_submodule(self.arch.lm_head).weight
-        return next((n for n in self.arch.embeddings if n != self.arch.lm_head
-                     and getattr(self.model.get_submodule(n), "weight", None) is head), None)
+        return next((n for n in self.arch.embeddings if getattr(self.model.get_submodule(n), "weight", None) is head),
+                    None)
 
     def head_pruned(self) -> bool:
         """Whether an earlier step pruned the lm_head (or the embedding table it shared then)."""
