@@ -176,8 +176,8 @@ def _gpt2_tokenizer(lay):
 
 def gguf_model(path: Path, layout=None, outside: bool = False):
     """The float32 transformers model of a GGUF file (:func:`gguf_config`). Llama files' weights
-    are also read with this suite's reader: the same tensors as transformers' reader gives, in a
-    fifth of the time (its Python dequantization is the slow part). ``outside``: transformers'
+    are also read with this suite's reader: the same tensors as transformers' reader gives, faster
+    (its Python dequantization is the slow part). ``outside``: transformers'
     reader wherever it reads the architecture (the tests' outside check of what we write)."""
     from transformers import AutoModelForCausalLM
 
