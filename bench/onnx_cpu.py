@@ -39,6 +39,7 @@ from evals.perplexity import evaluate_many, tokenize, windows  # noqa: E402
 from runinfo import finish, run_info  # noqa: E402  (bench/ is on sys.path: this script's folder)
 import genai_builder  # noqa: E402
 from onnx_kernels import kernel_bench, kernel_table  # noqa: E402
+from onnx_memory import peak_rss_mib  # noqa: E402
 
 # name -> (registered method, api.quantize_to_folder keyword options: the method's own options,
 # lm_head, calib for a calibrated method); None: the unquantized model
@@ -65,9 +66,12 @@ VARIANTS = [
     # everything 4-bit: the lm_head too (4-bit blocks of 32)
     ("onnx int4 g128 acc4 +lm_head int4", "int4-g128", dict(fmt="matmulnbits", accuracy_level=4, lm_head_bits=4)),
     ("onnx int4 g128 qdq", "int4-g128", dict(fmt="qdq")),
+    # the prefill target: a 4-bit file whose weights ONNX Runtime expands to fp32 when it loads it
+    ("onnx int4 g128 target prefill", "int4-g128", dict(target="prefill")),
     # the checkpoint's own 4-bit lm_head (GPTQ against the final norm's output), exported as it is
     ("onnx int4 g128 gptq+lm_head acc0", "gptq-int4-g128-head", dict(fmt="matmulnbits", accuracy_level=0)),
     ("onnx int4 g128 gptq+lm_head acc4", "gptq-int4-g128-head", dict(fmt="matmulnbits", accuracy_level=4)),
+    ("onnx int4 g128 gptq+lm_head target prefill", "gptq-int4-g128-head", dict(target="prefill")),
     # like for like with the builder's defaults: 4-bit symmetric blocks of 32, the lm_head 4-bit, level 4
     ("onnx int4 g32 sym acc4 +lm_head int4", "int4-g32-sym", dict(fmt="matmulnbits", accuracy_level=4, lm_head_bits=4)),
     ("onnx int8 g128 acc0", "int8-g128", dict(fmt="matmulnbits", accuracy_level=0)),
@@ -173,9 +177,10 @@ def main(argv=None):
     ap.add_argument("--workdir", type=Path, default=None,
                     help="write checkpoints and exports here and leave them for inspection (default: a temporary "
                          "folder); every run writes them afresh, nothing there is reused")
-    ap.add_argument("--only", default=None, help="comma-separated substrings: run only matching variants")
+    ap.add_argument("--only", default=None, help="comma-separated variant labels or substrings of labels: run only "
+                                                 "those variants (a full label matches that variant alone)")
     ap.add_argument("--genai", default="onnx fp32,onnx int4 g128 acc0,onnx int4 g128 acc4,"
-                                       "onnx int4 g32 sym acc4 +lm_head int4",
+                                       "onnx int4 g128 target prefill,onnx int4 g32 sym acc4 +lm_head int4",
                     help="comma-separated variants also timed through ONNX Runtime GenAI's generator "
                          "(onnxruntime-genai; empty: none)")
     ap.add_argument("--builder", default=",".join(v[0] for v in genai_builder.VARIANTS),
@@ -203,7 +208,7 @@ def main(argv=None):
     base = models.load(args.model)
     tokens = tokenize(base.tokenizer, read_text(data_dir(args.data_dir) / proto.file))
     wins = windows(tokens, proto.seqlen, args.ppl_windows)
-    variants = [v for v in VARIANTS if args.only is None or any(s in v[0] for s in args.only.split(","))]
+    variants = [v for v in VARIANTS if args.only is None or selected(v[0], args.only)]
 
     tmp = None
     if args.workdir is None:
@@ -246,7 +251,7 @@ def main(argv=None):
 
     builder = {}                     # label -> build record; built folders are timed through GenAI
     for label, extra in genai_builder.VARIANTS:
-        if label not in (args.builder or "").split(",") or (args.only and not any(s in label for s in args.only.split(","))):
+        if label not in (args.builder or "").split(",") or (args.only and not selected(label, args.only)):
             continue
         out = work / ("builder_" + str(len(builder)))
         builder[label] = genai_builder.build(args.builder_python, Path(base.path), out, extra, work / "builder_cache")
@@ -283,6 +288,12 @@ def main(argv=None):
             times[label]["decode_short_tok_s"].append(time_decode(runner, short_ids, args.decode))
             times[label]["decode_long_tok_s"].append(time_decode(runner, long_ids, args.decode))
         print(f"timing round {rnd + 1}/{args.rounds} done", file=sys.stderr)
+
+    # ---- peak memory of each ONNX folder in a fresh process, over the same process doing nothing
+    baseline = peak_rss_mib(None, args.threads, args.prefill)
+    for r in rows:
+        r["peak_rss_mib"] = peak_rss_mib(r["path"], args.threads, args.prefill)
+        r["model_rss_mib"] = r["peak_rss_mib"] - baseline
 
     # ---- perplexity: each ONNX model against the torch model of its own checkpoint
     by_ck: dict[str, dict] = {}
@@ -355,6 +366,7 @@ def main(argv=None):
         "decode_tokens": args.decode, "short_prompt": args.short_prompt, "rounds": args.rounds, "kv": args.kv,
         "ppl_protocol": f"wt2-quick, first {wins.shape[0]} windows of {proto.seqlen} tokens",
         "ppl_windows": wins.shape[0],
+        "rss_baseline_mib": baseline,
         "rows": rows, "quantized_torch_vs_fp32": quant_vs_fp32, "targets": targets, "checkpoints": checkpoints,
         "genai_builder": builder,
         "machine": platform.machine(), "onnxruntime": _ort_version(),
@@ -368,6 +380,15 @@ def main(argv=None):
         tmp.cleanup()
 
 
+def selected(label: str, only: str) -> bool:
+    """``--only``: a full label selects that label alone, anything else every label containing it."""
+    wanted = only.split(",")
+    if label in wanted:
+        return True
+    labels = {v[0] for v in VARIANTS} | {v[0] for v in genai_builder.VARIANTS}
+    return any(s in label for s in wanted if s not in labels)
+
+
 def table(data: dict) -> str:
     flags = ", ".join(data.get("cpu_flags") or []) or "no AVX2"
     lines = [f"{data['model']} on {data['cpu']} ({flags}), {data['threads']} threads, batch 1; prefill {data['prefill_tokens']} "
@@ -376,16 +397,19 @@ def table(data: dict) -> str:
              f"load average {data['load_average_start'][0]:.1f} -> {data['load_average_end'][0]:.1f}; ONNX KV cache "
              f"{data.get('kv', 'concat')}",
              f"perplexity: {data['ppl_protocol']}; KL(torch || ORT) of the same checkpoint (for the GenAI "
-             f"builder's own exports: of the fp32 torch model they are quantized from)", "",
-             "| variant | file MB | x fp32 file | prefill s | decode tok/s (short) | x fp32 | decode tok/s (512) "
-             "| x fp32 | ppl | torch ppl | ppl diff | KL vs torch |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"builder's own exports: of the fp32 torch model they are quantized from)",
+             "memory: peak resident MiB of a fresh process running one prefill, less the same process without a "
+             "model", "",
+             "| variant | file MB | x fp32 file | memory MiB | prefill s | decode tok/s (short) | x fp32 "
+             "| decode tok/s (512) | x fp32 | ppl | torch ppl | ppl diff | KL vs torch |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def f(v, spec):
         return "" if v is None else format(v, spec)
     for r in data["rows"]:
         lines.append(
             f"| {r['label']} | {r['size_bytes'] / 1e6:.1f} | {f(r.get('size_vs_onnx_fp32'), '.3f')} | "
+            f"{f(r.get('model_rss_mib'), '.0f')} | "
             f"{r['prefill_s']:.2f} ({r['best_prefill_s']:.2f}) | {r['decode_short_tok_s']:.1f} "
             f"({r['best_decode_short_tok_s']:.1f}) | {f(r.get('decode_short_speedup'), '.2f')} | "
             f"{r['decode_long_tok_s']:.1f} ({r['best_decode_long_tok_s']:.1f}) | {f(r.get('decode_long_speedup'), '.2f')} | "

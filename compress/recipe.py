@@ -38,7 +38,7 @@ STEP_KEYS = ("targets", "ignore", "overrides", "lm_head")
 CALIB_KEYS = ("source", "nsamples", "seqlen", "seed", "data_dir")
 DTYPES = ("float16", "bfloat16", "float32")
 EVAL_KEYS = {"protocol": ("wt2-quick", "wt2-full"), "max_windows": None, "base": None, "json": None}
-EXPORT_FORMATS = {"onnx": ("out", "fmt", "kv_cache", "accuracy_level", "lm_head_bits"),
+EXPORT_FORMATS = {"onnx": ("out", "target", "fmt", "kv_cache", "accuracy_level", "lm_head_bits"),
                   "gguf": ("out", "type", "imatrix", "pure")}
 
 
@@ -176,6 +176,13 @@ def _export(d, where) -> ExportStep:
     out = d.pop("out")
     if fmt == "gguf" and not str(out).endswith(".gguf"):
         raise CompressError(f"{where} (export gguf): out must end with .gguf, got {out}")
+    if fmt == "onnx":
+        from .export.onnx_options import resolve_target
+        try:
+            resolve_target(d.get("target", "balanced"), d.get("fmt"), d.get("accuracy_level"), None,
+                           d.get("lm_head_bits"))
+        except CompressError as e:
+            raise CompressError(f"{where} (export onnx): {e}") from None
     return ExportStep(fmt, str(out), tuple(sorted(d.items())))
 
 

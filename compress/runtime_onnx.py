@@ -39,6 +39,7 @@ class OnnxCausalLM:
     ``qdq_accuracy_level``: for the qdq format, the accuracy level ONNX Runtime gives the
     MatMulNBits nodes it fuses from DequantizeLinear + MatMul (its own default is 4, int8
     activations; None here takes the level recorded at export, 0 unless asked: exact fp32).
+    A folder exported for the prefill target has its weights expanded to fp32 at load.
     """
 
     def __init__(self, out_dir, threads: int | None = None, optimization: str = "all",
@@ -70,10 +71,9 @@ class OnnxCausalLM:
                 raise CompressError(f"threads must be at least 1, got {threads}")
             so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
-        level = self.info.get("accuracy_level", 0) if qdq_accuracy_level is None else qdq_accuracy_level
-        if level not in (0, 1, 2, 3, 4):
-            raise CompressError(f"accuracy level must be 0..4, got {level}")
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(int(level)))
+        from .export.onnx_options import session_config
+        for key, value in session_config(self.info, qdq_accuracy_level).items():
+            so.add_session_config_entry(key, value)
         so.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(out_dir / MODEL_FILE), so, providers=["CPUExecutionProvider"])

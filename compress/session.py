@@ -357,8 +357,10 @@ def _post(p, out: Path, spec: str, data_dir, progress: bool) -> dict:
     opts = dict(p.options)
     if p.format == "onnx":
         from .export.onnx import export_onnx
-        export_onnx(str(out), Path(p.out), fmt=opts.get("fmt", "matmulnbits"), kv_cache=opts.get("kv_cache", True),
-                    accuracy_level=int(opts.get("accuracy_level", 0)), lm_head_bits=opts.get("lm_head_bits"))
+        level = opts.get("accuracy_level")
+        export_onnx(str(out), Path(p.out), fmt=opts.get("fmt"), kv_cache=opts.get("kv_cache", True),
+                    target=opts.get("target", "balanced"), accuracy_level=None if level is None else int(level),
+                    lm_head_bits=opts.get("lm_head_bits"))
         return {"export": {"format": "onnx", "out": p.out}}
     from .api import export_gguf
     info = export_gguf(str(out), Path(p.out), opts.get("type"), imatrix=opts.get("imatrix"),

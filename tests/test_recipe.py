@@ -149,3 +149,19 @@ def test_two_steps_compress_disjoint_modules(tmp_path, tiny_llama, tiny_data):
     assert meta["modules"]["model.layers.0.mlp.up_proj"]["bits"] == 4
     assert meta["modules"]["model.layers.0.self_attn.q_proj"]["bits"] == 3
     assert len(meta["modules"]) == 14
+
+
+def test_onnx_export_step_with_a_target(tmp_path, tiny_llama):
+    """An export step takes the ONNX target; an option that contradicts it stops the run before
+    any work."""
+    pytest.importorskip("onnxruntime")
+    recipe = {"steps": [{"method": "rtn", "bits": 4, "group_size": 32},
+                        {"export": {"format": "onnx", "target": "prefill", "out": str(tmp_path / "onnx")}}]}
+    res = run(["run", _write(tmp_path, recipe), "--model", tiny_llama, "-o", tmp_path / "q"])
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "onnx" / "export_info.json").read_text())
+    assert (info["target"], info["weights_at_load"]) == ("prefill", "float")
+    recipe["steps"][1]["export"].update(out=str(tmp_path / "onnx2"), fmt="matmulnbits")
+    res = run(["run", _write(tmp_path, recipe, "bad.yaml"), "--model", tiny_llama, "-o", tmp_path / "q2"])
+    assert_clean_error(res, "step 2 (export onnx)", "does not go with the matmulnbits format")
+    assert not (tmp_path / "q2").exists()

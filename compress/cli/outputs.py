@@ -19,22 +19,29 @@ def export_():
 
 @export_.command("onnx")
 @click.argument("checkpoint")
-@click.option("--format", "fmt", type=click.Choice(["matmulnbits", "qdq"]), default="matmulnbits", show_default=True,
-              help="matmulnbits: com.microsoft::MatMulNBits (ONNX Runtime); qdq: opset-21 DequantizeLinear + MatMul.")
+@click.option("--target", type=click.Choice(["balanced", "decode", "prefill"]), default="balanced", show_default=True,
+              help="balanced: 4-bit weights in memory, fp32 activations (exact); decode: accuracy level 4, the "
+                   "fastest decode; prefill: 4-bit file, weights expanded to fp32 when ONNX Runtime loads it "
+                   "(fp32 speed on any CPU, fp32 memory).")
+@click.option("--format", "fmt", type=click.Choice(["matmulnbits", "qdq"]), default=None,
+              help="matmulnbits: com.microsoft::MatMulNBits (ONNX Runtime); qdq: opset-21 DequantizeLinear + MatMul. "
+                   "[default: matmulnbits; qdq for --target prefill]")
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
               help="Past/present key-value inputs and outputs for token-by-token generation.")
-@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="0", show_default=True,
-              help="MatMulNBits accuracy level: 0 keeps fp32 activations, 4 quantizes them to int8 (faster).")
+@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default=None,
+              help="MatMulNBits accuracy level: 0 keeps fp32 activations, 4 quantizes them to int8 (faster). "
+                   "[default: the target's: 4 for decode, else 0]")
 @click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
               help="Also quantize lm_head (and a tied embedding) at export; changes the model, off by default.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
-def export_onnx(checkpoint, fmt, kv_cache, accuracy_level, lm_head_bits, out):
+def export_onnx(checkpoint, target, fmt, kv_cache, accuracy_level, lm_head_bits, out):
     """Export CHECKPOINT (packed or unquantized) to ONNX for ONNX Runtime and other runtimes."""
     from ..export.onnx import export_onnx as run
-    run(checkpoint, out, fmt=fmt, kv_cache=kv_cache, accuracy_level=int(accuracy_level),
+    info = run(checkpoint, out, fmt=fmt, kv_cache=kv_cache, target=target,
+               accuracy_level=int(accuracy_level) if accuracy_level is not None else None,
                lm_head_bits=int(lm_head_bits) if lm_head_bits else None)
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
-    click.echo(f"wrote {out} ({fmt}, {size / 2**20:.1f} MiB)")
+    click.echo(f"wrote {out} ({info['format']}, target {target}, {size / 2**20:.1f} MiB)")
 
 
 @export_.command("gguf")

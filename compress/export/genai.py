@@ -116,15 +116,15 @@ def _special_token(loaded, key: str):
     return None
 
 
-def write_for_export(out_dir: Path, loaded, fmt: str, accuracy_level: int, meta: dict, info: dict,
+def write_for_export(out_dir: Path, loaded, session: dict, meta: dict, info: dict,
                      filename: str) -> str | None:
-    """Write genai_config.json for a KV-cache ONNX export (``meta``/``info``: the export's model
-    description and graph names); its file name, or None (with a warning) without an eos token id."""
+    """Write genai_config.json for a KV-cache ONNX export (``session``: its ONNX Runtime session
+    config entries; ``meta``/``info``: the export's model description and graph names); its file
+    name, or None (with a warning) without an eos token id."""
     eos = _special_token(loaded, "eos_token_id")
     if eos is None:
         log.warning("no eos_token_id in the model's configs or tokenizer: %s not written", CONFIG_FILE)
         return None
-    session = {"session.qdq_matmulnbits_accuracy_level": accuracy_level} if fmt == "qdq" else None
     write_genai_config(out_dir, num_layers=meta["num_layers"], num_heads=meta["num_heads"],
                        num_kv_heads=meta["num_kv_heads"], head_size=meta["head_dim"], hidden_size=meta["hidden_size"],
                        vocab_size=meta["vocab_size"], context_length=meta["max_position_embeddings"],

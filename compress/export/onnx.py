@@ -26,6 +26,24 @@ Formats
     decomposed into standard ops. ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits
     itself; other runtimes run it as written.
 
+Targets
+-------
+``target`` picks the settings for the workload the file is run for (docs/ONNX.md has the
+measurements behind them):
+
+``balanced`` (default)
+    The format as asked (MatMulNBits unless ``fmt="qdq"``) at accuracy level 0: the weights stay
+    4-bit in memory, activations stay fp32 (exact); decode is faster than fp32, prefill close to it.
+``decode``
+    Accuracy level 4 (int8 activations inside MatMulNBits): the fastest decode, not exact, and a
+    slower prefill than fp32 on CPUs without int8 dot-product instructions.
+``prefill``
+    The weights are written as blocked ``DequantizeLinear`` (the file is as small as the qdq
+    format), with the contrib attention of the matmulnbits format, and the folder asks ONNX Runtime
+    to expand them to fp32 once at load (session config ``session.disable_quant_qdq``: constant
+    folding then folds every DequantizeLinear). After loading, the graph is the fp32 model's:
+    prefill and decode run the fp32 kernels on every CPU, and memory is the fp32 model's.
+
 Unquantized linears (an fp32 model, or the lm_head) are plain ``MatMul`` / ``Gemm``; a tensor
 whose values are all float16-representable (the checkpoint stores them as float16) is written
 as float16 with a ``Cast`` (lossless, half the bytes).
@@ -53,37 +71,37 @@ from ..formats import gptq_int
 from .genai import write_for_export
 from .onnx_decoder import SUPPORTED_MODEL_TYPES, build_decoder
 from .onnx_graph import DATA_FILE, EXTERNAL_MIN_BYTES, Graph, Options
+from .onnx_options import ACCURACY_LEVELS, FOLD_AT_LOAD, FORMATS, TARGETS, resolve_target, session_config
 from .onnx_weights import (IntWeight, int_weight, pack_lowfirst, pack_matmulnbits, pack_qdq,  # noqa: F401 (API)
                            unpack_lowfirst)
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("matmulnbits", "qdq")
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 MODEL_FILE = "model.onnx"
 INFO_FILE = "export_info.json"
 EXPORT_FORMAT_VERSION = 1
 IR_VERSION = 10              # ONNX Runtime 1.30 rejects the IR version onnx 1.23 writes by default
 ONNX_OPSET = 21              # blocked DequantizeLinear with INT4/UINT4
 MS_OPSET = 1
-__all__ = ["export_onnx", "file_sizes", "copy_tokenizer", "IntWeight", "int_weight", "pack_lowfirst",
-           "pack_matmulnbits", "pack_qdq", "unpack_lowfirst", "DATA_FILE", "EXTERNAL_MIN_BYTES", "MODEL_FILE",
-           "INFO_FILE"]
+__all__ = ["export_onnx", "session_config", "resolve_target", "FORMATS", "TARGETS", "FOLD_AT_LOAD", "file_sizes",
+           "copy_tokenizer", "IntWeight", "int_weight", "pack_lowfirst", "pack_matmulnbits", "pack_qdq",
+           "unpack_lowfirst", "DATA_FILE", "EXTERNAL_MIN_BYTES", "MODEL_FILE", "INFO_FILE"]
 
 
 # --------------------------------------------------------------------------- the public entry point
 
-def export_onnx(loaded, out_dir, fmt: str = "matmulnbits", kv_cache: bool = True, accuracy_level: int = 0, *,
-                lm_head_bits: int | None = None, lm_head_block_size: int = 32,
+def export_onnx(loaded, out_dir, fmt: str | None = None, kv_cache: bool = True, accuracy_level: int | None = None, *,
+                target: str = "balanced", lm_head_bits: int | None = None, lm_head_block_size: int = 32,
                 lm_head_accuracy_level: int | None = None, contrib_ops: bool | None = None,
                 check: bool = True) -> dict:
     """Export a model (a packed checkpoint or an unquantized one) to an ONNX folder.
 
     ``loaded``: a :class:`compress.models.Loaded` or anything :func:`compress.models.load` takes.
-    ``fmt``: ``"matmulnbits"`` (ONNX Runtime contrib ops) or ``"qdq"`` (standard opset-21 ops).
-    ``kv_cache``: past/present KV inputs and outputs for token-by-token generation; False gives a
-    plain logits model. ``accuracy_level``: MatMulNBits' attribute (0 keeps fp32 activations;
-    4 quantizes activations to int8 inside the kernel: faster, not exact).
+    ``fmt``: ``"matmulnbits"`` (ONNX Runtime contrib ops) or ``"qdq"`` (standard opset-21 ops);
+    None: the target's. ``kv_cache``: past/present KV inputs and outputs for token-by-token
+    generation; False gives a plain logits model. ``accuracy_level``: MatMulNBits' attribute (0 keeps
+    fp32 activations; 4 quantizes activations to int8 inside the kernel: faster, not exact); None:
+    the target's. ``target``: ``balanced``, ``decode`` or ``prefill`` (module docstring).
     ``lm_head_bits`` (4 or 8, matmulnbits only): also quantize the lm_head (round-to-nearest,
     asymmetric, blocks of ``lm_head_block_size``); with tied embeddings the embedding lookup then
     reads the same quantized table (GatherBlockQuantized). This changes the numbers compared with
@@ -97,15 +115,12 @@ def export_onnx(loaded, out_dir, fmt: str = "matmulnbits", kv_cache: bool = True
     and ``seconds``. Raises CompressError on unsupported models or options.
     """
     t0 = time.perf_counter()
-    if fmt not in FORMATS:
-        raise CompressError(f"ONNX format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise CompressError(f"accuracy level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, "
-                            f"got {accuracy_level}")
+    fmt, accuracy_level, contrib_ops, float_at_load = resolve_target(target, fmt, accuracy_level, contrib_ops,
+                                                                     lm_head_bits)
     if fmt == "qdq":
         if lm_head_bits is not None:
             raise CompressError("lm_head quantization is implemented for the matmulnbits format only")
-        if contrib_ops:
+        if contrib_ops and not float_at_load:
             raise CompressError("the qdq format uses standard ONNX ops only (contrib_ops must be off)")
     contrib = (fmt == "matmulnbits") if contrib_ops is None else bool(contrib_ops)
     if lm_head_accuracy_level is None:
@@ -164,7 +179,8 @@ def export_onnx(loaded, out_dir, fmt: str = "matmulnbits", kv_cache: bool = True
             gen.save_pretrained(str(tmp))
         info = _export_info(loaded, opt, kv_cache, meta, lm_head_bits, lm_head_block_size, g,
                             {o.domain or "ai.onnx": o.version for o in opsets})
-        info["genai_config"] = (write_for_export(tmp, loaded, opt.fmt, opt.accuracy_level, meta, info, MODEL_FILE)
+        info.update(target=target, weights_at_load="float" if float_at_load else "packed")
+        info["genai_config"] = (write_for_export(tmp, loaded, session_config(info), meta, info, MODEL_FILE)
                                 if kv_cache else None)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
     if fmt == "matmulnbits" and accuracy_level < 4 and 8 in info["onnx_bits"]:

@@ -48,7 +48,8 @@ def exported(tmp_path_factory, tiny_llama, tiny_gqa):
                 res = run(["quantize", models[name], "--method", "rtn", "--bits", 4, "--group-size", 32, "-o", ckpt])
                 assert res.exit_code == 0, res.output
             out = root / f"{name}-{fmt}-{'kv' if kv else 'nokv'}"
-            res = run(["export", "onnx", ckpt, "--format", fmt, "--kv-cache" if kv else "--no-kv-cache", "-o", out])
+            how = ["--target", "prefill"] if fmt == "prefill" else ["--format", fmt]
+            res = run(["export", "onnx", ckpt, *how, "--kv-cache" if kv else "--no-kv-cache", "-o", out])
             assert res.exit_code == 0, res.output
             cache[key] = out
         return cache[key]
@@ -71,7 +72,7 @@ def genai_greedy(out_dir, prompt: list[int], n: int) -> tuple[list[int], np.ndar
 @pytest.mark.parametrize("name,fmt,shared", [("tiny_llama", "matmulnbits", False), ("tiny_gqa", "matmulnbits", True),
                                              ("tiny_gqa", "qdq", False), ("qwen3", "matmulnbits", True),
                                              ("phi3", "matmulnbits", False), ("gemma3_text", "matmulnbits", True),
-                                             ("gemma2", "qdq", False)])
+                                             ("gemma2", "qdq", False), ("tiny_gqa", "prefill", True)])
 def test_genai_greedy_matches_onnx_runtime(exported, name, fmt, shared):
     out = exported(name, fmt)
     cfg = json.loads((out / genai.CONFIG_FILE).read_text())
