@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import CompressError
+from ..export.onnx_options import FORMATS, TARGETS
 from . import SuiteGroup, _device, cli
 
 GGUF_TYPE_HELP = ("llama.cpp type mix: Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q8_0, "
@@ -19,11 +20,11 @@ def export_():
 
 @export_.command("onnx")
 @click.argument("checkpoint")
-@click.option("--target", type=click.Choice(["balanced", "decode", "prefill"]), default="balanced", show_default=True,
+@click.option("--target", type=click.Choice(TARGETS), default="balanced", show_default=True,
               help="balanced: 4-bit weights in memory, fp32 activations (exact); decode: accuracy level 4, the "
                    "fastest decode; prefill: 4-bit file, weights expanded to fp32 when ONNX Runtime loads it "
                    "(fp32 speed on any CPU, fp32 memory).")
-@click.option("--format", "fmt", type=click.Choice(["matmulnbits", "qdq"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="matmulnbits: com.microsoft::MatMulNBits (ONNX Runtime); qdq: opset-21 DequantizeLinear + MatMul. "
                    "[default: matmulnbits; qdq for --target prefill]")
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,

@@ -71,7 +71,7 @@ from ..formats import gptq_int
 from .genai import write_for_export
 from .onnx_decoder import SUPPORTED_MODEL_TYPES, build_decoder
 from .onnx_graph import DATA_FILE, EXTERNAL_MIN_BYTES, Graph, Options
-from .onnx_options import ACCURACY_LEVELS, FOLD_AT_LOAD, FORMATS, TARGETS, resolve_target, session_config
+from .onnx_options import FOLD_AT_LOAD, FORMATS, TARGETS, check_level, resolve_target, session_config
 from .onnx_weights import (IntWeight, int_weight, pack_lowfirst, pack_matmulnbits, pack_qdq,  # noqa: F401 (API)
                            unpack_lowfirst)
 
@@ -115,19 +115,11 @@ def export_onnx(loaded, out_dir, fmt: str | None = None, kv_cache: bool = True, 
     and ``seconds``. Raises CompressError on unsupported models or options.
     """
     t0 = time.perf_counter()
-    fmt, accuracy_level, contrib_ops, float_at_load = resolve_target(target, fmt, accuracy_level, contrib_ops,
-                                                                     lm_head_bits)
-    if fmt == "qdq":
-        if lm_head_bits is not None:
-            raise CompressError("lm_head quantization is implemented for the matmulnbits format only")
-        if contrib_ops and not float_at_load:
-            raise CompressError("the qdq format uses standard ONNX ops only (contrib_ops must be off)")
-    contrib = (fmt == "matmulnbits") if contrib_ops is None else bool(contrib_ops)
+    fmt, accuracy_level, contrib, float_at_load = resolve_target(target, fmt, accuracy_level, contrib_ops,
+                                                                 lm_head_bits)
     if lm_head_accuracy_level is None:
         lm_head_accuracy_level = 4 if lm_head_bits == 8 else accuracy_level
-    if lm_head_accuracy_level not in ACCURACY_LEVELS:
-        raise CompressError(f"lm_head accuracy level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, "
-                            f"got {lm_head_accuracy_level}")
+    check_level(lm_head_accuracy_level, "lm_head accuracy level")
     try:
         import onnx
     except ImportError:

@@ -11,10 +11,16 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 FOLD_AT_LOAD = "session.disable_quant_qdq"      # ONNX Runtime then constant-folds DequantizeLinear
 
 
+def check_level(level, what: str = "accuracy level") -> None:
+    """Refuse an accuracy level MatMulNBits does not have."""
+    if level not in ACCURACY_LEVELS:
+        raise CompressError(f"{what} must be one of {', '.join(map(str, ACCURACY_LEVELS))}, got {level}")
+
+
 def resolve_target(target: str, fmt: str | None, accuracy_level: int | None, contrib_ops: bool | None,
-                   lm_head_bits: int | None) -> tuple[str, int, bool | None, bool]:
-    """``(fmt, accuracy_level, contrib_ops, float_at_load)`` for a target; an explicit option
-    that contradicts the target is a CompressError."""
+                   lm_head_bits: int | None) -> tuple[str, int, bool, bool]:
+    """``(fmt, accuracy_level, contrib_ops, float_at_load)`` for a target and the explicit options
+    (None: the target's); an option that contradicts the target or the format is a CompressError."""
     if target not in TARGETS:
         raise CompressError(f"ONNX target must be one of {', '.join(TARGETS)}, got {target!r}")
     if fmt is not None and fmt not in FORMATS:
@@ -27,13 +33,19 @@ def resolve_target(target: str, fmt: str | None, accuracy_level: int | None, con
             raise CompressError("target prefill runs fp32 MatMuls: an accuracy level does not apply")
         if lm_head_bits is not None:
             raise CompressError("target prefill runs fp32 MatMuls: quantize the lm_head in the checkpoint instead")
-        return "qdq", 0, (True if contrib_ops is None else contrib_ops), True
+        # the qdq weights with the contrib attention: folded, the graph is the fp32 export's
+        return "qdq", 0, contrib_ops is not False, True
+    fmt = fmt or "matmulnbits"
     level = (4 if target == "decode" else 0) if accuracy_level is None else accuracy_level
-    if level not in ACCURACY_LEVELS:
-        raise CompressError(f"accuracy level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, got {level}")
+    check_level(level)
     if target == "decode" and level != 4:
         raise CompressError(f"target decode is accuracy level 4, got accuracy level {level}")
-    return fmt or "matmulnbits", level, contrib_ops, False
+    if fmt == "qdq":
+        if lm_head_bits is not None:
+            raise CompressError("lm_head quantization is implemented for the matmulnbits format only")
+        if contrib_ops:
+            raise CompressError("the qdq format uses standard ONNX ops only (contrib_ops must be off)")
+    return fmt, level, (fmt == "matmulnbits") if contrib_ops is None else bool(contrib_ops), False
 
 
 def session_config(info: dict, qdq_accuracy_level: int | None = None) -> dict:
@@ -46,6 +58,5 @@ def session_config(info: dict, qdq_accuracy_level: int | None = None) -> dict:
     if info.get("format") != "qdq":
         return {}
     level = info.get("accuracy_level", 0) if qdq_accuracy_level is None else qdq_accuracy_level
-    if level not in ACCURACY_LEVELS:
-        raise CompressError(f"accuracy level must be 0..4, got {level}")
+    check_level(level)
     return {"session.qdq_matmulnbits_accuracy_level": str(int(level))}
